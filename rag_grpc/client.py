@@ -1,0 +1,355 @@
+"""A small typed Python client over the generated stubs.
+
+    with RagClient("localhost:50051") as client:
+        client.upsert([Document("a", "text", {"lang": "en"})])
+        for hit in client.search("question", k=5, filter=Equals("lang", "en")):
+            print(hit.score, hit.text)
+
+Errors arrive as ``RpcError`` with the gRPC status code name and message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from rag_grpc.documents import Document, Hit, SearchResult, WriteResult
+from rag_grpc.filters import Filter
+from rag_grpc.generate.base import GenerationParams, Usage
+from rag_grpc.index.retriever import SearchQuery
+from rag_grpc.pb import (
+    admin_pb2,
+    admin_service_pb2_grpc,
+    embedding_pb2,
+    embedding_service_pb2_grpc,
+    ingestion_pb2,
+    ingestion_service_pb2_grpc,
+    rag_pb2,
+    rag_service_pb2_grpc,
+    retrieval_pb2,
+    retrieval_service_pb2_grpc,
+)
+from rag_grpc.services import convert
+
+
+class RpcError(Exception):
+    """A failed call: ``code`` is the gRPC status name, e.g. "NOT_FOUND"."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class AskCitation:
+    """A passage the answer may cite as [index]."""
+
+    index: int
+    hit: Hit
+
+
+@dataclass(frozen=True)
+class AskSummary:
+    """The last event of an Ask: usage, generator, timings in ms."""
+
+    usage: Usage
+    generator: str
+    finish_reason: str
+    cited: tuple[int, ...]
+    timings: dict[str, float]
+
+
+AskEvent = list[AskCitation] | str | AskSummary
+
+
+@dataclass(frozen=True)
+class NamespaceInfo:
+    """Sizes of one namespace."""
+
+    name: str
+    documents: int
+    chunks: int
+    vectors: int
+    index_generation: int
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What a server holds and runs."""
+
+    version: str
+    services: tuple[str, ...]
+    namespaces: tuple[NamespaceInfo, ...]
+    generator: str
+    models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """Progress of an ingestion job."""
+
+    job_id: str
+    state: str
+    total: int
+    processed: int
+    failed: int
+    chunks: int
+    errors: tuple[tuple[str, str], ...]
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("SUCCEEDED", "FAILED")
+
+
+def _job(job: ingestion_pb2.Job) -> JobInfo:
+    return JobInfo(
+        job.job_id,
+        ingestion_pb2.Job.State.Name(job.state),
+        job.total_documents,
+        job.processed_documents,
+        job.failed_documents,
+        job.chunks,
+        tuple((e.document_id, e.message) for e in job.errors),
+    )
+
+
+class RagClient:
+    """Connects to a rag-grpc server (or an Envoy in front of it)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 30.0,
+        root_certificates: Path | None = None,
+        client_certificate: Path | None = None,
+        client_key: Path | None = None,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        if root_certificates or client_certificate:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=root_certificates.read_bytes() if root_certificates else None,
+                private_key=client_key.read_bytes() if client_key else None,
+                certificate_chain=client_certificate.read_bytes() if client_certificate else None,
+            )
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        self.timeout = timeout
+        self._retrieval = retrieval_service_pb2_grpc.RetrievalServiceStub(self.channel)
+        self._embedding = embedding_service_pb2_grpc.EmbeddingServiceStub(self.channel)
+        self._rag = rag_service_pb2_grpc.RagServiceStub(self.channel)
+        self._ingestion = ingestion_service_pb2_grpc.IngestionServiceStub(self.channel)
+        self._admin = admin_service_pb2_grpc.AdminServiceStub(self.channel)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.channel.close()
+
+    def __enter__(self) -> RagClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: grpc.UnaryUnaryMultiCallable, request: object) -> object:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc) from None
+
+    # -- retrieval ---------------------------------------------------------
+
+    def upsert(self, documents: Sequence[Document], namespace: str = "") -> WriteResult:
+        """Store documents synchronously (replacing same ids)."""
+        request = retrieval_pb2.UpsertRequest(
+            namespace=namespace, documents=[convert.document_to_pb(d) for d in documents]
+        )
+        response = self._call(self._retrieval.Upsert, request)
+        assert isinstance(response, retrieval_pb2.UpsertResponse)
+        return WriteResult(response.upserted, response.chunks, response.index_generation)
+
+    def delete(self, ids: Sequence[str], namespace: str = "") -> WriteResult:
+        """Delete documents by id."""
+        request = retrieval_pb2.DeleteRequest(namespace=namespace, ids=list(ids))
+        response = self._call(self._retrieval.Delete, request)
+        assert isinstance(response, retrieval_pb2.DeleteResponse)
+        return WriteResult(
+            response.deleted, 0, response.index_generation, tuple(response.not_found_ids)
+        )
+
+    def get(self, ids: Sequence[str], namespace: str = "") -> tuple[list[Document], list[str]]:
+        """Stored documents (in request order) and the ids not found."""
+        request = retrieval_pb2.GetRequest(namespace=namespace, ids=list(ids))
+        response = self._call(self._retrieval.Get, request)
+        assert isinstance(response, retrieval_pb2.GetResponse)
+        return [convert.document_from_pb(d) for d in response.documents], list(
+            response.missing_ids
+        )
+
+    def search(
+        self,
+        query: str | Sequence[float],
+        *,
+        k: int = 0,
+        namespace: str = "",
+        filter: Filter | None = None,
+        ef: int = 0,
+    ) -> list[Hit]:
+        """The k best hits for a text or vector query."""
+        return self.search_result(query, k=k, namespace=namespace, filter=filter, ef=ef).hits
+
+    def search_result(
+        self,
+        query: str | Sequence[float],
+        *,
+        k: int = 0,
+        namespace: str = "",
+        filter: Filter | None = None,
+        ef: int = 0,
+    ) -> SearchResult:
+        """Like search, with the index generation and timings."""
+        request = convert.query_to_pb(_query(query, k, namespace, filter, ef))
+        response = self._call(self._retrieval.Search, request)
+        assert isinstance(response, retrieval_pb2.SearchResponse)
+        return convert.result_from_pb(response)
+
+    def search_batch(self, queries: Sequence[SearchQuery]) -> list[SearchResult]:
+        """Many searches in one call, answered in order."""
+        request = retrieval_pb2.SearchBatchRequest(
+            queries=[convert.query_to_pb(q) for q in queries]
+        )
+        response = self._call(self._retrieval.SearchBatch, request)
+        assert isinstance(response, retrieval_pb2.SearchBatchResponse)
+        return [convert.result_from_pb(r) for r in response.results]
+
+    # -- embedding, ask ----------------------------------------------------
+
+    def embed(self, texts: Sequence[str], model_id: str = "") -> np.ndarray:
+        """Unit vectors float32 [len(texts), dimension]."""
+        request = embedding_pb2.EmbedRequest(texts=list(texts), model_id=model_id)
+        response = self._call(self._embedding.Embed, request)
+        assert isinstance(response, embedding_pb2.EmbedResponse)
+        return np.frombuffer(response.vectors, dtype="<f4").reshape(
+            response.count, response.dimension
+        )
+
+    def ask(
+        self,
+        question: str,
+        *,
+        namespace: str = "",
+        k: int = 0,
+        filter: Filter | None = None,
+        params: GenerationParams | None = None,
+    ) -> Iterator[AskEvent]:
+        """Yields the citations (a list), then answer text pieces (str), then an AskSummary."""
+        request = rag_pb2.AskRequest(
+            question=question,
+            namespace=namespace,
+            k=k,
+            parameters=convert.params_to_pb(params or GenerationParams()),
+        )
+        if filter is not None:
+            request.filter.CopyFrom(convert.filter_to_pb(filter))
+        try:
+            for response in self._rag.Ask(request, timeout=self.timeout):
+                kind = response.WhichOneof("event")
+                if kind == "citations":
+                    yield [
+                        AskCitation(
+                            c.index,
+                            Hit(
+                                c.document_id,
+                                c.chunk_id,
+                                c.score,
+                                c.text,
+                                convert.metadata_from_pb(c.metadata),
+                            ),
+                        )
+                        for c in response.citations.citations
+                    ]
+                elif kind == "delta":
+                    yield response.delta
+                else:
+                    s = response.summary
+                    t = s.timings
+                    yield AskSummary(
+                        Usage(s.usage.prompt_tokens, s.usage.completion_tokens),
+                        s.generator,
+                        s.finish_reason,
+                        tuple(s.cited),
+                        {
+                            "embed_ms": t.embed_ms,
+                            "retrieve_ms": t.retrieve_ms,
+                            "generate_ms": t.generate_ms,
+                            "first_token_ms": t.first_token_ms,
+                            "total_ms": t.total_ms,
+                        },
+                    )
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc) from None
+
+    # -- ingestion, admin --------------------------------------------------
+
+    def submit(self, documents: Sequence[Document], namespace: str = "") -> str:
+        """Queue documents for ingestion; return the job id."""
+        request = ingestion_pb2.SubmitRequest(
+            namespace=namespace, documents=[convert.document_to_pb(d) for d in documents]
+        )
+        response = self._call(self._ingestion.Submit, request)
+        assert isinstance(response, ingestion_pb2.SubmitResponse)
+        return response.job_id
+
+    def get_job(self, job_id: str) -> JobInfo:
+        """A job's progress."""
+        response = self._call(self._ingestion.GetJob, ingestion_pb2.GetJobRequest(job_id=job_id))
+        assert isinstance(response, ingestion_pb2.Job)
+        return _job(response)
+
+    def watch_job(self, job_id: str, timeout: float | None = None) -> Iterator[JobInfo]:
+        """The job's progress on every change until it ends."""
+        request = ingestion_pb2.WatchJobRequest(job_id=job_id)
+        try:
+            for job in self._ingestion.WatchJob(request, timeout=timeout):
+                yield _job(job)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc) from None
+
+    def stats(self) -> Stats:
+        """Sizes, models and version of the server."""
+        response = self._call(self._admin.Stats, admin_pb2.StatsRequest())
+        assert isinstance(response, admin_pb2.StatsResponse)
+        return Stats(
+            response.version,
+            tuple(response.services),
+            tuple(
+                NamespaceInfo(n.name, n.documents, n.chunks, n.vectors, n.index_generation)
+                for n in response.namespaces
+            ),
+            response.generator,
+            tuple(m.model_id for m in response.models),
+        )
+
+
+def _query(
+    query: str | Sequence[float], k: int, namespace: str, flt: Filter | None, ef: int
+) -> SearchQuery:
+    if isinstance(query, str):
+        return SearchQuery(namespace=namespace, text=query, k=k, filter=flt, ef=ef)
+    return SearchQuery(namespace=namespace, vector=[float(v) for v in query], k=k, filter=flt, ef=ef)
+
+
+def _rpc_error(exc: grpc.RpcError) -> RpcError:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return RpcError(code.name if code else "UNKNOWN", details or "")

@@ -1,0 +1,220 @@
+"""The one typed configuration object, loaded once at start and passed down.
+
+Sources, highest priority first: explicit values (CLI flags), ``RAG_GRPC_*``
+environment variables (nested fields with ``__``, e.g.
+``RAG_GRPC_LIMITS__MAX_K=50``), the TOML file named by ``--config`` or
+``RAG_GRPC_CONFIG``, then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ALL_SERVICES = ("retrieval", "embedding", "generation", "rag", "ingestion", "admin")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Section):
+    """gRPC transport settings."""
+
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=1024**3)
+    keepalive_time_s: float = Field(30.0, gt=0)
+    keepalive_timeout_s: float = Field(10.0, gt=0)
+    # In-flight calls get this long to finish after SIGTERM.
+    grace_period_s: float = Field(10.0, ge=0)
+    max_concurrent_rpcs: int | None = Field(None, ge=1)
+    worker_threads: int = Field(4, ge=1, le=256)
+
+
+class IndexConfig(_Section):
+    """Vector index parameters (HNSW)."""
+
+    m: int = Field(16, ge=4, le=128)
+    ef_construction: int = Field(200, ge=10, le=4096)
+    ef_search: int = Field(64, ge=1, le=4096)
+    initial_capacity: int = Field(1024, ge=16)
+    # Filtered searches whose allowed set has at most this many chunks scan
+    # those vectors exactly instead of walking the graph.
+    exact_scan_max: int = Field(4096, ge=0)
+
+
+class EmbeddingConfig(_Section):
+    """The ONNX encoder and its tokenizer."""
+
+    model_dir: Path = Path("models/all-MiniLM-L6-v2")
+    max_sequence_length: int = Field(256, ge=8, le=8192)
+    batch_size: int = Field(32, ge=1, le=4096)
+    intra_op_threads: int = Field(0, ge=0, le=256)
+
+
+class ChunkingConfig(_Section):
+    """Token-aware chunking of documents."""
+
+    chunk_tokens: int = Field(200, ge=16, le=8192)
+    overlap_tokens: int = Field(40, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> ChunkingConfig:
+        if self.overlap_tokens >= self.chunk_tokens:
+            raise ValueError(
+                f"chunking.overlap_tokens ({self.overlap_tokens}) must be smaller than "
+                f"chunking.chunk_tokens ({self.chunk_tokens})"
+            )
+        return self
+
+
+class LimitsConfig(_Section):
+    """Request limits; requests past them get INVALID_ARGUMENT."""
+
+    default_k: int = Field(10, ge=1)
+    max_k: int = Field(100, ge=1, le=10_000)
+    max_document_bytes: int = Field(1024 * 1024, ge=1)
+    max_documents_per_upsert: int = Field(1000, ge=1)
+    max_ids_per_request: int = Field(10_000, ge=1)
+    max_batch_queries: int = Field(256, ge=1)
+    max_query_bytes: int = Field(16 * 1024, ge=1)
+    max_embed_texts: int = Field(256, ge=1)
+    max_text_bytes: int = Field(64 * 1024, ge=1)
+    max_job_documents: int = Field(10_000, ge=1)
+    max_pending_jobs: int = Field(64, ge=1)
+    default_ask_k: int = Field(5, ge=1)
+    max_ask_k: int = Field(50, ge=1)
+
+    @model_validator(mode="after")
+    def _defaults_within_max(self) -> LimitsConfig:
+        if self.default_k > self.max_k:
+            raise ValueError(f"limits.default_k ({self.default_k}) exceeds limits.max_k")
+        if self.default_ask_k > self.max_ask_k:
+            raise ValueError(f"limits.default_ask_k ({self.default_ask_k}) exceeds max_ask_k")
+        return self
+
+
+class GenerationConfig(_Section):
+    """Answer generation."""
+
+    generator: Literal["extractive"] = "extractive"
+    default_max_tokens: int = Field(256, ge=1, le=4096)
+    # How many sentences the extractive generator assembles an answer from.
+    extractive_sentences: int = Field(3, ge=1, le=20)
+
+
+class RemoteConfig(_Section):
+    """Addresses of remote services; unset means in-process."""
+
+    retrieval_target: str | None = None
+    generation_target: str | None = None
+    call_timeout_s: float = Field(30.0, gt=0)
+    health_probe_interval_s: float = Field(2.0, gt=0)
+    # Token for remote calls, sent as `authorization: Bearer ...` (never logged).
+    auth_token: SecretStr | None = None
+
+
+class LoggingConfig(_Section):
+    """Logging."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = False
+
+
+class Settings(BaseSettings):
+    """The whole configuration of a rag-grpc process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RAG_GRPC_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    data_dir: Path = Path("data")
+    services: tuple[str, ...] = ALL_SERVICES
+    server: ServerConfig = ServerConfig()
+    index: IndexConfig = IndexConfig()
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    chunking: ChunkingConfig = ChunkingConfig()
+    limits: LimitsConfig = LimitsConfig()
+    generation: GenerationConfig = GenerationConfig()
+    remote: RemoteConfig = RemoteConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @field_validator("services", mode="before")
+    @classmethod
+    def _split_services(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("services")
+    @classmethod
+    def _known_services(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [name for name in value if name not in ALL_SERVICES]
+        if unknown or not value:
+            raise ValueError(
+                f"unknown service(s) {unknown or '(none given)'}; "
+                f"choose from {', '.join(ALL_SERVICES)}"
+            )
+        return tuple(dict.fromkeys(value))
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("toml_file"):
+            sources.append(TomlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration as plain data, secrets shown as '**********'."""
+        return self.model_dump(mode="json")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names each bad field."""
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Load and validate the configuration; raise ConfigError with a readable message."""
+    from pydantic import ValidationError
+
+    if config_file is None and os.environ.get("RAG_GRPC_CONFIG"):
+        config_file = Path(os.environ["RAG_GRPC_CONFIG"])
+    settings_cls: type[Settings] = Settings
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config file {config_file} does not exist")
+        # A subclass per file keeps the file choice out of global state.
+        settings_cls = type(
+            "FileSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": config_file}}
+        )
+    try:
+        return settings_cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None

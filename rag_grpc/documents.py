@@ -1,0 +1,103 @@
+"""Values that travel through the core: documents, chunks, hits, filters.
+
+Plain frozen dataclasses; the service layer converts them to and from the
+protobuf messages.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+from rag_grpc.errors import InvalidArgument
+
+MetadataScalar: TypeAlias = str | int | float | bool
+Metadata: TypeAlias = dict[str, MetadataScalar]
+
+DEFAULT_NAMESPACE = "default"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_KEY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+MAX_ID_BYTES = 512
+
+
+@dataclass(frozen=True)
+class Document:
+    """A stored document: id unique within its namespace, text, flat metadata."""
+
+    id: str
+    text: str
+    metadata: Metadata = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved chunk with its document's metadata."""
+
+    document_id: str
+    chunk_id: str
+    score: float
+    text: str
+    metadata: Metadata
+
+
+@dataclass(frozen=True)
+class SearchTimings:
+    """Milliseconds per search stage."""
+
+    embed_ms: float = 0.0
+    search_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Hits of one query, best first, and the namespace generation they reflect."""
+
+    hits: list[Hit]
+    index_generation: int
+    timings: SearchTimings = SearchTimings()
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """Outcome of an upsert or delete."""
+
+    documents: int
+    chunks: int
+    index_generation: int
+    not_found_ids: tuple[str, ...] = ()
+
+
+def chunk_id(document_id: str, seq: int) -> str:
+    """Chunk ids derive from the document id, so a re-upsert reuses them."""
+    return f"{document_id}#{seq}"
+
+
+def resolve_namespace(name: str) -> str:
+    """Validate a namespace name; empty means the default namespace."""
+    if not name:
+        return DEFAULT_NAMESPACE
+    if not _NAME_RE.match(name):
+        raise InvalidArgument(
+            f"namespace {name[:80]!r} is invalid: use 1 to 64 characters of A-Z a-z 0-9 _ . -"
+        )
+    return name
+
+
+def validate_metadata_key(key: str) -> None:
+    """Metadata keys are short identifiers so they can be indexed and filtered."""
+    if not _KEY_RE.match(key):
+        raise InvalidArgument(
+            f"metadata key {key[:80]!r} is invalid: use 1 to 128 characters of A-Z a-z 0-9 _ . -"
+        )
+
+
+def validate_document_id(doc_id: str) -> None:
+    """Ids are non-empty, at most 512 UTF-8 bytes, and free of control characters."""
+    if not doc_id:
+        raise InvalidArgument("document id must not be empty")
+    if len(doc_id.encode()) > MAX_ID_BYTES:
+        raise InvalidArgument(f"document id {doc_id[:40]!r}... is over {MAX_ID_BYTES} bytes")
+    if any(ord(ch) < 32 for ch in doc_id):
+        raise InvalidArgument(f"document id {doc_id[:40]!r} contains control characters")

@@ -1,0 +1,1 @@
+"""Text to vectors: model files, the ONNX Runtime encoder, chunking."""

@@ -1,0 +1,2 @@
+"""Answer generation: the Generator interface, the extractive generator and
+the retrieve-then-generate pipeline behind RagService.Ask."""

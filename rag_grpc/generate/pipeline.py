@@ -1,0 +1,138 @@
+"""Retrieve, then generate: the path of RagService.Ask.
+
+Both halves are interfaces, so Ask works the same with the retriever and the
+generator in this process or behind remote gRPC services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from rag_grpc.config import LimitsConfig
+from rag_grpc.documents import Hit, SearchResult
+from rag_grpc.errors import InvalidArgument
+from rag_grpc.filters import Filter
+from rag_grpc.generate.base import (
+    Delta,
+    Finished,
+    GenerationParams,
+    Generator,
+    Passage,
+    Usage,
+    validate_generation,
+)
+from rag_grpc.index.retriever import Retriever, SearchQuery
+
+
+class SearchBackend(Protocol):
+    """Answers one search, in process or remotely."""
+
+    async def search(self, query: SearchQuery) -> SearchResult:
+        """The hits of one query."""
+        ...
+
+
+class LocalSearch:
+    """SearchBackend over the in-process Retriever, run on worker threads."""
+
+    def __init__(self, retriever: Retriever, executor: Executor | None) -> None:
+        self.retriever = retriever
+        self.executor = executor
+
+    async def search(self, query: SearchQuery) -> SearchResult:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.retriever.search, query)
+
+
+@dataclass(frozen=True)
+class AskTimings:
+    """Milliseconds per stage of one Ask."""
+
+    embed_ms: float
+    retrieve_ms: float
+    generate_ms: float
+    first_token_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class Citations:
+    """First event of an Ask: the passages the answer may cite, numbered from 1."""
+
+    hits: list[Hit]
+
+
+@dataclass(frozen=True)
+class AskFinished:
+    """Last event of an Ask."""
+
+    finished: Finished
+    timings: AskTimings
+    cited: tuple[int, ...] = field(default_factory=tuple)
+
+
+AskEvent = Citations | Delta | AskFinished
+
+
+class RagPipeline:
+    """Ask = search for passages, stream them as citations, then stream the answer."""
+
+    def __init__(self, search: SearchBackend, generator: Generator, limits: LimitsConfig) -> None:
+        self.search = search
+        self.generator = generator
+        self.limits = limits
+
+    async def ask(
+        self,
+        question: str,
+        *,
+        namespace: str = "",
+        filter: Filter | None = None,
+        k: int = 0,
+        params: GenerationParams | None = None,
+    ) -> AsyncIterator[AskEvent]:
+        """Citations, then answer deltas, then AskFinished with usage and timings."""
+        params = params or GenerationParams()
+        validate_generation(question, params)
+        k = k or self.limits.default_ask_k
+        if not 1 <= k <= self.limits.max_ask_k:
+            raise InvalidArgument(f"k must be between 1 and {self.limits.max_ask_k}, got {k}")
+        started = time.perf_counter()
+        result = await self.search.search(
+            SearchQuery(namespace=namespace, text=question, k=k, filter=filter)
+        )
+        retrieved = time.perf_counter()
+        yield Citations(result.hits)
+        passages: Sequence[Passage] = [
+            Passage(h.document_id, h.chunk_id, h.text, h.score) for h in result.hits
+        ]
+        first_token: float | None = None
+        finished: Finished | None = None
+        if passages:
+            async for event in self.generator.generate(question, passages, params):
+                if isinstance(event, Delta):
+                    if first_token is None:
+                        first_token = time.perf_counter()
+                    yield event
+                else:
+                    finished = event
+        else:
+            answer = "No passages in this namespace match the question."
+            first_token = time.perf_counter()
+            yield Delta(answer)
+            finished = Finished(Usage(), self.generator.name, "no_answer")
+        done = time.perf_counter()
+        assert finished is not None, "a generator must end with Finished"
+        timings = AskTimings(
+            embed_ms=result.timings.embed_ms,
+            retrieve_ms=(retrieved - started) * 1000,
+            generate_ms=(done - retrieved) * 1000,
+            first_token_ms=((first_token or done) - retrieved) * 1000,
+            total_ms=(done - started) * 1000,
+        )
+        yield AskFinished(finished, timings, finished.cited_passages)

@@ -1,0 +1,1 @@
+"""Vector indexes derived from the store, and the retriever that uses them."""

@@ -1,0 +1,358 @@
+"""The retrieval core: write documents (chunk, embed, store, index) and
+search them. Synchronous and thread-safe; the services call it from worker
+threads. SQLite is the truth; each namespace's HNSW index is derived from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rag_grpc.config import IndexConfig, LimitsConfig
+from rag_grpc.documents import (
+    Document,
+    Hit,
+    SearchResult,
+    SearchTimings,
+    WriteResult,
+    chunk_id,
+    resolve_namespace,
+    validate_document_id,
+    validate_metadata_key,
+)
+from rag_grpc.embed.chunking import TokenChunker
+from rag_grpc.embed.encoder import Embedder
+from rag_grpc.errors import InvalidArgument, NotFound
+from rag_grpc.filters import Filter, validate_filter
+from rag_grpc.index.base import MISSING_LABEL
+from rag_grpc.index.hnsw import HnswIndex
+from rag_grpc.store.sqlite import DocumentStore, NewChunk
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """One query: text or a ready vector, with k, filter and search breadth."""
+
+    namespace: str = ""
+    text: str | None = None
+    vector: Sequence[float] | None = None
+    k: int = 0
+    filter: Filter | None = None
+    ef: int = 0
+
+
+@dataclass(frozen=True)
+class NamespaceStats:
+    """Stored and indexed sizes of one namespace."""
+
+    name: str
+    documents: int
+    chunks: int
+    vectors: int
+    generation: int
+
+
+class Retriever:
+    """Documents in, nearest chunks out."""
+
+    def __init__(
+        self,
+        store: DocumentStore,
+        embedder: Embedder,
+        chunker: TokenChunker,
+        index_dir: Path,
+        index_config: IndexConfig,
+        limits: LimitsConfig,
+    ) -> None:
+        self.store = store
+        self.embedder = embedder
+        self.chunker = chunker
+        self.index_dir = index_dir
+        self.index_config = index_config
+        self.limits = limits
+        self._indexes: dict[str, HnswIndex] = {}
+        # One writer per namespace keeps store generation and index in step.
+        self._write_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        index_dir.mkdir(parents=True, exist_ok=True)
+        for namespace in store.namespaces():
+            self._indexes[namespace] = self._open_index(namespace)
+
+    # -- index lifecycle ---------------------------------------------------
+
+    def _new_index(self, capacity: int) -> HnswIndex:
+        cfg = self.index_config
+        return HnswIndex(
+            self.embedder.dimension,
+            m=cfg.m,
+            ef_construction=cfg.ef_construction,
+            capacity=max(capacity, cfg.initial_capacity),
+            exact_scan_max=cfg.exact_scan_max,
+        )
+
+    def _index_paths(self, namespace: str) -> tuple[Path, Path]:
+        return self.index_dir / f"{namespace}.hnsw", self.index_dir / f"{namespace}.json"
+
+    def _open_index(self, namespace: str) -> HnswIndex:
+        """Load the saved index if it matches the store's generation, else rebuild."""
+        path, meta_path = self._index_paths(namespace)
+        generation = self.store.generation(namespace)
+        live = np.concatenate(
+            [labels for labels, _ in self.store.iter_vectors(namespace)] or [np.zeros(0, np.uint64)]
+        )
+        if path.exists() and meta_path.exists():
+            try:
+                meta = json.loads(meta_path.read_text())
+                if meta.get("generation") == generation and meta.get("dimension") == (
+                    self.embedder.dimension
+                ):
+                    cfg = self.index_config
+                    index = HnswIndex.load(
+                        path,
+                        self.embedder.dimension,
+                        live,
+                        m=cfg.m,
+                        ef_construction=cfg.ef_construction,
+                        exact_scan_max=cfg.exact_scan_max,
+                    )
+                    log.info("loaded index %s at generation %d", namespace, generation)
+                    return index
+            except (ValueError, OSError) as exc:
+                log.warning("rebuilding index %s: %s", namespace, exc)
+        started = time.perf_counter()
+        index = self._new_index(len(live))
+        for labels, vectors in self.store.iter_vectors(namespace):
+            index.add(vectors, labels)
+        log.info(
+            "rebuilt index %s from the store: %d vectors in %.2f s",
+            namespace,
+            len(index),
+            time.perf_counter() - started,
+        )
+        return index
+
+    def save_indexes(self) -> None:
+        """Persist every namespace's index with the generation it reflects."""
+        for namespace in list(self._indexes):
+            with self._write_lock(namespace):
+                path, meta_path = self._index_paths(namespace)
+                self._indexes[namespace].save(path)
+                meta = {
+                    "generation": self.store.generation(namespace),
+                    "dimension": self.embedder.dimension,
+                }
+                meta_path.write_text(json.dumps(meta))
+
+    def _write_lock(self, namespace: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._write_locks.setdefault(namespace, threading.Lock())
+
+    # -- writes ------------------------------------------------------------
+
+    def validate_documents(self, documents: Sequence[Document]) -> None:
+        """Raise InvalidArgument for the first document that cannot be stored."""
+        seen: set[str] = set()
+        for doc in documents:
+            validate_document_id(doc.id)
+            if doc.id in seen:
+                raise InvalidArgument(
+                    f"document id {doc.id!r} appears more than once; ids must be unique per request"
+                )
+            seen.add(doc.id)
+            self.validate_document(doc)
+
+    def validate_document(self, doc: Document) -> None:
+        """Size, text and metadata checks for one document."""
+        size = len(doc.text.encode("utf-8", errors="surrogatepass"))
+        if size > self.limits.max_document_bytes:
+            raise InvalidArgument(
+                f"document {doc.id!r} is {size} bytes; the limit is "
+                f"{self.limits.max_document_bytes} bytes (split it into several documents)"
+            )
+        if not doc.text.strip():
+            raise InvalidArgument(f"document {doc.id!r} has no text")
+        for key, value in doc.metadata.items():
+            validate_metadata_key(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidArgument(f"document {doc.id!r} metadata {key!r} is not a finite number")
+
+    def upsert(self, namespace: str, documents: Sequence[Document]) -> WriteResult:
+        """Store documents, replacing any with the same id; all or nothing."""
+        namespace = resolve_namespace(namespace)
+        if not documents:
+            raise InvalidArgument("upsert needs at least one document")
+        if len(documents) > self.limits.max_documents_per_upsert:
+            raise InvalidArgument(
+                f"upsert has {len(documents)} documents; at most "
+                f"{self.limits.max_documents_per_upsert} per call (use IngestionService for more)"
+            )
+        self.validate_documents(documents)
+        spans = [(doc.id, self.chunker.split(doc.text)) for doc in documents]
+        texts = [span.text for _, doc_spans in spans for span in doc_spans]
+        vectors = self.embedder.embed(texts).vectors
+        chunks = []
+        row = 0
+        for doc_id, doc_spans in spans:
+            for seq, span in enumerate(doc_spans):
+                chunks.append(NewChunk(doc_id, seq, span.text, vectors[row]))
+                row += 1
+        with self._write_lock(namespace):
+            outcome = self.store.replace_documents(namespace, documents, chunks)
+            index = self._indexes.get(namespace)
+            if index is None:
+                index = self._indexes[namespace] = self._new_index(len(chunks))
+            index.delete(outcome.removed_labels)
+            index.add(vectors, outcome.added_labels)
+        return WriteResult(len(documents), len(chunks), outcome.generation)
+
+    def delete(self, namespace: str, doc_ids: Sequence[str]) -> WriteResult:
+        """Delete documents by id; unknown ids are reported, not errors."""
+        namespace = self._existing_namespace(namespace)
+        self._check_ids(doc_ids)
+        with self._write_lock(namespace):
+            deleted, labels, generation = self.store.delete_documents(namespace, doc_ids)
+            self._indexes[namespace].delete(labels)
+        missing = tuple(i for i in dict.fromkeys(doc_ids) if i not in set(deleted))
+        return WriteResult(len(deleted), len(labels), generation, missing)
+
+    def get(self, namespace: str, doc_ids: Sequence[str]) -> tuple[list[Document], list[str]]:
+        """Stored documents in request order, and the ids not found."""
+        namespace = self._existing_namespace(namespace)
+        self._check_ids(doc_ids)
+        found = self.store.get_documents(namespace, doc_ids)
+        ordered = list(dict.fromkeys(doc_ids))
+        return [found[i] for i in ordered if i in found], [i for i in ordered if i not in found]
+
+    def _check_ids(self, doc_ids: Sequence[str]) -> None:
+        if not doc_ids:
+            raise InvalidArgument("give at least one document id")
+        if len(doc_ids) > self.limits.max_ids_per_request:
+            raise InvalidArgument(
+                f"{len(doc_ids)} ids given; at most {self.limits.max_ids_per_request} per request"
+            )
+        for doc_id in doc_ids:
+            validate_document_id(doc_id)
+
+    # -- search ------------------------------------------------------------
+
+    def _existing_namespace(self, namespace: str) -> str:
+        name = resolve_namespace(namespace)
+        if name not in self._indexes:
+            known = ", ".join(sorted(self._indexes)) or "none yet"
+            raise NotFound(f"namespace {name!r} does not exist (known: {known})")
+        return name
+
+    def _validate_query(self, query: SearchQuery) -> tuple[str, int]:
+        namespace = self._existing_namespace(query.namespace)
+        k = query.k or self.limits.default_k
+        if not 1 <= k <= self.limits.max_k:
+            raise InvalidArgument(f"k must be between 1 and {self.limits.max_k}, got {query.k}")
+        if query.vector is not None:
+            if len(query.vector) != self.embedder.dimension:
+                raise InvalidArgument(
+                    f"query vector has {len(query.vector)} values; this index has dimension "
+                    f"{self.embedder.dimension} (model {self.embedder.model_id})"
+                )
+            if not all(math.isfinite(v) for v in query.vector):
+                raise InvalidArgument("query vector contains NaN or infinite values")
+        elif query.text is None or not query.text.strip():
+            raise InvalidArgument("query is empty: give query text or a query vector")
+        elif len(query.text.encode("utf-8", errors="surrogatepass")) > self.limits.max_query_bytes:
+            raise InvalidArgument(
+                f"query text is over {self.limits.max_query_bytes} bytes; shorten it"
+            )
+        if query.filter is not None:
+            validate_filter(query.filter)
+        return namespace, k
+
+    def search(self, query: SearchQuery) -> SearchResult:
+        """The k chunks nearest to the query, best first."""
+        return self.search_batch([query])[0]
+
+    def search_batch(self, queries: Sequence[SearchQuery]) -> list[SearchResult]:
+        """Answer many queries: one embedding batch for the text ones, then the index."""
+        if not queries:
+            raise InvalidArgument("a search batch needs at least one query")
+        if len(queries) > self.limits.max_batch_queries:
+            raise InvalidArgument(
+                f"{len(queries)} queries in one batch; at most {self.limits.max_batch_queries}"
+            )
+        started = time.perf_counter()
+        plans = [self._validate_query(q) for q in queries]
+        vectors = np.zeros((len(queries), self.embedder.dimension), dtype=np.float32)
+        text_rows = [i for i, q in enumerate(queries) if q.vector is None]
+        if text_rows:
+            vectors[text_rows] = self.embedder.embed(
+                [queries[i].text or "" for i in text_rows]
+            ).vectors
+        for i, q in enumerate(queries):
+            if q.vector is not None:
+                vectors[i] = _unit(np.asarray(q.vector, dtype=np.float32))
+        embed_ms = (time.perf_counter() - started) * 1000
+        results = []
+        for i, (query, (namespace, k)) in enumerate(zip(queries, plans, strict=True)):
+            t0 = time.perf_counter()
+            generation = self.store.generation(namespace)
+            allowed = (
+                self.store.labels_matching(namespace, query.filter) if query.filter else None
+            )
+            ef = query.ef or self.index_config.ef_search
+            labels, scores = self._indexes[namespace].search(vectors[i], k, ef, allowed)
+            hits = self._hydrate(labels[0], scores[0])
+            search_ms = (time.perf_counter() - t0) * 1000
+            timings = SearchTimings(
+                embed_ms=embed_ms / len(queries),
+                search_ms=search_ms,
+                total_ms=(time.perf_counter() - started) * 1000,
+            )
+            results.append(SearchResult(hits, generation, timings))
+        return results
+
+    def _hydrate(self, labels: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        wanted = [int(x) for x in labels if x != MISSING_LABEL]
+        records = self.store.get_chunks(wanted)
+        hits = []
+        for label, score in zip(labels, scores, strict=True):
+            record = records.get(int(label))
+            if record is None:
+                continue  # deleted after the index answered
+            hits.append(
+                Hit(
+                    record.doc_id,
+                    chunk_id(record.doc_id, record.seq),
+                    float(score),
+                    record.text,
+                    record.metadata,
+                )
+            )
+        return hits
+
+    # -- stats -------------------------------------------------------------
+
+    def stats(self) -> list[NamespaceStats]:
+        """Sizes per namespace."""
+        return [
+            NamespaceStats(
+                c.name,
+                c.documents,
+                c.chunks,
+                len(self._indexes[c.name]) if c.name in self._indexes else 0,
+                c.generation,
+            )
+            for c in self.store.counts()
+        ]
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else vector

@@ -1,0 +1,1 @@
+"""Asynchronous ingestion: a durable job queue in SQLite and its worker."""

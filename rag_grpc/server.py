@@ -1,0 +1,312 @@
+"""Builds and runs the grpc.aio server: the configured services over the
+core library, standard health checking, reflection and the interceptor."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rag_grpc.config import Settings
+from rag_grpc.documents import Document
+from rag_grpc.embed.chunking import TokenChunker
+from rag_grpc.embed.encoder import OnnxEncoder
+from rag_grpc.generate.base import Generator
+from rag_grpc.generate.extractive import ExtractiveGenerator
+from rag_grpc.generate.pipeline import LocalSearch, RagPipeline, SearchBackend
+from rag_grpc.index.retriever import Retriever
+from rag_grpc.ingest.jobs import IngestionManager, JobQueue
+from rag_grpc.pb import (
+    SERVICE_FILES,
+    admin_service_pb2_grpc,
+    embedding_service_pb2_grpc,
+    generation_service_pb2_grpc,
+    ingestion_service_pb2_grpc,
+    rag_service_pb2_grpc,
+    retrieval_service_pb2_grpc,
+)
+from rag_grpc.services.admin import AdminServicer
+from rag_grpc.services.embedding import EmbeddingServicer
+from rag_grpc.services.generation import GenerationServicer
+from rag_grpc.services.ingestion import IngestionServicer
+from rag_grpc.services.interceptors import ServiceInterceptor
+from rag_grpc.services.rag import RagServicer
+from rag_grpc.services.remote import RemoteGenerator, RemoteSearch
+from rag_grpc.services.retrieval import RetrievalServicer
+from rag_grpc.store.sqlite import DocumentStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = {
+    name: SERVICE_FILES[i].DESCRIPTOR.services_by_name[cls].full_name
+    for i, (name, cls) in enumerate(
+        [
+            ("retrieval", "RetrievalService"),
+            ("embedding", "EmbeddingService"),
+            ("generation", "GenerationService"),
+            ("rag", "RagService"),
+            ("ingestion", "IngestionService"),
+            ("admin", "AdminService"),
+        ]
+    )
+}
+
+
+@dataclass
+class _RemoteDependency:
+    """A remote service this process needs, probed through its health service."""
+
+    target: str
+    service: str
+    channel: grpc.aio.Channel
+    dependents: list[str] = field(default_factory=list)
+
+
+class RagServer:
+    """One rag-grpc process: start() binds and serves, stop() drains and saves."""
+
+    def __init__(self, settings: Settings, seed_documents: list[Document] | None = None) -> None:
+        self.settings = settings
+        self.seed_documents = seed_documents
+        self.port = 0
+        self.executor = ThreadPoolExecutor(
+            max_workers=settings.server.worker_threads, thread_name_prefix="rag-core"
+        )
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.store: DocumentStore | None = None
+        self.retriever: Retriever | None = None
+        self.encoder: OnnxEncoder | None = None
+        self.ingestion: IngestionManager | None = None
+        self.job_queue: JobQueue | None = None
+        self._remotes: list[_RemoteDependency] = []
+        self._probe_task: asyncio.Task[None] | None = None
+
+    # -- assembly ----------------------------------------------------------
+
+    def _build_core(self) -> None:
+        s = self.settings
+        wanted = set(s.services)
+        local_retrieval = bool(
+            wanted & {"retrieval", "ingestion"}
+            or ("rag" in wanted and not s.remote.retrieval_target)
+        )
+        local_generation = "generation" in wanted or (
+            "rag" in wanted and not s.remote.generation_target
+        )
+        if local_retrieval or local_generation or "embedding" in wanted:
+            e = s.embedding
+            self.encoder = OnnxEncoder(
+                e.model_dir,
+                max_sequence_length=e.max_sequence_length,
+                batch_size=e.batch_size,
+                intra_op_threads=e.intra_op_threads,
+            )
+        if local_retrieval:
+            assert self.encoder is not None
+            s.data_dir.mkdir(parents=True, exist_ok=True)
+            self.store = DocumentStore(s.data_dir / "rag.sqlite3")
+            chunker = TokenChunker(
+                s.embedding.model_dir / "tokenizer.json",
+                s.chunking.chunk_tokens,
+                s.chunking.overlap_tokens,
+            )
+            self.retriever = Retriever(
+                self.store, self.encoder, chunker, s.data_dir / "index", s.index, s.limits
+            )
+
+    def _generator(self) -> Generator:
+        s = self.settings
+        if s.remote.generation_target and "generation" not in s.services:
+            channel = self._remote(s.remote.generation_target, "generation", "rag")
+            return RemoteGenerator(channel, s.remote.generation_target, s.remote.call_timeout_s)
+        assert self.encoder is not None
+        return ExtractiveGenerator(
+            self.encoder,
+            self.executor,
+            sentences=s.generation.extractive_sentences,
+            default_max_tokens=s.generation.default_max_tokens,
+        )
+
+    def _search_backend(self) -> SearchBackend:
+        s = self.settings
+        if self.retriever is not None and not s.remote.retrieval_target:
+            return LocalSearch(self.retriever, self.executor)
+        assert s.remote.retrieval_target, "rag without local retrieval needs remote.retrieval_target"
+        channel = self._remote(s.remote.retrieval_target, "retrieval", "rag")
+        return RemoteSearch(channel, s.remote.retrieval_target, s.remote.call_timeout_s)
+
+    def _remote(self, target: str, service: str, dependent: str) -> grpc.aio.Channel:
+        for remote in self._remotes:
+            if remote.target == target and remote.service == service:
+                remote.dependents.append(dependent)
+                return remote.channel
+        channel = grpc.aio.insecure_channel(target, options=self._channel_options())
+        self._remotes.append(_RemoteDependency(target, service, channel, [dependent]))
+        return channel
+
+    def _channel_options(self) -> list[tuple[str, Any]]:
+        srv = self.settings.server
+        return [
+            ("grpc.max_send_message_length", srv.max_message_bytes),
+            ("grpc.max_receive_message_length", srv.max_message_bytes),
+            ("grpc.keepalive_time_ms", int(srv.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(srv.keepalive_timeout_s * 1000)),
+        ]
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> int:
+        """Build everything, bind the port, start serving; return the bound port."""
+        s = self.settings
+        await asyncio.get_running_loop().run_in_executor(self.executor, self._build_core)
+        server = grpc.aio.server(
+            interceptors=[ServiceInterceptor()],
+            options=[
+                *self._channel_options(),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=s.server.max_concurrent_rpcs,
+        )
+        self.server = server
+        served: list[str] = []
+        generator: Generator | None = None
+        for name in s.services:
+            served.append(SERVICE_NAMES[name])
+        if "retrieval" in s.services:
+            assert self.retriever is not None
+            retrieval_service_pb2_grpc.add_RetrievalServiceServicer_to_server(
+                RetrievalServicer(self.retriever, self.executor), server
+            )
+        if "embedding" in s.services:
+            assert self.encoder is not None
+            embedding_service_pb2_grpc.add_EmbeddingServiceServicer_to_server(
+                EmbeddingServicer(self.encoder, self.executor, s.limits), server
+            )
+        if "generation" in s.services or "rag" in s.services:
+            generator = self._generator()
+        if "generation" in s.services:
+            assert generator is not None
+            generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
+                GenerationServicer(generator), server
+            )
+        if "rag" in s.services:
+            assert generator is not None
+            pipeline = RagPipeline(self._search_backend(), generator, s.limits)
+            rag_service_pb2_grpc.add_RagServiceServicer_to_server(RagServicer(pipeline), server)
+        if "ingestion" in s.services:
+            assert self.retriever is not None
+            self.job_queue = JobQueue(s.data_dir / "rag.sqlite3")
+            self.ingestion = IngestionManager(self.job_queue, self.retriever, self.executor, s.limits)
+            ingestion_service_pb2_grpc.add_IngestionServiceServicer_to_server(
+                IngestionServicer(self.ingestion), server
+            )
+        if "admin" in s.services:
+            admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
+                AdminServicer(
+                    services=served,
+                    retriever=self.retriever,
+                    encoder=self.encoder,
+                    generator_name=generator.name if generator else "",
+                    index_config=s.index,
+                    executor=self.executor,
+                ),
+                server,
+            )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [*served, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            server,
+        )
+        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {s.host}:{s.port}")
+        await server.start()
+        for name in served:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if self.ingestion is not None:
+            self.ingestion.start()
+            await self._seed()
+        if self._remotes:
+            self._probe_task = asyncio.create_task(self._probe_remotes(), name="remote-probe")
+        log.info("rag-grpc serving %s on %s:%d", ", ".join(s.services), s.host, self.port)
+        return self.port
+
+    async def _seed(self) -> None:
+        assert self.ingestion is not None and self.store is not None
+        if self.seed_documents and not self.store.namespaces():
+            job_id = await self.ingestion.submit("", self.seed_documents)
+            log.info("empty data dir: ingesting %d demo documents as job %s",
+                     len(self.seed_documents), job_id)
+
+    async def _probe_remotes(self) -> None:
+        """Turn dependents NOT_SERVING while a remote dependency's health check fails."""
+        interval = self.settings.remote.health_probe_interval_s
+        while True:
+            for remote in self._remotes:
+                stub = health_pb2_grpc.HealthStub(remote.channel)
+                try:
+                    reply = await stub.Check(
+                        health_pb2.HealthCheckRequest(service=SERVICE_NAMES[remote.service]),
+                        timeout=interval,
+                    )
+                    ok = reply.status == health_pb2.HealthCheckResponse.SERVING
+                except grpc.aio.AioRpcError:
+                    ok = False
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if ok
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                for dependent in remote.dependents:
+                    await self.health.set(SERVICE_NAMES[dependent], status)
+            await asyncio.sleep(interval)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting calls, let in-flight ones finish within the grace
+        period, then stop the worker and save the indexes."""
+        grace = self.settings.server.grace_period_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self._probe_task:
+            self._probe_task.cancel()
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.ingestion is not None:
+            await self.ingestion.stop()
+        for remote in self._remotes:
+            await remote.channel.close()
+        loop = asyncio.get_running_loop()
+        if self.retriever is not None:
+            await loop.run_in_executor(self.executor, self.retriever.save_indexes)
+        if self.job_queue is not None:
+            self.job_queue.close()
+        if self.store is not None:
+            self.store.close()
+        self.executor.shutdown(wait=True)
+        log.info("rag-grpc stopped")
+
+
+async def serve(settings: Settings, seed_documents: list[Document] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    server = RagServer(settings, seed_documents)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"rag-grpc listening on {settings.host}:{server.port}", flush=True)
+    await stop.wait()
+    log.info("signal received: draining in-flight calls (grace %.1f s)",
+             settings.server.grace_period_s)
+    await server.stop()

@@ -1,0 +1,1 @@
+"""Thin gRPC servicers: validate and convert, call the core, map the result."""

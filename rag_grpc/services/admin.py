@@ -1,0 +1,76 @@
+"""rag.v1.AdminService: what this process holds and runs."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Executor
+
+import grpc
+
+from rag_grpc import __version__
+from rag_grpc.config import IndexConfig
+from rag_grpc.embed.encoder import OnnxEncoder
+from rag_grpc.index.retriever import Retriever
+from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
+from rag_grpc.services.base import in_thread
+
+
+class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
+    """Stats."""
+
+    def __init__(
+        self,
+        *,
+        services: list[str],
+        retriever: Retriever | None,
+        encoder: OnnxEncoder | None,
+        generator_name: str,
+        index_config: IndexConfig,
+        executor: Executor | None,
+    ) -> None:
+        self.services = services
+        self.retriever = retriever
+        self.encoder = encoder
+        self.generator_name = generator_name
+        self.index_config = index_config
+        self.executor = executor
+        self.started = time.monotonic()
+
+    async def Stats(
+        self, request: admin_pb2.StatsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.StatsResponse:
+        response = admin_pb2.StatsResponse(
+            version=__version__,
+            services=self.services,
+            generator=self.generator_name,
+            uptime_seconds=time.monotonic() - self.started,
+        )
+        if self.retriever is not None:
+            for ns in await in_thread(self.executor, self.retriever.stats):
+                response.namespaces.add(
+                    name=ns.name,
+                    documents=ns.documents,
+                    chunks=ns.chunks,
+                    vectors=ns.vectors,
+                    index_generation=ns.generation,
+                )
+            cfg = self.index_config
+            response.index.CopyFrom(
+                admin_pb2.IndexParameters(
+                    kind="hnswlib",
+                    space="ip",
+                    dimension=self.retriever.embedder.dimension,
+                    m=cfg.m,
+                    ef_construction=cfg.ef_construction,
+                    ef_search=cfg.ef_search,
+                )
+            )
+        if self.encoder is not None:
+            response.models.add(
+                model_id=self.encoder.model_id,
+                dimension=self.encoder.dimension,
+                provider=self.encoder.provider,
+                variant=self.encoder.variant,
+                max_sequence_length=self.encoder.max_sequence_length,
+            )
+        return response

@@ -1,0 +1,33 @@
+"""rag.v1.GenerationService over a Generator."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from rag_grpc.generate.base import Delta, Generator
+from rag_grpc.pb import generation_pb2, generation_service_pb2_grpc
+from rag_grpc.services import convert
+
+
+class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
+    """Generate (server streaming)."""
+
+    def __init__(self, generator: Generator) -> None:
+        self.generator = generator
+
+    async def Generate(
+        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        passages = [convert.passage_from_pb(p) for p in request.context]
+        params = convert.params_from_pb(request.parameters)
+        async for event in self.generator.generate(request.prompt, passages, params):
+            if isinstance(event, Delta):
+                yield generation_pb2.GenerateResponse(delta=event.text)
+            else:
+                yield generation_pb2.GenerateResponse(
+                    summary=convert.summary_to_pb(
+                        event.generator, event.finish_reason, event.usage, event.cited_passages
+                    )
+                )

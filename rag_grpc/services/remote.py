@@ -1,0 +1,95 @@
+"""Backends that call other rag-grpc services over gRPC, for Ask when
+retrieval or generation runs in another process. They inherit the caller's
+deadline, and a cancelled Ask cancels their calls."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+
+from rag_grpc import errors
+from rag_grpc.deadlines import remaining
+from rag_grpc.documents import SearchResult
+from rag_grpc.generate.base import (
+    Delta,
+    Finished,
+    GenerationEvent,
+    GenerationParams,
+    Passage,
+    Usage,
+)
+from rag_grpc.index.retriever import SearchQuery
+from rag_grpc.pb import generation_pb2, generation_service_pb2_grpc, retrieval_service_pb2_grpc
+from rag_grpc.services import convert
+
+_ERROR_OF = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+}
+
+
+def _core_error(exc: grpc.aio.AioRpcError, service: str, target: str) -> errors.RagError:
+    """A remote status as a core error; transport trouble becomes Unavailable."""
+    cls = _ERROR_OF.get(exc.code(), errors.Unavailable)
+    if cls is errors.Unavailable:
+        return errors.Unavailable(f"{service} at {target} failed: {exc.code().name} {exc.details()}")
+    return cls(exc.details() or exc.code().name)
+
+
+class RemoteSearch:
+    """SearchBackend over a remote RetrievalService."""
+
+    def __init__(self, channel: grpc.aio.Channel, target: str, timeout_s: float) -> None:
+        self.stub = retrieval_service_pb2_grpc.RetrievalServiceStub(channel)
+        self.target = target
+        self.timeout_s = timeout_s
+
+    async def search(self, query: SearchQuery) -> SearchResult:
+        try:
+            response = await self.stub.Search(
+                convert.query_to_pb(query), timeout=remaining(self.timeout_s)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _core_error(exc, "RetrievalService", self.target) from None
+        return convert.result_from_pb(response)
+
+
+class RemoteGenerator:
+    """Generator over a remote GenerationService (streamed)."""
+
+    name = "remote"
+
+    def __init__(self, channel: grpc.aio.Channel, target: str, timeout_s: float) -> None:
+        self.stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+        self.target = target
+        self.timeout_s = timeout_s
+
+    async def generate(
+        self, prompt: str, passages: Sequence[Passage], params: GenerationParams
+    ) -> AsyncIterator[GenerationEvent]:
+        request = generation_pb2.GenerateRequest(
+            prompt=prompt,
+            context=[convert.passage_to_pb(p) for p in passages],
+            parameters=convert.params_to_pb(params),
+        )
+        call = self.stub.Generate(request, timeout=remaining(self.timeout_s))
+        try:
+            async for response in call:
+                if response.WhichOneof("event") == "delta":
+                    yield Delta(response.delta)
+                else:
+                    s = response.summary
+                    yield Finished(
+                        Usage(s.usage.prompt_tokens, s.usage.completion_tokens),
+                        s.generator,
+                        s.finish_reason,
+                        tuple(s.cited_passages),
+                    )
+        except grpc.aio.AioRpcError as exc:
+            raise _core_error(exc, "GenerationService", self.target) from None
+        finally:
+            call.cancel()

@@ -1,0 +1,65 @@
+"""rag.v1.RetrievalService over the in-process Retriever."""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor
+
+import grpc
+
+from rag_grpc.index.retriever import Retriever
+from rag_grpc.pb import retrieval_pb2, retrieval_service_pb2_grpc
+from rag_grpc.services import convert
+from rag_grpc.services.base import in_thread
+
+
+class RetrievalServicer(retrieval_service_pb2_grpc.RetrievalServiceServicer):
+    """Upsert, Delete, Get, Search, SearchBatch."""
+
+    def __init__(self, retriever: Retriever, executor: Executor | None) -> None:
+        self.retriever = retriever
+        self.executor = executor
+
+    async def Upsert(
+        self, request: retrieval_pb2.UpsertRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_pb2.UpsertResponse:
+        documents = [convert.document_from_pb(d) for d in request.documents]
+        result = await in_thread(self.executor, self.retriever.upsert, request.namespace, documents)
+        return retrieval_pb2.UpsertResponse(
+            upserted=result.documents, chunks=result.chunks, index_generation=result.index_generation
+        )
+
+    async def Delete(
+        self, request: retrieval_pb2.DeleteRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_pb2.DeleteResponse:
+        result = await in_thread(
+            self.executor, self.retriever.delete, request.namespace, list(request.ids)
+        )
+        return retrieval_pb2.DeleteResponse(
+            deleted=result.documents,
+            not_found_ids=list(result.not_found_ids),
+            index_generation=result.index_generation,
+        )
+
+    async def Get(
+        self, request: retrieval_pb2.GetRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_pb2.GetResponse:
+        found, missing = await in_thread(
+            self.executor, self.retriever.get, request.namespace, list(request.ids)
+        )
+        return retrieval_pb2.GetResponse(
+            documents=[convert.document_to_pb(d) for d in found], missing_ids=missing
+        )
+
+    async def Search(
+        self, request: retrieval_pb2.SearchRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_pb2.SearchResponse:
+        query = convert.query_from_pb(request)
+        result = await in_thread(self.executor, self.retriever.search, query)
+        return convert.result_to_pb(result)
+
+    async def SearchBatch(
+        self, request: retrieval_pb2.SearchBatchRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_pb2.SearchBatchResponse:
+        queries = [convert.query_from_pb(q) for q in request.queries]
+        results = await in_thread(self.executor, self.retriever.search_batch, queries)
+        return retrieval_pb2.SearchBatchResponse(results=[convert.result_to_pb(r) for r in results])

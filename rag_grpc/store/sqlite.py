@@ -1,0 +1,379 @@
+"""SQLite (WAL) document store: documents, chunks with their vectors, metadata.
+
+The vector index is derived from the ``chunks`` table and can be rebuilt from
+it at any time. Chunk labels are AUTOINCREMENT row ids, never reused, so a
+label found in the index names at most one chunk forever.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rag_grpc.documents import Document, Metadata, MetadataScalar
+from rag_grpc.filters import And, AnyOf, Equals, Filter, Or, Range
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS namespaces (
+    name TEXT PRIMARY KEY,
+    generation INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS documents (
+    namespace TEXT NOT NULL,
+    doc_id TEXT NOT NULL,
+    text TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (namespace, doc_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunks (
+    label INTEGER PRIMARY KEY AUTOINCREMENT,
+    namespace TEXT NOT NULL,
+    doc_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    vector BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_by_doc ON chunks (namespace, doc_id);
+-- One row per (document, key): the filter index. kind: s string, n number, b bool.
+CREATE TABLE IF NOT EXISTS metadata (
+    namespace TEXT NOT NULL,
+    doc_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    s TEXT,
+    n REAL
+);
+CREATE INDEX IF NOT EXISTS metadata_by_doc ON metadata (namespace, doc_id);
+CREATE INDEX IF NOT EXISTS metadata_by_s ON metadata (namespace, key, kind, s);
+CREATE INDEX IF NOT EXISTS metadata_by_n ON metadata (namespace, key, kind, n);
+"""
+
+
+@dataclass(frozen=True)
+class NewChunk:
+    """A chunk about to be written: its document, position, text and vector."""
+
+    doc_id: str
+    seq: int
+    text: str
+    vector: np.ndarray
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    """A stored chunk joined with its document's metadata."""
+
+    label: int
+    doc_id: str
+    seq: int
+    text: str
+    metadata: Metadata
+
+
+@dataclass(frozen=True)
+class NamespaceCounts:
+    """Sizes of one namespace as stored."""
+
+    name: str
+    documents: int
+    chunks: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class ReplaceOutcome:
+    """Labels removed and added by a write, and the namespace generation after it."""
+
+    removed_labels: np.ndarray
+    added_labels: np.ndarray
+    generation: int
+
+
+class DocumentStore:
+    """Thread-safe access to the SQLite database.
+
+    Writes go through one connection under a lock; reads use one connection
+    per thread, which WAL lets run beside the writer.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._writer = self._connect()
+        self._writer.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode can lose the last transactions on power loss but
+        # never corrupts; FULL makes each acknowledged write durable.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        """Close the writer connection (readers close with their threads)."""
+        self._writer.close()
+
+    # -- writes ------------------------------------------------------------
+
+    def replace_documents(
+        self, namespace: str, documents: Sequence[Document], chunks: Sequence[NewChunk]
+    ) -> ReplaceOutcome:
+        """Atomically replace the given documents (and all their chunks)."""
+        now = time.time()
+        with self._write_lock:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(
+                    "INSERT OR IGNORE INTO namespaces (name, generation, created_at) VALUES (?, 0, ?)",
+                    (namespace, now),
+                )
+                removed = self._delete_docs(conn, namespace, [d.id for d in documents])
+                conn.executemany(
+                    "INSERT INTO documents (namespace, doc_id, text, metadata, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [(namespace, d.id, d.text, json.dumps(d.metadata), now) for d in documents],
+                )
+                conn.executemany(
+                    "INSERT INTO metadata (namespace, doc_id, key, kind, s, n) VALUES (?,?,?,?,?,?)",
+                    [
+                        (namespace, d.id, key, *_metadata_columns(value))
+                        for d in documents
+                        for key, value in d.metadata.items()
+                    ],
+                )
+                added = []
+                for chunk in chunks:
+                    cur = conn.execute(
+                        "INSERT INTO chunks (namespace, doc_id, seq, text, vector) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (
+                            namespace,
+                            chunk.doc_id,
+                            chunk.seq,
+                            chunk.text,
+                            np.ascontiguousarray(chunk.vector, dtype="<f4").tobytes(),
+                        ),
+                    )
+                    added.append(cur.lastrowid)
+                generation = self._bump(conn, namespace)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return ReplaceOutcome(
+            np.asarray(removed, dtype=np.uint64), np.asarray(added, dtype=np.uint64), generation
+        )
+
+    def delete_documents(
+        self, namespace: str, doc_ids: Sequence[str]
+    ) -> tuple[list[str], np.ndarray, int]:
+        """Delete documents; return (deleted ids, removed chunk labels, generation)."""
+        with self._write_lock:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                present = self._existing_ids(conn, namespace, doc_ids)
+                removed = self._delete_docs(conn, namespace, present)
+                generation = self._bump(conn, namespace) if present else self._generation(
+                    conn, namespace
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return present, np.asarray(removed, dtype=np.uint64), generation
+
+    @staticmethod
+    def _delete_docs(conn: sqlite3.Connection, namespace: str, doc_ids: Sequence[str]) -> list[int]:
+        removed: list[int] = []
+        for doc_id in doc_ids:
+            removed.extend(
+                row[0]
+                for row in conn.execute(
+                    "SELECT label FROM chunks WHERE namespace = ? AND doc_id = ?",
+                    (namespace, doc_id),
+                )
+            )
+            conn.execute("DELETE FROM chunks WHERE namespace = ? AND doc_id = ?", (namespace, doc_id))
+            conn.execute(
+                "DELETE FROM metadata WHERE namespace = ? AND doc_id = ?", (namespace, doc_id)
+            )
+            conn.execute(
+                "DELETE FROM documents WHERE namespace = ? AND doc_id = ?", (namespace, doc_id)
+            )
+        return removed
+
+    @staticmethod
+    def _bump(conn: sqlite3.Connection, namespace: str) -> int:
+        conn.execute("UPDATE namespaces SET generation = generation + 1 WHERE name = ?", (namespace,))
+        return DocumentStore._generation(conn, namespace)
+
+    @staticmethod
+    def _generation(conn: sqlite3.Connection, namespace: str) -> int:
+        row = conn.execute("SELECT generation FROM namespaces WHERE name = ?", (namespace,)).fetchone()
+        return int(row[0]) if row else 0
+
+    @staticmethod
+    def _existing_ids(
+        conn: sqlite3.Connection, namespace: str, doc_ids: Sequence[str]
+    ) -> list[str]:
+        found = []
+        for doc_id in dict.fromkeys(doc_ids):
+            row = conn.execute(
+                "SELECT 1 FROM documents WHERE namespace = ? AND doc_id = ?", (namespace, doc_id)
+            ).fetchone()
+            if row:
+                found.append(doc_id)
+        return found
+
+    # -- reads -------------------------------------------------------------
+
+    def namespaces(self) -> list[str]:
+        """Names of all namespaces, sorted."""
+        rows = self._reader().execute("SELECT name FROM namespaces ORDER BY name")
+        return [r[0] for r in rows]
+
+    def has_namespace(self, namespace: str) -> bool:
+        """Whether the namespace was ever written."""
+        row = self._reader().execute(
+            "SELECT 1 FROM namespaces WHERE name = ?", (namespace,)
+        ).fetchone()
+        return row is not None
+
+    def generation(self, namespace: str) -> int:
+        """The namespace's write counter (0 if it does not exist)."""
+        return self._generation(self._reader(), namespace)
+
+    def counts(self) -> list[NamespaceCounts]:
+        """Documents and chunks per namespace."""
+        conn = self._reader()
+        result = []
+        for name, generation in conn.execute(
+            "SELECT name, generation FROM namespaces ORDER BY name"
+        ).fetchall():
+            docs = conn.execute(
+                "SELECT COUNT(*) FROM documents WHERE namespace = ?", (name,)
+            ).fetchone()[0]
+            chunks = conn.execute(
+                "SELECT COUNT(*) FROM chunks WHERE namespace = ?", (name,)
+            ).fetchone()[0]
+            result.append(NamespaceCounts(name, int(docs), int(chunks), int(generation)))
+        return result
+
+    def get_documents(self, namespace: str, doc_ids: Sequence[str]) -> dict[str, Document]:
+        """Stored documents by id; absent ids are left out."""
+        conn = self._reader()
+        found: dict[str, Document] = {}
+        for doc_id in dict.fromkeys(doc_ids):
+            row = conn.execute(
+                "SELECT text, metadata FROM documents WHERE namespace = ? AND doc_id = ?",
+                (namespace, doc_id),
+            ).fetchone()
+            if row:
+                found[doc_id] = Document(doc_id, row[0], json.loads(row[1]))
+        return found
+
+    def get_chunks(self, labels: Sequence[int]) -> dict[int, ChunkRecord]:
+        """Chunks by label with their document's metadata; deleted labels are left out."""
+        if not labels:
+            return {}
+        conn = self._reader()
+        placeholders = ",".join("?" * len(labels))
+        rows = conn.execute(
+            "SELECT c.label, c.doc_id, c.seq, c.text, d.metadata FROM chunks c "
+            "JOIN documents d ON d.namespace = c.namespace AND d.doc_id = c.doc_id "
+            f"WHERE c.label IN ({placeholders})",
+            [int(label) for label in labels],
+        )
+        return {
+            int(label): ChunkRecord(int(label), doc_id, int(seq), text, json.loads(meta))
+            for label, doc_id, seq, text, meta in rows
+        }
+
+    def iter_vectors(
+        self, namespace: str, batch_size: int = 4096
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All (labels, vectors) of a namespace, in batches, for rebuilding its index."""
+        cursor = self._reader().execute(
+            "SELECT label, vector FROM chunks WHERE namespace = ? ORDER BY label", (namespace,)
+        )
+        while rows := cursor.fetchmany(batch_size):
+            labels = np.fromiter((r[0] for r in rows), dtype=np.uint64, count=len(rows))
+            vectors = np.stack([np.frombuffer(r[1], dtype="<f4") for r in rows])
+            yield labels, vectors
+
+    def labels_matching(self, namespace: str, flt: Filter) -> np.ndarray:
+        """Chunk labels of the namespace's documents that satisfy the filter."""
+        clause, params = _compile(flt, namespace)
+        rows = self._reader().execute(
+            "SELECT c.label FROM chunks c WHERE c.namespace = ? AND c.doc_id IN "
+            f"(SELECT d.doc_id FROM documents d WHERE d.namespace = ? AND {clause})",
+            [namespace, namespace, *params],
+        )
+        return np.fromiter((r[0] for r in rows), dtype=np.uint64)
+
+
+def _metadata_columns(value: MetadataScalar) -> tuple[str, str | None, float | None]:
+    if isinstance(value, bool):
+        return "b", None, float(value)
+    if isinstance(value, int | float):
+        return "n", None, float(value)
+    return "s", value, None
+
+
+def _compile(flt: Filter, namespace: str) -> tuple[str, list[Any]]:
+    """SQL over documents ``d`` for a validated filter; values are bound parameters."""
+    if isinstance(flt, And | Or):
+        parts = [_compile(inner, namespace) for inner in flt.filters]
+        joiner = " AND " if isinstance(flt, And) else " OR "
+        return (
+            "(" + joiner.join(sql for sql, _ in parts) + ")",
+            [p for _, params in parts for p in params],
+        )
+    exists = (
+        "EXISTS (SELECT 1 FROM metadata m WHERE m.namespace = d.namespace "
+        "AND m.doc_id = d.doc_id AND m.key = ? AND ({}))"
+    )
+    if isinstance(flt, Equals | AnyOf):
+        values = (flt.value,) if isinstance(flt, Equals) else flt.values
+        ors: list[str] = []
+        params: list[Any] = [flt.key]
+        for kind in ("s", "n", "b"):
+            same_kind = [c for c in (_metadata_columns(v) for v in values) if c[0] == kind]
+            if not same_kind:
+                continue
+            column = "s" if kind == "s" else "n"
+            ors.append(f"(m.kind = '{kind}' AND m.{column} IN ({','.join('?' * len(same_kind))}))")
+            params.extend(c[1] if kind == "s" else c[2] for c in same_kind)
+        return exists.format(" OR ".join(ors)), params
+    assert isinstance(flt, Range)
+    conds = ["m.kind = 'n'"]
+    params = [flt.key]
+    for op, bound in ((">=", flt.gte), (">", flt.gt), ("<=", flt.lte), ("<", flt.lt)):
+        if bound is not None:
+            conds.append(f"m.n {op} ?")
+            params.append(bound)
+    return exists.format(" AND ".join(conds)), params
