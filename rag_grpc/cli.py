@@ -54,13 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", type=Path, help="data directory (default ./data)")
     serve.add_argument("--config", type=Path, help="TOML configuration file")
     serve.add_argument(
-        "--services", help="comma-separated services to run (default: all): "
-        "retrieval,embedding,generation,rag,ingestion,admin"
+        "--services",
+        help="comma-separated services to run (default: all): "
+        "retrieval,embedding,generation,rag,ingestion,admin",
     )
     serve.add_argument("--retrieval-target", help="HOST:PORT of a remote RetrievalService")
     serve.add_argument("--generation-target", help="HOST:PORT of a remote GenerationService")
     serve.add_argument(
-        "--seed-demo", action="store_true",
+        "--seed-demo",
+        action="store_true",
         help="ingest the demo corpus (Python's pydoc topics) if the data dir is empty",
     )
     serve.set_defaults(func=_serve)
@@ -98,8 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     search = client_command("search", "search for chunks")
     search.add_argument("query")
     search.add_argument("-k", type=int, default=0, help="hits to return (server default 10)")
-    search.add_argument("--filter", help='metadata filter as proto JSON, e.g. '
-                        '\'{"field": {"key": "lang", "equals": {"stringValue": "en"}}}\'')
+    search.add_argument(
+        "--filter",
+        help="metadata filter as proto JSON, e.g. "
+        '\'{"field": {"key": "lang", "equals": {"stringValue": "en"}}}\'',
+    )
     search.add_argument("--json", action="store_true", help="print one JSON array of hits")
     search.set_defaults(func=_search)
 
@@ -278,13 +283,17 @@ def _ask(args: argparse.Namespace) -> int:
                         "completion_tokens": event.usage.completion_tokens,
                         "total_tokens": event.usage.total_tokens,
                     }
-                    print(json.dumps({
-                        "usage": usage,
-                        "timings": event.timings,
-                        "generator": event.generator,
-                        "finish_reason": event.finish_reason,
-                        "cited": list(event.cited),
-                    }))
+                    print(
+                        json.dumps(
+                            {
+                                "usage": usage,
+                                "timings": event.timings,
+                                "generator": event.generator,
+                                "finish_reason": event.finish_reason,
+                                "cited": list(event.cited),
+                            }
+                        )
+                    )
                 else:
                     print(f"\n\n(answer by the {event.generator} generator)")
                     for c in citations:
@@ -297,10 +306,12 @@ def _get(args: argparse.Namespace) -> int:
     with _client(args) as client:
         found, missing = client.get(args.ids, namespace=args.namespace)
     if args.json:
-        print(json.dumps(
-            [{"id": d.id, "text": d.text, "metadata": d.metadata} for d in found],
-            ensure_ascii=False,
-        ))
+        print(
+            json.dumps(
+                [{"id": d.id, "text": d.text, "metadata": d.metadata} for d in found],
+                ensure_ascii=False,
+            )
+        )
     else:
         for doc in found:
             print(f"== {doc.id} {json.dumps(doc.metadata, ensure_ascii=False)}\n{doc.text}\n")
@@ -326,7 +337,9 @@ def _stats(args: argparse.Namespace) -> int:
 
         print(json.dumps(asdict(stats)))
         return 0
-    print(f"rag-grpc {stats.version}; generator {stats.generator}; models {', '.join(stats.models)}")
+    print(
+        f"rag-grpc {stats.version}; generator {stats.generator}; models {', '.join(stats.models)}"
+    )
     for ns in stats.namespaces:
         print(f"  {ns.name}: {ns.documents} documents, {ns.chunks} chunks, {ns.vectors} vectors")
     return 0
@@ -340,7 +353,8 @@ def read_documents(paths: Sequence[Path]) -> Iterator[Document]:
     for path in paths:
         if path.is_dir():
             files = sorted(
-                p for p in path.rglob("*")
+                p
+                for p in path.rglob("*")
                 if p.is_file() and (p.suffix in TEXT_SUFFIXES or p.suffix == ".jsonl")
             )
             for file in files:

@@ -192,9 +192,7 @@ class RagClient:
         request = retrieval_pb2.GetRequest(namespace=namespace, ids=list(ids))
         response = self._call(self._retrieval.Get, request)
         assert isinstance(response, retrieval_pb2.GetResponse)
-        return [convert.document_from_pb(d) for d in response.documents], list(
-            response.missing_ids
-        )
+        return [convert.document_from_pb(d) for d in response.documents], list(response.missing_ids)
 
     def search(
         self,
@@ -346,7 +344,9 @@ def _query(
 ) -> SearchQuery:
     if isinstance(query, str):
         return SearchQuery(namespace=namespace, text=query, k=k, filter=flt, ef=ef)
-    return SearchQuery(namespace=namespace, vector=[float(v) for v in query], k=k, filter=flt, ef=ef)
+    return SearchQuery(
+        namespace=namespace, vector=[float(v) for v in query], k=k, filter=flt, ef=ef
+    )
 
 
 def _rpc_error(exc: grpc.RpcError) -> RpcError:

@@ -206,7 +206,9 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             raise ConfigError(f"config file {config_file} does not exist")
         # A subclass per file keeps the file choice out of global state.
         settings_cls = type(
-            "FileSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": config_file}}
+            "FileSettings",
+            (Settings,),
+            {"model_config": {**Settings.model_config, "toml_file": config_file}},
         )
     try:
         return settings_cls(**{k: v for k, v in overrides.items() if v is not None})

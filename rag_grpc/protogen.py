@@ -27,8 +27,8 @@ def generate(proto_root: Path) -> dict[str, str]:
     they are rewritten to the package the code ships in, so the generated
     modules import each other without touching ``sys.path``.
     """
-    from grpc_tools import protoc  # build-time dependency
     import grpc_tools
+    from grpc_tools import protoc  # build-time dependency
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     sources: dict[str, str] = {}
@@ -49,7 +49,9 @@ def generate(proto_root: Path) -> dict[str, str]:
             text = _IMPORT_RE.sub(f"from {GENERATED_PACKAGE}.rag.v1 import ", path.read_text())
             sources[rel] = text
     for package in ("", "rag/", "rag/v1/"):
-        sources[f"{package}__init__.py"] = '"""Generated from proto/ at build time; do not edit."""\n'
+        sources[f"{package}__init__.py"] = (
+            '"""Generated from proto/ at build time; do not edit."""\n'
+        )
     return sources
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rag_grpc.config import Settings
@@ -79,7 +80,7 @@ class RagServer:
         self.executor = ThreadPoolExecutor(
             max_workers=settings.server.worker_threads, thread_name_prefix="rag-core"
         )
-        self.health = health.aio.HealthServicer()
+        self.health = health_aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.store: DocumentStore | None = None
         self.retriever: Retriever | None = None
@@ -139,7 +140,9 @@ class RagServer:
         s = self.settings
         if self.retriever is not None and not s.remote.retrieval_target:
             return LocalSearch(self.retriever, self.executor)
-        assert s.remote.retrieval_target, "rag without local retrieval needs remote.retrieval_target"
+        assert s.remote.retrieval_target, (
+            "rag without local retrieval needs remote.retrieval_target"
+        )
         channel = self._remote(s.remote.retrieval_target, "retrieval", "rag")
         return RemoteSearch(channel, s.remote.retrieval_target, s.remote.call_timeout_s)
 
@@ -206,7 +209,9 @@ class RagServer:
         if "ingestion" in s.services:
             assert self.retriever is not None
             self.job_queue = JobQueue(s.data_dir / "rag.sqlite3")
-            self.ingestion = IngestionManager(self.job_queue, self.retriever, self.executor, s.limits)
+            self.ingestion = IngestionManager(
+                self.job_queue, self.retriever, self.executor, s.limits
+            )
             ingestion_service_pb2_grpc.add_IngestionServiceServicer_to_server(
                 IngestionServicer(self.ingestion), server
             )
@@ -224,8 +229,11 @@ class RagServer:
             )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            [*served, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
+            [
+                *served,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             server,
         )
         self.port = server.add_insecure_port(f"{s.host}:{s.port}")
@@ -247,8 +255,11 @@ class RagServer:
         assert self.ingestion is not None and self.store is not None
         if self.seed_documents and not self.store.namespaces():
             job_id = await self.ingestion.submit("", self.seed_documents)
-            log.info("empty data dir: ingesting %d demo documents as job %s",
-                     len(self.seed_documents), job_id)
+            log.info(
+                "empty data dir: ingesting %d demo documents as job %s",
+                len(self.seed_documents),
+                job_id,
+            )
 
     async def _probe_remotes(self) -> None:
         """Turn dependents NOT_SERVING while a remote dependency's health check fails."""
@@ -285,7 +296,7 @@ class RagServer:
         if self.ingestion is not None:
             await self.ingestion.stop()
         for remote in self._remotes:
-            await remote.channel.close()
+            await remote.channel.close(None)
         loop = asyncio.get_running_loop()
         if self.retriever is not None:
             await loop.run_in_executor(self.executor, self.retriever.save_indexes)
@@ -307,6 +318,7 @@ async def serve(settings: Settings, seed_documents: list[Document] | None = None
         loop.add_signal_handler(sig, stop.set)
     print(f"rag-grpc listening on {settings.host}:{server.port}", flush=True)
     await stop.wait()
-    log.info("signal received: draining in-flight calls (grace %.1f s)",
-             settings.server.grace_period_s)
+    log.info(
+        "signal received: draining in-flight calls (grace %.1f s)", settings.server.grace_period_s
+    )
     await server.stop()

@@ -18,7 +18,11 @@ from rag_grpc.embed.model_files import verify_model_dir
 
 log = logging.getLogger(__name__)
 
-_PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+_PREFERRED_PROVIDERS = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CPUExecutionProvider",
+)
 
 
 class Embedder(Protocol):
@@ -70,7 +74,8 @@ class OnnxEncoder:
         )
         self.provider = self.session.get_providers()[0]
         self._input_names = {i.name for i in self.session.get_inputs()}
-        self.dimension = int(self.session.get_outputs()[0].shape[-1] or manifest["dimension"])
+        width = self.session.get_outputs()[0].shape[-1]
+        self.dimension = width if isinstance(width, int) else int(str(manifest["dimension"]))
         # Tokenizer objects hold truncation state; guard against concurrent
         # reconfiguration by other users of the same tokenizer.
         self._tokenize_lock = threading.Lock()

@@ -93,4 +93,6 @@ def validate_generation(prompt: str, params: GenerationParams) -> None:
     if not 0.0 <= params.top_p <= 1.0:
         raise InvalidArgument(f"top_p must be between 0 and 1, got {params.top_p}")
     if len(params.stop) > MAX_STOP_SEQUENCES:
-        raise InvalidArgument(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(params.stop)}")
+        raise InvalidArgument(
+            f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(params.stop)}"
+        )

@@ -82,7 +82,9 @@ class ExtractiveGenerator:
                 break
         yield Finished(Usage(prompt_tokens, produced), self.name, finish, tuple(cited))
 
-    def _choose(self, prompt: str, passages: Sequence[Passage]) -> tuple[list[tuple[int, str]], int]:
+    def _choose(
+        self, prompt: str, passages: Sequence[Passage]
+    ) -> tuple[list[tuple[int, str]], int]:
         candidates: list[tuple[int, str]] = []
         seen: set[str] = set()
         for number, passage in enumerate(passages, start=1):

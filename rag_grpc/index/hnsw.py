@@ -191,4 +191,3 @@ class HnswIndex:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-

@@ -184,7 +184,9 @@ class Retriever:
         for key, value in doc.metadata.items():
             validate_metadata_key(key)
             if isinstance(value, float) and not math.isfinite(value):
-                raise InvalidArgument(f"document {doc.id!r} metadata {key!r} is not a finite number")
+                raise InvalidArgument(
+                    f"document {doc.id!r} metadata {key!r} is not a finite number"
+                )
 
     def upsert(self, namespace: str, documents: Sequence[Document]) -> WriteResult:
         """Store documents, replacing any with the same id; all or nothing."""
@@ -265,6 +267,8 @@ class Retriever:
                 )
             if not all(math.isfinite(v) for v in query.vector):
                 raise InvalidArgument("query vector contains NaN or infinite values")
+            if not any(query.vector):
+                raise InvalidArgument("query vector is all zeros; it has no direction to search")
         elif query.text is None or not query.text.strip():
             raise InvalidArgument("query is empty: give query text or a query vector")
         elif len(query.text.encode("utf-8", errors="surrogatepass")) > self.limits.max_query_bytes:
@@ -303,9 +307,7 @@ class Retriever:
         for i, (query, (namespace, k)) in enumerate(zip(queries, plans, strict=True)):
             t0 = time.perf_counter()
             generation = self.store.generation(namespace)
-            allowed = (
-                self.store.labels_matching(namespace, query.filter) if query.filter else None
-            )
+            allowed = self.store.labels_matching(namespace, query.filter) if query.filter else None
             ef = query.ef or self.index_config.ef_search
             labels, scores = self._indexes[namespace].search(vectors[i], k, ef, allowed)
             hits = self._hydrate(labels[0], scores[0])

@@ -159,7 +159,16 @@ class JobQueue:
             raise NotFound(f"job {job_id!r} does not exist")
         errors = tuple((e[0], e[1]) for e in json.loads(row[7]))
         return JobStatus(
-            row[0], row[1], JobState(row[2]), *row[3:7], errors, row[8], row[9]
+            job_id=row[0],
+            namespace=row[1],
+            state=JobState(row[2]),
+            total=row[3],
+            processed=row[4],
+            failed=row[5],
+            chunks=row[6],
+            errors=errors,
+            created_at=row[8],
+            updated_at=row[9],
         )
 
     def documents(self, job_id: str, start: int, count: int) -> list[Document]:

@@ -53,7 +53,7 @@ def fill_metadata(
 ) -> None:
     """Copy plain metadata into a proto map field."""
     for key, value in metadata.items():
-        target[key].CopyFrom(value_to_pb(value))  # type: ignore[index]
+        target[key].CopyFrom(value_to_pb(value))
 
 
 def document_from_pb(doc: common_pb2.Document) -> Document:
@@ -103,9 +103,13 @@ def filter_from_pb(flt: common_pb2.Filter) -> Filter:
 def filter_to_pb(flt: Filter) -> common_pb2.Filter:
     """The Filter message of a core filter."""
     if isinstance(flt, And):
-        return common_pb2.Filter(all=common_pb2.FilterList(filters=[filter_to_pb(f) for f in flt.filters]))
+        return common_pb2.Filter(
+            all=common_pb2.FilterList(filters=[filter_to_pb(f) for f in flt.filters])
+        )
     if isinstance(flt, Or):
-        return common_pb2.Filter(any=common_pb2.FilterList(filters=[filter_to_pb(f) for f in flt.filters]))
+        return common_pb2.Filter(
+            any=common_pb2.FilterList(filters=[filter_to_pb(f) for f in flt.filters])
+        )
     if isinstance(flt, Equals):
         cond = common_pb2.FieldCondition(key=flt.key, equals=value_to_pb(flt.value))
     elif isinstance(flt, AnyOf):

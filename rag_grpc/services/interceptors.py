@@ -31,7 +31,7 @@ def status_of(exc: errors.RagError) -> grpc.StatusCode:
     """The gRPC status for a core error (most specific class wins)."""
     for cls in type(exc).__mro__:
         if cls in STATUS_OF:
-            return STATUS_OF[cls]  # type: ignore[index]
+            return STATUS_OF[cls]
     return grpc.StatusCode.UNKNOWN
 
 
@@ -50,8 +50,7 @@ def _safe(deserializer: Callable[[bytes], Any] | None, method: str) -> Callable[
             return deserializer(data)
         except (DecodeError, UnicodeDecodeError, ValueError) as exc:
             return _Undecodable(
-                f"the request is not a valid {method} message "
-                f"(string fields must be UTF-8): {exc}"
+                f"the request is not a valid {method} message (string fields must be UTF-8): {exc}"
             )
 
     return decode
@@ -89,11 +88,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return handler
         decode = _safe(handler.request_deserializer, method)
         if handler.unary_unary is not None:
-            return handler._replace(  # type: ignore[attr-defined, no-any-return]
+            return handler._replace(  # type: ignore[attr-defined]
                 request_deserializer=decode, unary_unary=_wrap_unary(handler.unary_unary, method)
             )
-        return handler._replace(  # type: ignore[attr-defined, no-any-return]
-            request_deserializer=decode, unary_stream=_wrap_stream(handler.unary_stream, method)
+        return handler._replace(  # type: ignore[attr-defined]
+            request_deserializer=decode,
+            unary_stream=_wrap_stream(handler.unary_stream, method),  # type: ignore[arg-type]
         )
 
 

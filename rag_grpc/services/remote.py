@@ -36,7 +36,9 @@ def _core_error(exc: grpc.aio.AioRpcError, service: str, target: str) -> errors.
     """A remote status as a core error; transport trouble becomes Unavailable."""
     cls = _ERROR_OF.get(exc.code(), errors.Unavailable)
     if cls is errors.Unavailable:
-        return errors.Unavailable(f"{service} at {target} failed: {exc.code().name} {exc.details()}")
+        return errors.Unavailable(
+            f"{service} at {target} failed: {exc.code().name} {exc.details()}"
+        )
     return cls(exc.details() or exc.code().name)
 
 

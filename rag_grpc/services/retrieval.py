@@ -25,7 +25,9 @@ class RetrievalServicer(retrieval_service_pb2_grpc.RetrievalServiceServicer):
         documents = [convert.document_from_pb(d) for d in request.documents]
         result = await in_thread(self.executor, self.retriever.upsert, request.namespace, documents)
         return retrieval_pb2.UpsertResponse(
-            upserted=result.documents, chunks=result.chunks, index_generation=result.index_generation
+            upserted=result.documents,
+            chunks=result.chunks,
+            index_generation=result.index_generation,
         )
 
     async def Delete(

@@ -147,7 +147,8 @@ class DocumentStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.execute(
-                    "INSERT OR IGNORE INTO namespaces (name, generation, created_at) VALUES (?, 0, ?)",
+                    "INSERT OR IGNORE INTO namespaces (name, generation, created_at) "
+                    "VALUES (?, 0, ?)",
                     (namespace, now),
                 )
                 removed = self._delete_docs(conn, namespace, [d.id for d in documents])
@@ -157,7 +158,8 @@ class DocumentStore:
                     [(namespace, d.id, d.text, json.dumps(d.metadata), now) for d in documents],
                 )
                 conn.executemany(
-                    "INSERT INTO metadata (namespace, doc_id, key, kind, s, n) VALUES (?,?,?,?,?,?)",
+                    "INSERT INTO metadata (namespace, doc_id, key, kind, s, n) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
                     [
                         (namespace, d.id, key, *_metadata_columns(value))
                         for d in documents
@@ -197,8 +199,8 @@ class DocumentStore:
             try:
                 present = self._existing_ids(conn, namespace, doc_ids)
                 removed = self._delete_docs(conn, namespace, present)
-                generation = self._bump(conn, namespace) if present else self._generation(
-                    conn, namespace
+                generation = (
+                    self._bump(conn, namespace) if present else self._generation(conn, namespace)
                 )
                 conn.execute("COMMIT")
             except BaseException:
@@ -217,7 +219,9 @@ class DocumentStore:
                     (namespace, doc_id),
                 )
             )
-            conn.execute("DELETE FROM chunks WHERE namespace = ? AND doc_id = ?", (namespace, doc_id))
+            conn.execute(
+                "DELETE FROM chunks WHERE namespace = ? AND doc_id = ?", (namespace, doc_id)
+            )
             conn.execute(
                 "DELETE FROM metadata WHERE namespace = ? AND doc_id = ?", (namespace, doc_id)
             )
@@ -228,12 +232,16 @@ class DocumentStore:
 
     @staticmethod
     def _bump(conn: sqlite3.Connection, namespace: str) -> int:
-        conn.execute("UPDATE namespaces SET generation = generation + 1 WHERE name = ?", (namespace,))
+        conn.execute(
+            "UPDATE namespaces SET generation = generation + 1 WHERE name = ?", (namespace,)
+        )
         return DocumentStore._generation(conn, namespace)
 
     @staticmethod
     def _generation(conn: sqlite3.Connection, namespace: str) -> int:
-        row = conn.execute("SELECT generation FROM namespaces WHERE name = ?", (namespace,)).fetchone()
+        row = conn.execute(
+            "SELECT generation FROM namespaces WHERE name = ?", (namespace,)
+        ).fetchone()
         return int(row[0]) if row else 0
 
     @staticmethod
@@ -258,9 +266,11 @@ class DocumentStore:
 
     def has_namespace(self, namespace: str) -> bool:
         """Whether the namespace was ever written."""
-        row = self._reader().execute(
-            "SELECT 1 FROM namespaces WHERE name = ?", (namespace,)
-        ).fetchone()
+        row = (
+            self._reader()
+            .execute("SELECT 1 FROM namespaces WHERE name = ?", (namespace,))
+            .fetchone()
+        )
         return row is not None
 
     def generation(self, namespace: str) -> int:
