@@ -1,0 +1,188 @@
+"""The server as a user runs it: `rag-grpc serve` processes, grpcurl through
+reflection, health checking, SIGTERM, restarts and split microservices."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rag_grpc.client import RagClient, RpcError
+from tests.conftest import CORPUS, ServerProcess, free_port, tool
+
+SERVICES = [
+    "rag.v1.RetrievalService",
+    "rag.v1.EmbeddingService",
+    "rag.v1.GenerationService",
+    "rag.v1.RagService",
+    "rag.v1.IngestionService",
+    "rag.v1.AdminService",
+]
+
+
+def grpcurl(*args: str) -> str:
+    result = subprocess.run(
+        [tool("grpcurl"), *args], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def health_status(target: str, service: str = "") -> int:
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError("condition not met in time")
+
+
+def test_grpcurl_lists_describes_and_calls(server_process: Callable[..., ServerProcess]) -> None:
+    proc = server_process()
+    with RagClient(proc.target) as client:
+        client.upsert(CORPUS)
+    listed = grpcurl("-plaintext", proc.target, "list").split()
+    for service in [*SERVICES, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]:
+        assert service in listed
+    described = grpcurl("-plaintext", proc.target, "describe", "rag.v1.RetrievalService")
+    assert "rpc Search ( .rag.v1.SearchRequest ) returns ( .rag.v1.SearchResponse )" in described
+    message = grpcurl("-plaintext", proc.target, "describe", "rag.v1.Filter")
+    assert "FieldCondition field" in message
+    body = json.dumps(
+        {
+            "text": "which board game has knights and bishops?",
+            "k": 2,
+            "filter": {"field": {"key": "year", "range": {"lte": 2020}}},
+        }
+    )
+    reply = json.loads(
+        grpcurl("-plaintext", "-d", body, proc.target, "rag.v1.RetrievalService/Search")
+    )
+    assert [h["document_id"] for h in reply["hits"]] == ["chess", "volcano"]
+    assert reply["hits"][0]["metadata"]["topic"] == {"string_value": "games"}
+    health = json.loads(
+        grpcurl(
+            "-plaintext",
+            "-d",
+            '{"service": "rag.v1.RagService"}',
+            proc.target,
+            "grpc.health.v1.Health/Check",
+        )
+    )
+    assert health == {"status": "SERVING"}
+    proc.stop()
+
+
+def test_health_reports_each_service(server_process: Callable[..., ServerProcess]) -> None:
+    proc = server_process()
+    for service in ["", *SERVICES]:
+        assert health_status(proc.target, service) == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as info:
+        health_status(proc.target, "rag.v1.NoSuchService")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    proc.stop()
+
+
+def test_sigterm_drains_then_restart_keeps_everything(
+    server_process: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    proc = server_process(data_dir)
+    with RagClient(proc.target) as client:
+        client.upsert(CORPUS)
+        client.upsert(CORPUS[:2], namespace="other")
+        client.delete(["chess"])
+        before = client.stats().namespaces
+        hits_before = [(h.chunk_id, round(h.score, 4)) for h in client.search("pressure", k=4)]
+        # An in-flight stream when SIGTERM arrives: it is allowed to finish.
+        stream = client.ask("What is espresso?")
+        first = next(stream)
+        assert isinstance(first, list)
+        proc.proc.send_signal(15)
+        rest = list(stream)
+        assert rest and not isinstance(rest[-1], str)  # ended with its summary
+    assert proc.stop(timeout=30) == 0
+    assert "draining in-flight calls" in proc.log.read_text()
+
+    restarted = server_process(data_dir, port=proc.port)
+    with RagClient(restarted.target) as client:
+        assert client.stats().namespaces == before
+        hits_after = [(h.chunk_id, round(h.score, 4)) for h in client.search("pressure", k=4)]
+        assert hits_after == hits_before
+        assert client.get(["chess"]) == ([], ["chess"])
+        assert "loaded index default" in restarted.log.read_text()
+    restarted.stop()
+
+
+def test_index_is_rebuilt_from_the_store_after_a_crash(
+    server_process: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    proc = server_process(data_dir)
+    with RagClient(proc.target) as client:
+        client.upsert(CORPUS)
+    proc.stop(sig=9)  # no chance to save the index
+    restarted = server_process(data_dir)
+    with RagClient(restarted.target) as client:
+        assert client.search("lava", k=1)[0].document_id == "volcano"
+        assert client.stats().namespaces[0].vectors == len(CORPUS)
+    assert "rebuilt index default from the store" in restarted.log.read_text()
+    restarted.stop()
+
+
+def test_microservices_split_and_dependency_health(
+    server_process: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    retrieval_port = free_port()
+    retrieval = server_process(
+        tmp_path / "retrieval-data", "--services", "retrieval,ingestion,admin", port=retrieval_port
+    )
+    rag = server_process(
+        tmp_path / "rag-data",
+        "--services",
+        "rag,generation",
+        "--retrieval-target",
+        retrieval.target,
+    )
+    with RagClient(retrieval.target) as client:
+        client.upsert(CORPUS)
+        assert "rag.v1.RagService" not in client.stats().services
+    with RagClient(rag.target) as client:
+        with pytest.raises(RpcError) as info:
+            client.search("lava")  # the rag process serves no RetrievalService
+        assert info.value.code == "UNIMPLEMENTED"
+        events = list(client.ask("What erupts from a volcano?", k=2))
+        assert events[0][0].hit.document_id == "volcano"  # type: ignore[index]
+        assert "lava" in "".join(e for e in events if isinstance(e, str))
+
+    rag_service = "rag.v1.RagService"
+    wait_for(lambda: health_status(rag.target, rag_service) == health_pb2.HealthCheckResponse.SERVING)
+    retrieval.stop(sig=9)
+    wait_for(
+        lambda: health_status(rag.target, rag_service) == health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    assert health_status(rag.target, "rag.v1.GenerationService") == health_pb2.HealthCheckResponse.SERVING
+    with RagClient(rag.target) as client:
+        with pytest.raises(RpcError) as info:
+            list(client.ask("What erupts from a volcano?"))
+        assert info.value.code == "UNAVAILABLE" and "RetrievalService" in info.value.message
+
+    back = server_process(tmp_path / "retrieval-data", "--services", "retrieval", port=retrieval_port)
+    wait_for(lambda: health_status(rag.target, rag_service) == health_pb2.HealthCheckResponse.SERVING)
+    with RagClient(rag.target) as client:
+        events = list(client.ask("What erupts from a volcano?", k=1))
+        assert events[0][0].hit.document_id == "volcano"  # type: ignore[index]
+    back.stop()
+    rag.stop()
