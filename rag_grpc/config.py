@@ -11,13 +11,15 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -143,7 +145,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
     data_dir: Path = Path("data")
-    services: tuple[str, ...] = ALL_SERVICES
+    # NoDecode: "retrieval,rag" from the environment is split by the validator below.
+    services: Annotated[tuple[str, ...], NoDecode] = ALL_SERVICES
     server: ServerConfig = ServerConfig()
     index: IndexConfig = IndexConfig()
     embedding: EmbeddingConfig = EmbeddingConfig()
@@ -218,5 +221,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             for err in exc.errors()
         )
         raise ConfigError(f"invalid configuration: {problems}") from None
+    except SettingsError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None

@@ -30,3 +30,7 @@ class Unavailable(RagError):
 
 class DeadlineExceeded(RagError):
     """The caller's deadline passed before the work finished."""
+
+
+class Cancelled(RagError):
+    """The caller cancelled the call; the work stopped."""

@@ -253,7 +253,7 @@ class RagServer:
 
     async def _seed(self) -> None:
         assert self.ingestion is not None and self.store is not None
-        if self.seed_documents and not self.store.namespaces():
+        if self.seed_documents and not any(c.documents for c in self.store.counts()):
             job_id = await self.ingestion.submit("", self.seed_documents)
             log.info(
                 "empty data dir: ingesting %d demo documents as job %s",

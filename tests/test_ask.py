@@ -76,7 +76,7 @@ def test_generate_streams_deltas_then_summary(server) -> None:  # type: ignore[n
         answer = "".join(r.delta for r in responses[:-1])
         assert answer.split(" [")[0].strip() == "Each player starts with sixteen pieces."
         summary = responses[-1].summary
-        assert summary.generator == "extractive" and list(summary.cited_passages)[0] == 1
+        assert summary.generator == "extractive" and summary.cited_passages[0] == 1
         assert summary.usage.total_tokens == (
             summary.usage.prompt_tokens + summary.usage.completion_tokens
         )

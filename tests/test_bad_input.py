@@ -20,7 +20,9 @@ def snapshot(client: RagClient) -> tuple[object, ...]:
     stats = client.stats()
     docs, _ = client.get([d.id for d in CORPUS])
     return (
-        tuple((n.name, n.documents, n.chunks, n.vectors, n.index_generation) for n in stats.namespaces),
+        tuple(
+            (n.name, n.documents, n.chunks, n.vectors, n.index_generation) for n in stats.namespaces
+        ),
         tuple(docs),
     )
 
@@ -69,6 +71,7 @@ def test_query_vector_of_wrong_dimension(unchanged: RagClient) -> None:
 
 def test_unknown_namespace(unchanged: RagClient) -> None:
     expect("NOT_FOUND", lambda: unchanged.search("lava", namespace="nope"), "'nope'", "default")
+    assert unchanged.search("lava", namespace="default")  # always exists
     expect("NOT_FOUND", lambda: unchanged.ask("lava?", namespace="nope"), "'nope'")
     expect("NOT_FOUND", lambda: unchanged.get(["volcano"], namespace="nope"))
     expect("INVALID_ARGUMENT", lambda: unchanged.search("lava", namespace="bad name!"), "namespace")
@@ -97,7 +100,9 @@ def test_malformed_filters(unchanged: RagClient) -> None:
         assert "filter" in info.value.details() or "metadata" in info.value.details(), name
     expect("INVALID_ARGUMENT", lambda: unchanged.search("x", filter=Range("year")), "bound")
     expect(
-        "INVALID_ARGUMENT", lambda: unchanged.search("x", filter=Range("year", gte=5, lte=1)), "empty"
+        "INVALID_ARGUMENT",
+        lambda: unchanged.search("x", filter=Range("year", gte=5, lte=1)),
+        "empty",
     )
     expect("INVALID_ARGUMENT", lambda: unchanged.search("x", filter=AnyOf("topic", ())), "1 to")
 
@@ -164,7 +169,10 @@ def test_message_over_the_size_limit(start_server: Callable[..., ServerThread]) 
 def test_already_expired_deadline(unchanged: RagClient) -> None:
     stub = retrieval_service_pb2_grpc.RetrievalServiceStub(unchanged.channel)
     upsert = retrieval_pb2.UpsertRequest(documents=[common_pb2.Document(id="late", text="late")])
-    for call, request in ((stub.Search, retrieval_pb2.SearchRequest(text="lava")), (stub.Upsert, upsert)):
+    for call, request in (
+        (stub.Search, retrieval_pb2.SearchRequest(text="lava")),
+        (stub.Upsert, upsert),
+    ):
         with pytest.raises(grpc.RpcError) as info:
             call(request, timeout=0)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

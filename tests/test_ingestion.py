@@ -71,7 +71,9 @@ def test_pending_job_limit_gives_resource_exhausted(
         client.submit(CORPUS)  # accepted again once the queue drained
 
 
-def test_job_resumes_after_restart(start_server: Callable[..., ServerThread], tmp_path: Path) -> None:
+def test_job_resumes_after_restart(
+    start_server: Callable[..., ServerThread], tmp_path: Path
+) -> None:
     data_dir = tmp_path / "durable"
     server = start_server(data_dir)
     docs = many_documents(600)

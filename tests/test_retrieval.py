@@ -60,7 +60,9 @@ def test_upsert_is_idempotent_and_replaces_chunks(seeded: RagClient) -> None:
     )
     assert after.index_generation > before.index_generation
 
-    replaced = Document("volcano", "Sourdough bread rises because of wild yeast.", {"topic": "food"})
+    replaced = Document(
+        "volcano", "Sourdough bread rises because of wild yeast.", {"topic": "food"}
+    )
     seeded.upsert([replaced])
     hits = seeded.search("lava and magma", k=5)
     assert all("lava" not in h.text for h in hits)
@@ -71,7 +73,9 @@ def test_upsert_is_idempotent_and_replaces_chunks(seeded: RagClient) -> None:
 
 
 def test_long_document_is_chunked_with_ids_from_the_document(client: RagClient) -> None:
-    sentences = [f"Sentence number {i} talks about topic {i % 7} in some detail." for i in range(300)]
+    sentences = [
+        f"Sentence number {i} talks about topic {i % 7} in some detail." for i in range(300)
+    ]
     result = client.upsert([Document("long", " ".join(sentences))])
     assert result.chunks > 5
     hits = client.search("Sentence number 250", k=result.chunks)
@@ -125,7 +129,7 @@ def test_namespaces_are_separate(client: RagClient) -> None:
     assert a == {"volcano", "photosynthesis"}
     assert b == {"chess", "espresso", "gil"}
     names = {n.name: n.documents for n in client.stats().namespaces}
-    assert names == {"team-a": 2, "team-b": 3}
+    assert names == {"default": 0, "team-a": 2, "team-b": 3}
 
 
 def test_search_batch_answers_each_query_in_order(seeded: RagClient) -> None:

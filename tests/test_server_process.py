@@ -27,9 +27,7 @@ SERVICES = [
 
 
 def grpcurl(*args: str) -> str:
-    result = subprocess.run(
-        [tool("grpcurl"), *args], capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run([tool("grpcurl"), *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -168,19 +166,28 @@ def test_microservices_split_and_dependency_health(
         assert "lava" in "".join(e for e in events if isinstance(e, str))
 
     rag_service = "rag.v1.RagService"
-    wait_for(lambda: health_status(rag.target, rag_service) == health_pb2.HealthCheckResponse.SERVING)
+    wait_for(
+        lambda: health_status(rag.target, rag_service) == health_pb2.HealthCheckResponse.SERVING
+    )
     retrieval.stop(sig=9)
     wait_for(
         lambda: health_status(rag.target, rag_service) == health_pb2.HealthCheckResponse.NOT_SERVING
     )
-    assert health_status(rag.target, "rag.v1.GenerationService") == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        health_status(rag.target, "rag.v1.GenerationService")
+        == health_pb2.HealthCheckResponse.SERVING
+    )
     with RagClient(rag.target) as client:
         with pytest.raises(RpcError) as info:
             list(client.ask("What erupts from a volcano?"))
         assert info.value.code == "UNAVAILABLE" and "RetrievalService" in info.value.message
 
-    back = server_process(tmp_path / "retrieval-data", "--services", "retrieval", port=retrieval_port)
-    wait_for(lambda: health_status(rag.target, rag_service) == health_pb2.HealthCheckResponse.SERVING)
+    back = server_process(
+        tmp_path / "retrieval-data", "--services", "retrieval", port=retrieval_port
+    )
+    wait_for(
+        lambda: health_status(rag.target, rag_service) == health_pb2.HealthCheckResponse.SERVING
+    )
     with RagClient(rag.target) as client:
         events = list(client.ask("What erupts from a volcano?", k=1))
         assert events[0][0].hit.document_id == "volcano"  # type: ignore[index]

@@ -4,13 +4,13 @@ needs no GPU, and says in every response that it is extractive."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Executor
 
 import numpy as np
 
+from rag_grpc.deadlines import in_thread
 from rag_grpc.embed.encoder import OnnxEncoder
 from rag_grpc.errors import InvalidArgument
 from rag_grpc.generate.base import (
@@ -54,10 +54,7 @@ class ExtractiveGenerator:
                 "the extractive generator answers only from context: give at least one "
                 "context passage (or call RagService.Ask, which retrieves them)"
             )
-        loop = asyncio.get_running_loop()
-        chosen, prompt_tokens = await loop.run_in_executor(
-            self.executor, self._choose, prompt, passages
-        )
+        chosen, prompt_tokens = await in_thread(self.executor, self._choose, prompt, passages)
         max_tokens = params.max_tokens or self.default_max_tokens
         produced = 0
         cited: list[int] = []

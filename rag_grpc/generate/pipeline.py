@@ -6,7 +6,6 @@ generator in this process or behind remote gRPC services.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Executor
@@ -14,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from rag_grpc.config import LimitsConfig
+from rag_grpc.deadlines import in_thread
 from rag_grpc.documents import Hit, SearchResult
 from rag_grpc.errors import InvalidArgument
 from rag_grpc.filters import Filter
@@ -45,8 +45,7 @@ class LocalSearch:
         self.executor = executor
 
     async def search(self, query: SearchQuery) -> SearchResult:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.retriever.search, query)
+        return await in_thread(self.executor, self.retriever.search, query)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rag_grpc import deadlines
 from rag_grpc.config import IndexConfig, LimitsConfig
 from rag_grpc.documents import (
     Document,
@@ -209,6 +210,7 @@ class Retriever:
                 chunks.append(NewChunk(doc_id, seq, span.text, vectors[row]))
                 row += 1
         with self._write_lock(namespace):
+            deadlines.check("storing the documents")
             outcome = self.store.replace_documents(namespace, documents, chunks)
             index = self._indexes.get(namespace)
             if index is None:
@@ -222,6 +224,7 @@ class Retriever:
         namespace = self._existing_namespace(namespace)
         self._check_ids(doc_ids)
         with self._write_lock(namespace):
+            deadlines.check("deleting the documents")
             deleted, labels, generation = self.store.delete_documents(namespace, doc_ids)
             self._indexes[namespace].delete(labels)
         missing = tuple(i for i in dict.fromkeys(doc_ids) if i not in set(deleted))
@@ -303,6 +306,7 @@ class Retriever:
             if q.vector is not None:
                 vectors[i] = _unit(np.asarray(q.vector, dtype=np.float32))
         embed_ms = (time.perf_counter() - started) * 1000
+        deadlines.check("searching the index")
         results = []
         for i, (query, (namespace, k)) in enumerate(zip(queries, plans, strict=True)):
             t0 = time.perf_counter()

@@ -9,10 +9,10 @@ import grpc
 
 from rag_grpc import __version__
 from rag_grpc.config import IndexConfig
+from rag_grpc.deadlines import in_thread
 from rag_grpc.embed.encoder import OnnxEncoder
 from rag_grpc.index.retriever import Retriever
 from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
-from rag_grpc.services.base import in_thread
 
 
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):

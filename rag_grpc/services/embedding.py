@@ -7,9 +7,9 @@ from concurrent.futures import Executor
 import grpc
 
 from rag_grpc.config import LimitsConfig
+from rag_grpc.deadlines import in_thread
 from rag_grpc.embed.encoder import OnnxEncoder, validate_embed_request
 from rag_grpc.pb import embedding_pb2, embedding_service_pb2_grpc
-from rag_grpc.services.base import in_thread
 
 
 class EmbeddingServicer(embedding_service_pb2_grpc.EmbeddingServiceServicer):

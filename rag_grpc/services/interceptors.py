@@ -13,7 +13,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from rag_grpc import errors
-from rag_grpc.deadlines import set_deadline
+from rag_grpc.deadlines import enter_call
 
 log = logging.getLogger("rag_grpc.rpc")
 
@@ -24,6 +24,7 @@ STATUS_OF: dict[type[errors.RagError], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
 }
 
 
@@ -60,7 +61,7 @@ async def _precheck(request: Any, context: grpc.aio.ServicerContext) -> None:
     if isinstance(request, _Undecodable):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
     remaining = context.time_remaining()
-    set_deadline(remaining)
+    enter_call(remaining)
     if remaining is not None and remaining <= 0:
         await context.abort(
             grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline expired before the call started"

@@ -6,10 +6,10 @@ from concurrent.futures import Executor
 
 import grpc
 
+from rag_grpc.deadlines import in_thread
 from rag_grpc.index.retriever import Retriever
 from rag_grpc.pb import retrieval_pb2, retrieval_service_pb2_grpc
 from rag_grpc.services import convert
-from rag_grpc.services.base import in_thread
 
 
 class RetrievalServicer(retrieval_service_pb2_grpc.RetrievalServiceServicer):

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from rag_grpc.documents import Document, Metadata, MetadataScalar
+from rag_grpc.documents import DEFAULT_NAMESPACE, Document, Metadata, MetadataScalar
 from rag_grpc.filters import And, AnyOf, Equals, Filter, Or, Range
 
 SCHEMA = """
@@ -113,6 +113,12 @@ class DocumentStore:
         self._local = threading.local()
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
+        # The default namespace always exists, so a fresh server answers
+        # searches with no hits rather than NOT_FOUND.
+        self._writer.execute(
+            "INSERT OR IGNORE INTO namespaces (name, generation, created_at) VALUES (?, 0, ?)",
+            (DEFAULT_NAMESPACE, time.time()),
+        )
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
