@@ -12,6 +12,7 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
+from rag_grpc.embed.model_files import sha256_file
 from rag_grpc.index.base import MISSING_LABEL
 
 
@@ -83,6 +84,7 @@ class HnswIndex:
     def load(cls, path: Path, dim: int, live_labels: np.ndarray, **kwargs: int) -> HnswIndex:
         """Load a saved index whose live labels the store lists; raise
         ValueError if the file is not a usable index."""
+        _verify_checksum(path)
         index = cls(dim, **kwargs)
         try:
             index._index.load_index(str(path))
@@ -190,4 +192,25 @@ class HnswIndex:
             self._index.save_index(str(tmp))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        checksum = _checksum_path(path)
+        checksum_tmp = checksum.with_name(checksum.name + ".tmp")
+        checksum_tmp.write_text(f"{sha256_file(tmp)}\n")
+        # Data first, then its checksum: a crash between the two renames leaves
+        # a mismatch, which load() reports and the retriever rebuilds from.
         os.replace(tmp, path)
+        os.replace(checksum_tmp, checksum)
+
+
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _verify_checksum(path: Path) -> None:
+    """hnswlib trusts its file and can crash on a damaged one: check it first."""
+    checksum = _checksum_path(path)
+    try:
+        expected = checksum.read_text().strip()
+    except OSError:
+        raise ValueError(f"index file {path} has no checksum file {checksum.name}") from None
+    if not path.is_file() or sha256_file(path) != expected:
+        raise ValueError(f"index file {path} is damaged or truncated (checksum mismatch)")
