@@ -33,8 +33,8 @@ serve: install
 	$(BIN)/rag-grpc serve --data-dir $(DATA_DIR) --seed-demo
 
 lint: install-test
-	$(BIN)/ruff check rag_grpc tests bench
-	$(BIN)/ruff format --check rag_grpc tests bench
+	$(BIN)/ruff check rag_grpc tests $(wildcard bench/*.py)
+	$(BIN)/ruff format --check rag_grpc tests $(wildcard bench/*.py)
 
 typecheck: install-test
 	$(BIN)/mypy rag_grpc
@@ -45,8 +45,8 @@ unit: install-test
 test: lint typecheck unit
 
 format: install-test
-	$(BIN)/ruff format rag_grpc tests bench
-	$(BIN)/ruff check --fix rag_grpc tests bench
+	$(BIN)/ruff format rag_grpc tests $(wildcard bench/*.py)
+	$(BIN)/ruff check --fix rag_grpc tests $(wildcard bench/*.py)
 
 clean:
 	rm -rf $(VENV) build rag_grpc/_gen *.egg-info
