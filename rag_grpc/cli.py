@@ -89,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
             help=f"server HOST:PORT (default $RAG_GRPC_TARGET or {DEFAULT_TARGET})",
         )
         cmd.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+        cmd.add_argument(
+            "--token",
+            default=os.environ.get("RAG_GRPC_TOKEN"),
+            help="bearer token, if the server requires one (default $RAG_GRPC_TOKEN)",
+        )
         cmd.add_argument("--namespace", default="", help="namespace (default: default)")
         return cmd
 
@@ -207,7 +212,7 @@ def _model_verify(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Any:
     from rag_grpc.client import RagClient
 
-    return RagClient(args.target, timeout=args.timeout)
+    return RagClient(args.target, timeout=args.timeout, token=args.token)
 
 
 def _parse_filter(text: str | None) -> Any:

@@ -130,6 +130,7 @@ class RagClient:
         client_certificate: Path | None = None,
         client_key: Path | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
+        token: str | None = None,
     ) -> None:
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
@@ -145,6 +146,7 @@ class RagClient:
         else:
             self.channel = grpc.insecure_channel(target, options=options)
         self.timeout = timeout
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._retrieval = retrieval_service_pb2_grpc.RetrievalServiceStub(self.channel)
         self._embedding = embedding_service_pb2_grpc.EmbeddingServiceStub(self.channel)
         self._rag = rag_service_pb2_grpc.RagServiceStub(self.channel)
@@ -163,7 +165,7 @@ class RagClient:
 
     def _call(self, method: grpc.UnaryUnaryMultiCallable, request: object) -> object:
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
             raise _rpc_error(exc) from None
 
@@ -260,7 +262,7 @@ class RagClient:
         if filter is not None:
             request.filter.CopyFrom(convert.filter_to_pb(filter))
         try:
-            for response in self._rag.Ask(request, timeout=self.timeout):
+            for response in self._rag.Ask(request, timeout=self.timeout, metadata=self.metadata):
                 kind = response.WhichOneof("event")
                 if kind == "citations":
                     yield [
@@ -318,7 +320,7 @@ class RagClient:
         """The job's progress on every change until it ends."""
         request = ingestion_pb2.WatchJobRequest(job_id=job_id)
         try:
-            for job in self._ingestion.WatchJob(request, timeout=timeout):
+            for job in self._ingestion.WatchJob(request, timeout=timeout, metadata=self.metadata):
                 yield _job(job)
         except grpc.RpcError as exc:
             raise _rpc_error(exc) from None

@@ -40,6 +40,9 @@ class ServerConfig(_Section):
     grace_period_s: float = Field(10.0, ge=0)
     max_concurrent_rpcs: int | None = Field(None, ge=1)
     worker_threads: int = Field(4, ge=1, le=256)
+    # When set, every rag.v1 call must carry `authorization: Bearer <token>`
+    # (health and reflection stay open for probes); remote calls send it too.
+    auth_token: SecretStr | None = None
 
 
 class IndexConfig(_Section):
@@ -121,8 +124,6 @@ class RemoteConfig(_Section):
     generation_target: str | None = None
     call_timeout_s: float = Field(30.0, gt=0)
     health_probe_interval_s: float = Field(2.0, gt=0)
-    # Token for remote calls, sent as `authorization: Bearer ...` (never logged).
-    auth_token: SecretStr | None = None
 
 
 class LoggingConfig(_Section):

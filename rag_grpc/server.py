@@ -127,7 +127,9 @@ class RagServer:
         s = self.settings
         if s.remote.generation_target and "generation" not in s.services:
             channel = self._remote(s.remote.generation_target, "generation", "rag")
-            return RemoteGenerator(channel, s.remote.generation_target, s.remote.call_timeout_s)
+            return RemoteGenerator(
+                channel, s.remote.generation_target, s.remote.call_timeout_s, self._call_metadata()
+            )
         assert self.encoder is not None
         return ExtractiveGenerator(
             self.encoder,
@@ -144,7 +146,13 @@ class RagServer:
             "rag without local retrieval needs remote.retrieval_target"
         )
         channel = self._remote(s.remote.retrieval_target, "retrieval", "rag")
-        return RemoteSearch(channel, s.remote.retrieval_target, s.remote.call_timeout_s)
+        return RemoteSearch(
+            channel, s.remote.retrieval_target, s.remote.call_timeout_s, self._call_metadata()
+        )
+
+    def _call_metadata(self) -> tuple[tuple[str, str], ...]:
+        token = self.settings.server.auth_token
+        return (("authorization", f"Bearer {token.get_secret_value()}"),) if token else ()
 
     def _remote(self, target: str, service: str, dependent: str) -> grpc.aio.Channel:
         for remote in self._remotes:
@@ -171,7 +179,11 @@ class RagServer:
         s = self.settings
         await asyncio.get_running_loop().run_in_executor(self.executor, self._build_core)
         server = grpc.aio.server(
-            interceptors=[ServiceInterceptor()],
+            interceptors=[
+                ServiceInterceptor(
+                    s.server.auth_token.get_secret_value() if s.server.auth_token else None
+                )
+            ],
             options=[
                 *self._channel_options(),
                 ("grpc.keepalive_permit_without_calls", 1),

@@ -127,13 +127,13 @@ def test_client_errors_exit_nonzero_with_status(
 
 def test_config_shows_effective_values_with_secrets_redacted(tmp_path: Path) -> None:
     config = tmp_path / "rag.toml"
-    config.write_text('port = 6000\n[limits]\nmax_k = 42\n[remote]\nauth_token = "s3cret-token"\n')
+    config.write_text('port = 6000\n[limits]\nmax_k = 42\n[server]\nauth_token = "s3cret-token"\n')
     shown = cli("config", "--config", str(config), env={"RAG_GRPC_PORT": "7000"})
     assert shown.returncode == 0, shown.stderr
     effective = json.loads(shown.stdout)
     assert effective["port"] == 7000  # the environment overrides the file
     assert effective["limits"]["max_k"] == 42
-    assert effective["remote"]["auth_token"] == "**********"
+    assert effective["server"]["auth_token"] == "**********"
     assert "s3cret" not in shown.stdout
 
     bad = tmp_path / "bad.toml"
@@ -168,3 +168,36 @@ def test_model_verify_detects_tampering(tmp_path: Path) -> None:
         fh.write(b" ")
     tampered = cli("model", "verify", "--model-dir", str(copy))
     assert tampered.returncode == 2 and "does not match its sha256" in tampered.stderr
+
+
+def test_ingest_shows_a_progress_bar_on_a_terminal(
+    server_process: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    import pty
+
+    proc = server_process()
+    corpus = write_corpus(tmp_path)
+    leader, follower = pty.openpty()
+    child = subprocess.Popen(
+        [tool("rag-grpc"), "ingest", str(corpus), "--target", proc.target],
+        stdout=follower,
+        stderr=follower,
+        env={**os.environ, "COLUMNS": "120", "TERM": "xterm"},
+    )
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            block = os.read(leader, 4096)
+        except OSError:  # the terminal closes when the child exits
+            break
+        if not block:
+            break
+        output += block
+    assert child.wait(timeout=60) == 0
+    os.close(leader)
+    text = output.decode(errors="replace")
+    assert "ingesting" in text and "4/4" in text and "docs/s" in text and "ETA" in text
+    assert "\x1b[" in text  # drawn with terminal control sequences, unlike piped output
+    assert "ingested 4 of 4 documents" in text
+    proc.stop()

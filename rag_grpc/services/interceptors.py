@@ -4,6 +4,7 @@ status codes, and one log line per call."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -76,7 +77,11 @@ async def _abort_for(exc: Exception, context: grpc.aio.ServicerContext, method: 
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every unary and server-streaming handler."""
+    """Wraps every unary and server-streaming handler; checks the bearer
+    token of rag.v1 calls when one is configured."""
+
+    def __init__(self, auth_token: str | None = None) -> None:
+        self._expected = f"Bearer {auth_token}".encode() if auth_token else None
 
     async def intercept_service(
         self,
@@ -87,6 +92,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or handler.request_streaming:
             return handler
+        if self._expected is not None and method.startswith("/rag.v1."):
+            metadata = dict(handler_call_details.invocation_metadata or ())
+            given = metadata.get("authorization", "")
+            given_bytes = given.encode() if isinstance(given, str) else given
+            if not hmac.compare_digest(given_bytes, self._expected):
+                return _unauthenticated(handler, method)
         decode = _safe(handler.request_deserializer, method)
         if handler.unary_unary is not None:
             return handler._replace(  # type: ignore[attr-defined]
@@ -96,6 +107,22 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=decode,
             unary_stream=_wrap_stream(handler.unary_stream, method),  # type: ignore[arg-type]
         )
+
+
+def _unauthenticated(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    message = "missing or wrong credentials: send metadata `authorization: Bearer <token>`"
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        log.info("rpc %s UNAUTHENTICATED", method)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await refuse(request, context)
+        yield  # pragma: no cover - abort raised above
+
+    if handler.unary_unary is not None:
+        return handler._replace(unary_unary=refuse)  # type: ignore[attr-defined]
+    return handler._replace(unary_stream=refuse_stream)  # type: ignore[attr-defined]
 
 
 def _log_call(method: str, started: float, code: str) -> None:

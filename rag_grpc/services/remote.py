@@ -45,15 +45,24 @@ def _core_error(exc: grpc.aio.AioRpcError, service: str, target: str) -> errors.
 class RemoteSearch:
     """SearchBackend over a remote RetrievalService."""
 
-    def __init__(self, channel: grpc.aio.Channel, target: str, timeout_s: float) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        target: str,
+        timeout_s: float,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self.stub = retrieval_service_pb2_grpc.RetrievalServiceStub(channel)
         self.target = target
         self.timeout_s = timeout_s
+        self.metadata = metadata
 
     async def search(self, query: SearchQuery) -> SearchResult:
         try:
             response = await self.stub.Search(
-                convert.query_to_pb(query), timeout=remaining(self.timeout_s)
+                convert.query_to_pb(query),
+                timeout=remaining(self.timeout_s),
+                metadata=self.metadata,
             )
         except grpc.aio.AioRpcError as exc:
             raise _core_error(exc, "RetrievalService", self.target) from None
@@ -65,10 +74,17 @@ class RemoteGenerator:
 
     name = "remote"
 
-    def __init__(self, channel: grpc.aio.Channel, target: str, timeout_s: float) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        target: str,
+        timeout_s: float,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self.stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
         self.target = target
         self.timeout_s = timeout_s
+        self.metadata = metadata
 
     async def generate(
         self, prompt: str, passages: Sequence[Passage], params: GenerationParams
@@ -78,7 +94,9 @@ class RemoteGenerator:
             context=[convert.passage_to_pb(p) for p in passages],
             parameters=convert.params_to_pb(params),
         )
-        call = self.stub.Generate(request, timeout=remaining(self.timeout_s))
+        call = self.stub.Generate(
+            request, timeout=remaining(self.timeout_s), metadata=self.metadata
+        )
         try:
             async for response in call:
                 if response.WhichOneof("event") == "delta":
