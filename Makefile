@@ -7,7 +7,10 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 DATA_DIR ?= data
 MODEL_DIR ?= models/all-MiniLM-L6-v2
-SOURCES := pyproject.toml setup.py constraints.txt $(wildcard proto/rag/v1/*.proto) rag_grpc/protogen.py
+SOURCES := pyproject.toml setup.py constraints.txt $(wildcard proto/rag/v1/*.proto) rag_grpc/protogen.py \
+	$(wildcard native/*.pyx native/*.pxd native/*.h)
+HNSWLIB_INCLUDE ?= build/hnswlib-include
+export HNSWLIB_INCLUDE
 
 .PHONY: install install-test serve test lint typecheck unit format clean bench
 
@@ -15,8 +18,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# Dependencies, generated gRPC code (setup.py), and the default model.
-$(VENV)/.stamp-install: $(BIN)/python $(SOURCES)
+# hnswlib's headers for the native core: the pinned sdist, hash-checked.
+$(HNSWLIB_INCLUDE)/hnswlib/hnswalg.h: native/fetch_hnswlib.py | $(BIN)/python
+	$(BIN)/python native/fetch_hnswlib.py $(HNSWLIB_INCLUDE)
+
+# Dependencies, generated gRPC code and the native core (setup.py), and the default model.
+$(VENV)/.stamp-install: $(BIN)/python $(SOURCES) $(HNSWLIB_INCLUDE)/hnswlib/hnswalg.h
 	$(PIP) install --quiet -c constraints.txt -e .
 	$(BIN)/rag-grpc model prepare --model-dir $(MODEL_DIR)
 	touch $@

@@ -1,0 +1,350 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+# distutils: language = c++
+"""VectorIndex: hnswlib's HNSW graph behind a Python class whose batch
+operations run without the GIL on native threads.
+
+Arguments are validated and made contiguous here, in Python; the work itself
+happens in rag_native.h. Searches and adds share a reader lock (hnswlib's
+add and search are safe together); resize and save take the writer lock.
+"""
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from cython.operator cimport dereference as deref
+from libc.stdint cimport uint64_t
+from libcpp.string cimport string
+from libcpp.vector cimport vector
+
+from core cimport (
+    HierarchicalNSW,
+    InnerProductSpace,
+    L2Space,
+    SpaceInterface,
+    add_batch,
+    default_threads,
+    delete_labels,
+    live_labels,
+    search_batch,
+    shared_mutex,
+)
+
+SPACES = ("ip", "l2", "cosine")
+MISSING_LABEL = np.uint64(2**64 - 1)
+FORMAT = "rag-grpc-hnsw-1"
+# Filters allowing at most this many live vectors are answered by exact scan.
+# Measured on the benchmark machine (bench/RESULTS.md): below it the scan is
+# faster than the filtered graph walk and has recall 1.0.
+DEFAULT_EXACT_THRESHOLD = 20_000
+
+
+cdef class VectorIndex:
+    """An HNSW index over float32 vectors with arbitrary uint64 labels.
+
+    space: "ip" (distance 1 - dot), "l2" (squared euclidean) or "cosine"
+    (vectors normalised on the way in, distance 1 - cosine).
+    """
+
+    cdef HierarchicalNSW[float]* _graph
+    cdef SpaceInterface[float]* _space
+    cdef shared_mutex* _rw
+    cdef readonly int dim
+    cdef readonly str space
+    cdef public size_t exact_threshold
+    cdef size_t _pending
+    cdef object _add_lock
+
+    def __cinit__(self):
+        self._graph = NULL
+        self._space = NULL
+        self._rw = new shared_mutex()
+        self._pending = 0
+        self._add_lock = threading.Lock()
+
+    def __dealloc__(self):
+        if self._graph != NULL:
+            del self._graph
+        if self._space != NULL:
+            del self._space
+        del self._rw
+
+    def __init__(self, int dim, str space="ip", size_t max_elements=1024, size_t M=16,
+                 size_t ef_construction=200, size_t exact_threshold=DEFAULT_EXACT_THRESHOLD,
+                 size_t random_seed=100):
+        if dim < 1:
+            raise ValueError(f"dim must be at least 1, got {dim}")
+        if M < 2 or M > 2048:
+            raise ValueError(f"M must be between 2 and 2048, got {M}")
+        if ef_construction < 1:
+            raise ValueError("ef_construction must be at least 1")
+        self._make_space(dim, space)
+        self._graph = new HierarchicalNSW[float](
+            self._space, max(max_elements, 1), M, ef_construction, random_seed, False
+        )
+        self.exact_threshold = exact_threshold
+
+    cdef _make_space(self, int dim, str space):
+        if space not in SPACES:
+            raise ValueError(f"unknown space {space!r}; choose one of {', '.join(SPACES)}")
+        self.dim = dim
+        self.space = space
+        if space == "l2":
+            self._space = new L2Space(dim)
+        else:
+            self._space = new InnerProductSpace(dim)
+
+    # -- properties ----------------------------------------------------------
+
+    def __len__(self):
+        return self._graph.getCurrentElementCount() - self._graph.getDeletedCount()
+
+    @property
+    def max_elements(self):
+        """Capacity before the next automatic resize."""
+        return self._graph.getMaxElements()
+
+    @property
+    def M(self):
+        return self._graph.M_
+
+    @property
+    def ef_construction(self):
+        return self._graph.ef_construction_
+
+    def labels(self):
+        """Live labels as a uint64 array."""
+        cdef vector[uint64_t] out
+        self._rw.lock_shared()
+        try:
+            out = live_labels(deref(self._graph))
+        finally:
+            self._rw.unlock_shared()
+        return np.asarray(<uint64_t[:out.size()]> out.data() if out.size() else [],
+                          dtype=np.uint64).copy()
+
+    # -- argument checks -----------------------------------------------------
+
+    def _vectors(self, vectors, str name):
+        array = np.asarray(vectors)
+        if array.dtype.kind != "f":
+            raise TypeError(f"{name} must be floating point, got dtype {array.dtype}")
+        if array.ndim == 1:
+            array = array[None, :]
+        if array.ndim != 2 or array.shape[1] != self.dim:
+            raise ValueError(
+                f"{name} must have shape [n, {self.dim}] (or [{self.dim}]), got {np.shape(vectors)}"
+            )
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name} contain NaN or infinite values")
+        if self.space == "cosine":
+            norms = np.linalg.norm(array, axis=1, keepdims=True)
+            if (norms == 0).any():
+                raise ValueError(f"{name} contain a zero vector, which has no cosine direction")
+            array = np.ascontiguousarray(array / norms, dtype=np.float32)
+        return array
+
+    @staticmethod
+    def _labels(labels, str name):
+        array = np.asarray(labels)
+        if array.ndim == 0:
+            array = array[None]
+        if array.dtype.kind not in "iu":
+            raise TypeError(f"{name} must be integers, got dtype {array.dtype}")
+        if array.ndim != 1:
+            raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
+        if array.dtype.kind == "i" and (array < 0).any():
+            raise ValueError(f"{name} must be non-negative")
+        array = np.ascontiguousarray(array, dtype=np.uint64)
+        if (array == MISSING_LABEL).any():
+            raise ValueError(f"{name} must not use 2**64-1, which marks missing results")
+        return array
+
+    @staticmethod
+    def _threads(int num_threads):
+        if num_threads < 0:
+            raise ValueError(f"num_threads must be >= 0 (0 = all cores), got {num_threads}")
+        return num_threads or default_threads()
+
+    # -- writes --------------------------------------------------------------
+
+    def add(self, vectors, labels, int num_threads=0):
+        """Insert vectors float32 [n, dim] under labels uint64 [n]; an existing
+        label is replaced (a deleted one comes back). The index grows as needed."""
+        cdef const float[:, ::1] data = self._vectors(vectors, "vectors")
+        cdef const uint64_t[::1] ids = self._labels(labels, "labels")
+        cdef size_t n = data.shape[0]
+        cdef size_t threads = self._threads(num_threads)
+        if <size_t>ids.shape[0] != n:
+            raise ValueError(f"got {n} vectors but {ids.shape[0]} labels")
+        if n == 0:
+            return
+        if len(np.unique(np.asarray(ids))) != n:
+            raise ValueError("labels must be unique within one add call")
+        with self._add_lock:
+            self._pending += n
+            needed = self._graph.getCurrentElementCount() + self._pending
+            if needed > self._graph.getMaxElements():
+                self._resize(max(needed, 2 * self._graph.getMaxElements()))
+        try:
+            with nogil:
+                self._rw.lock_shared()
+                try:
+                    add_batch(deref(self._graph), &data[0, 0], &ids[0], n, self.dim, threads)
+                finally:
+                    self._rw.unlock_shared()
+        finally:
+            with self._add_lock:
+                self._pending -= n
+
+    def delete(self, labels):
+        """Remove labels from all later results; unknown ones are ignored.
+        Returns how many were deleted."""
+        cdef const uint64_t[::1] ids = self._labels(labels, "labels")
+        cdef size_t n = ids.shape[0]
+        cdef size_t deleted = 0
+        if n == 0:
+            return 0
+        with nogil:
+            self._rw.lock_shared()
+            try:
+                deleted = delete_labels(deref(self._graph), &ids[0], n)
+            finally:
+                self._rw.unlock_shared()
+        return deleted
+
+    def resize(self, size_t max_elements):
+        """Set the capacity; it cannot go below the elements already stored."""
+        with self._add_lock:
+            if max_elements < self._graph.getCurrentElementCount() + self._pending:
+                raise ValueError(
+                    f"cannot resize to {max_elements}: the index holds "
+                    f"{self._graph.getCurrentElementCount()} elements"
+                )
+            self._resize(max_elements)
+
+    cdef _resize(self, size_t max_elements):
+        with nogil:
+            self._rw.lock()
+            try:
+                self._graph.resizeIndex(max_elements)
+            finally:
+                self._rw.unlock()
+
+    # -- search --------------------------------------------------------------
+
+    def search(self, queries, int k=10, int ef=100, allowed=None, int num_threads=0):
+        """Nearest labels per query: (uint64 [q, k], float32 [q, k]) in hnswlib's
+        distance convention, best first; missing results are 2**64-1 / inf.
+
+        allowed: None, or a uint64 array of the only labels that may be returned.
+        """
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if ef < 1:
+            raise ValueError(f"ef must be at least 1, got {ef}")
+        cdef const float[:, ::1] data = self._vectors(queries, "queries")
+        cdef size_t nq = data.shape[0]
+        cdef size_t threads = self._threads(num_threads)
+        cdef const uint64_t[::1] permitted
+        cdef const uint64_t* permitted_ptr = NULL
+        cdef size_t n_permitted = 0
+        cdef uint64_t placeholder = 0
+        if allowed is not None:
+            permitted = self._labels(allowed, "allowed")
+            n_permitted = permitted.shape[0]
+            permitted_ptr = &permitted[0] if n_permitted else &placeholder
+        out_labels = np.empty((nq, k), dtype=np.uint64)
+        out_distances = np.empty((nq, k), dtype=np.float32)
+        cdef uint64_t[:, ::1] labels_view = out_labels
+        cdef float[:, ::1] distances_view = out_distances
+        if nq == 0:
+            return out_labels, out_distances
+        with nogil:
+            self._rw.lock_shared()
+            try:
+                search_batch(deref(self._graph), &data[0, 0], nq, self.dim, k, ef,
+                             permitted_ptr, n_permitted, self.exact_threshold, threads,
+                             &labels_view[0, 0], &distances_view[0, 0])
+            finally:
+                self._rw.unlock_shared()
+        return out_labels, out_distances
+
+    # -- files ---------------------------------------------------------------
+
+    def save(self, path):
+        """Write the index to ``path`` and its checksum and parameters to
+        ``path.meta.json``, each through a temporary file and an atomic rename."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        cdef string location = os.fsencode(tmp)
+        with nogil:
+            self._rw.lock()
+            try:
+                self._graph.saveIndex(location)
+            finally:
+                self._rw.unlock()
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        meta = {
+            "format": FORMAT,
+            "dim": self.dim,
+            "space": self.space,
+            "M": self.M,
+            "ef_construction": self.ef_construction,
+            "elements": len(self),
+            "bytes": tmp.stat().st_size,
+            "sha256": _sha256(tmp),
+        }
+        meta_path = _meta_path(path)
+        meta_tmp = meta_path.with_name(meta_path.name + ".tmp")
+        meta_tmp.write_text(json.dumps(meta))
+        # The data first, then its description: a crash in between leaves a
+        # checksum mismatch that load() reports, never a silently wrong index.
+        os.replace(tmp, path)
+        os.replace(meta_tmp, meta_path)
+
+    @staticmethod
+    def load(path, exact_threshold=DEFAULT_EXACT_THRESHOLD):
+        """Load an index written by save(); ValueError if it is missing,
+        damaged, truncated or not ours."""
+        path = Path(path)
+        meta_path = _meta_path(path)
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{meta_path} is missing or unreadable: {exc}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path} does not describe a {FORMAT} index")
+        if not path.is_file() or path.stat().st_size != meta.get("bytes"):
+            raise ValueError(f"index file {path} is missing or truncated")
+        if _sha256(path) != meta.get("sha256"):
+            raise ValueError(f"index file {path} is damaged (checksum mismatch)")
+        cdef VectorIndex index = VectorIndex.__new__(VectorIndex)
+        index._make_space(int(meta["dim"]), str(meta["space"]))
+        cdef string location = os.fsencode(path)
+        try:
+            index._graph = new HierarchicalNSW[float](index._space, location, False, 0, False)
+        except RuntimeError as exc:
+            raise ValueError(f"index file {path} cannot be loaded: {exc}") from None
+        if index._graph.data_size_ != <size_t>index.dim * sizeof(float):
+            raise ValueError(f"index file {path} does not hold {index.dim}-d float32 vectors")
+        index.exact_threshold = exact_threshold
+        return index
+
+
+def _meta_path(path):
+    return path.with_name(path.name + ".meta.json")
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
