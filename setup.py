@@ -63,5 +63,9 @@ setup(
         "rag_grpc.native",
     ],
     ext_modules=cythonize([native_core], language_level=3, include_path=["native"]),
-    package_data={"rag_grpc._gen.rag.v1": ["*.pyi"], "rag_grpc": ["py.typed"]},
+    package_data={
+        "rag_grpc._gen.rag.v1": ["*.pyi"],
+        "rag_grpc": ["py.typed"],
+        "rag_grpc.native": ["*.pyi"],
+    },
 )

@@ -23,6 +23,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from rag_grpc.native import DEFAULT_EXACT_THRESHOLD
+
 ALL_SERVICES = ("retrieval", "embedding", "generation", "rag", "ingestion", "admin")
 
 
@@ -53,8 +55,9 @@ class IndexConfig(_Section):
     ef_search: int = Field(64, ge=1, le=4096)
     initial_capacity: int = Field(1024, ge=16)
     # Filtered searches whose allowed set has at most this many chunks scan
-    # those vectors exactly instead of walking the graph.
-    exact_scan_max: int = Field(4096, ge=0)
+    # those vectors exactly instead of walking the graph (switch-over point
+    # measured by bench/ann.py, see bench/RESULTS.md).
+    exact_scan_threshold: int = Field(DEFAULT_EXACT_THRESHOLD, ge=0)
 
 
 class EmbeddingConfig(_Section):

@@ -33,8 +33,7 @@ from rag_grpc.embed.chunking import TokenChunker
 from rag_grpc.embed.encoder import Embedder
 from rag_grpc.errors import InvalidArgument, NotFound
 from rag_grpc.filters import Filter, validate_filter
-from rag_grpc.index.base import MISSING_LABEL
-from rag_grpc.index.hnsw import HnswIndex
+from rag_grpc.native import MISSING_LABEL, VectorIndex
 from rag_grpc.store.sqlite import DocumentStore, NewChunk
 
 log = logging.getLogger(__name__)
@@ -81,7 +80,7 @@ class Retriever:
         self.index_dir = index_dir
         self.index_config = index_config
         self.limits = limits
-        self._indexes: dict[str, HnswIndex] = {}
+        self._indexes: dict[str, VectorIndex] = {}
         # One writer per namespace keeps store generation and index in step.
         self._write_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -91,21 +90,23 @@ class Retriever:
 
     # -- index lifecycle ---------------------------------------------------
 
-    def _new_index(self, capacity: int) -> HnswIndex:
+    def _new_index(self, capacity: int) -> VectorIndex:
         cfg = self.index_config
-        return HnswIndex(
+        return VectorIndex(
             self.embedder.dimension,
-            m=cfg.m,
+            "ip",
+            max_elements=max(capacity, cfg.initial_capacity),
+            M=cfg.m,
             ef_construction=cfg.ef_construction,
-            capacity=max(capacity, cfg.initial_capacity),
-            exact_scan_max=cfg.exact_scan_max,
+            exact_threshold=cfg.exact_scan_threshold,
         )
 
     def _index_paths(self, namespace: str) -> tuple[Path, Path]:
         return self.index_dir / f"{namespace}.hnsw", self.index_dir / f"{namespace}.json"
 
-    def _open_index(self, namespace: str) -> HnswIndex:
-        """Load the saved index if it matches the store's generation, else rebuild."""
+    def _open_index(self, namespace: str) -> VectorIndex:
+        """Load the saved index if it matches the store's generation and
+        labels, else rebuild it from the store."""
         path, meta_path = self._index_paths(namespace)
         generation = self.store.generation(namespace)
         live = np.concatenate(
@@ -114,20 +115,17 @@ class Retriever:
         if path.exists() and meta_path.exists():
             try:
                 meta = json.loads(meta_path.read_text())
-                if meta.get("generation") == generation and meta.get("dimension") == (
-                    self.embedder.dimension
-                ):
-                    cfg = self.index_config
-                    index = HnswIndex.load(
-                        path,
-                        self.embedder.dimension,
-                        live,
-                        m=cfg.m,
-                        ef_construction=cfg.ef_construction,
-                        exact_scan_max=cfg.exact_scan_max,
+                if meta.get("generation") != generation:
+                    raise ValueError(
+                        f"saved at generation {meta.get('generation')}, store at {generation}"
                     )
-                    log.info("loaded index %s at generation %d", namespace, generation)
-                    return index
+                index = VectorIndex.load(path, self.index_config.exact_scan_threshold)
+                if index.dim != self.embedder.dimension:
+                    raise ValueError(f"dimension {index.dim}, model has {self.embedder.dimension}")
+                if not np.array_equal(np.sort(index.labels()), np.sort(live)):
+                    raise ValueError("its labels differ from the store's chunks")
+                log.info("loaded index %s at generation %d", namespace, generation)
+                return index
             except (ValueError, OSError) as exc:
                 log.warning("rebuilding index %s: %s", namespace, exc)
         started = time.perf_counter()
@@ -307,22 +305,29 @@ class Retriever:
                 vectors[i] = _unit(np.asarray(q.vector, dtype=np.float32))
         embed_ms = (time.perf_counter() - started) * 1000
         deadlines.check("searching the index")
-        results = []
+        # Queries that share namespace, filter, k and ef go to the index as one
+        # native call (a batch runs in parallel without the GIL).
+        groups: dict[tuple[str, Filter | None, int, int], list[int]] = {}
         for i, (query, (namespace, k)) in enumerate(zip(queries, plans, strict=True)):
+            ef = max(query.ef or self.index_config.ef_search, k)
+            groups.setdefault((namespace, query.filter, k, ef), []).append(i)
+        results: list[SearchResult | None] = [None] * len(queries)
+        for (namespace, flt, k, ef), rows in groups.items():
             t0 = time.perf_counter()
             generation = self.store.generation(namespace)
-            allowed = self.store.labels_matching(namespace, query.filter) if query.filter else None
-            ef = query.ef or self.index_config.ef_search
-            labels, scores = self._indexes[namespace].search(vectors[i], k, ef, allowed)
-            hits = self._hydrate(labels[0], scores[0])
-            search_ms = (time.perf_counter() - t0) * 1000
-            timings = SearchTimings(
-                embed_ms=embed_ms / len(queries),
-                search_ms=search_ms,
-                total_ms=(time.perf_counter() - started) * 1000,
-            )
-            results.append(SearchResult(hits, generation, timings))
-        return results
+            allowed = self.store.labels_matching(namespace, flt) if flt is not None else None
+            labels, distances = self._indexes[namespace].search(vectors[rows], k, ef, allowed)
+            search_ms = (time.perf_counter() - t0) * 1000 / len(rows)
+            for row, row_labels, row_distances in zip(rows, labels, distances, strict=True):
+                # Inner-product distance is 1 - cosine similarity for unit vectors.
+                hits = self._hydrate(row_labels, 1.0 - row_distances)
+                timings = SearchTimings(
+                    embed_ms=embed_ms / len(queries),
+                    search_ms=search_ms,
+                    total_ms=(time.perf_counter() - started) * 1000,
+                )
+                results[row] = SearchResult(hits, generation, timings)
+        return [r for r in results if r is not None]
 
     def _hydrate(self, labels: np.ndarray, scores: np.ndarray) -> list[Hit]:
         wanted = [int(x) for x in labels if x != MISSING_LABEL]

@@ -57,7 +57,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             cfg = self.index_config
             response.index.CopyFrom(
                 admin_pb2.IndexParameters(
-                    kind="hnswlib",
+                    kind="rag-native-hnsw (hnswlib 0.8.0 headers)",
                     space="ip",
                     dimension=self.retriever.embedder.dimension,
                     m=cfg.m,
