@@ -51,6 +51,15 @@ unit: install-test
 
 test: lint typecheck unit
 
+$(VENV)/.stamp-bench: $(VENV)/.stamp-install
+	$(PIP) install --quiet -c constraints.txt -e '.[bench]'
+	touch $@
+
+# Benchmarks append their tables to bench/RESULTS.md (minutes; not part of make test).
+bench: $(VENV)/.stamp-bench
+	$(BIN)/python -m bench.ann
+	$(BIN)/python -m bench.grpc_search
+
 format: install-test
 	$(BIN)/ruff format rag_grpc tests $(wildcard bench/*.py)
 	$(BIN)/ruff check --fix rag_grpc tests $(wildcard bench/*.py)
