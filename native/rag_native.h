@@ -152,21 +152,43 @@ inline std::vector<tableint> live_ids(const Graph& g, const uint64_t* labels, si
   return ids;
 }
 
-// Exact k-NN over a candidate list, with the space's own SIMD distance.
-inline void exact_knn(const Graph& g, const float* query, size_t k,
-                      const std::vector<tableint>& candidates, uint64_t* labels, float* distances) {
-  fill_missing(k, labels, distances);
-  std::priority_queue<std::pair<float, tableint>> heap;
-  for (tableint id : candidates) {
-    float d = g.fstdistfunc_(query, g.getDataByInternalId(id), g.dist_func_param_);
-    if (heap.size() < k) {
-      heap.emplace(d, id);
-    } else if (d < heap.top().first) {
-      heap.pop();
-      heap.emplace(d, id);
+// Exact k-NN of a batch over one candidate list, with the space's own SIMD
+// distance. One query streams every
+// candidate vector from memory (bandwidth-bound); a group of queries walks the
+// candidates in blocks that stay in cache while each query of the group reads
+// them, so memory traffic is paid once per group instead of once per query.
+inline void exact_knn_batch(const Graph& g, const float* queries, size_t nq, size_t dim, size_t k,
+                            const std::vector<tableint>& candidates, size_t threads,
+                            uint64_t* labels, float* distances) {
+  constexpr size_t kGroup = 16;   // queries sharing one pass over the candidates
+  constexpr size_t kBlock = 64;   // candidates per block (~100 KB at d=384)
+  size_t groups = (nq + kGroup - 1) / kGroup;
+  parallel_for(groups, threads, [&](size_t group) {
+    size_t first = group * kGroup;
+    size_t count = std::min(kGroup, nq - first);
+    std::vector<std::priority_queue<std::pair<float, tableint>>> heaps(count);
+    for (size_t start = 0; start < candidates.size(); start += kBlock) {
+      size_t end = std::min(start + kBlock, candidates.size());
+      for (size_t q = 0; q < count; q++) {
+        const float* query = queries + (first + q) * dim;
+        auto& heap = heaps[q];
+        for (size_t c = start; c < end; c++) {
+          tableint id = candidates[c];
+          float d = g.fstdistfunc_(query, g.getDataByInternalId(id), g.dist_func_param_);
+          if (heap.size() < k) {
+            heap.emplace(d, id);
+          } else if (d < heap.top().first) {
+            heap.pop();
+            heap.emplace(d, id);
+          }
+        }
+      }
     }
-  }
-  write_results(g, heap, labels, distances);
+    for (size_t q = 0; q < count; q++) {
+      fill_missing(k, labels + (first + q) * k, distances + (first + q) * k);
+      write_results(g, heaps[q], labels + (first + q) * k, distances + (first + q) * k);
+    }
+  });
 }
 
 // A whole batch of queries [nq, dim] into preallocated [nq, k] outputs.
@@ -184,9 +206,7 @@ inline void search_batch(const Graph& g, const float* queries, size_t nq, size_t
   }
   std::vector<tableint> candidates = live_ids(g, allowed, n_allowed);
   if (candidates.size() <= exact_threshold) {
-    parallel_for(nq, threads, [&](size_t i) {
-      exact_knn(g, queries + i * dim, k, candidates, labels + i * k, distances + i * k);
-    });
+    exact_knn_batch(g, queries, nq, dim, k, candidates, threads, labels, distances);
     return;
   }
   AllowedLabels filter(allowed, n_allowed);

@@ -40,7 +40,7 @@ FORMAT = "rag-grpc-hnsw-1"
 # Filters allowing at most this many live vectors are answered by exact scan.
 # Measured on the benchmark machine (bench/RESULTS.md): below it the scan is
 # faster than the filtered graph walk and has recall 1.0.
-DEFAULT_EXACT_THRESHOLD = 20_000
+DEFAULT_EXACT_THRESHOLD = 12_000
 
 
 cdef class VectorIndex:

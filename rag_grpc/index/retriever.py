@@ -45,7 +45,7 @@ class SearchQuery:
 
     namespace: str = ""
     text: str | None = None
-    vector: Sequence[float] | None = None
+    vector: Sequence[float] | np.ndarray | None = None
     k: int = 0
     filter: Filter | None = None
     ef: int = 0
@@ -266,9 +266,10 @@ class Retriever:
                     f"query vector has {len(query.vector)} values; this index has dimension "
                     f"{self.embedder.dimension} (model {self.embedder.model_id})"
                 )
-            if not all(math.isfinite(v) for v in query.vector):
+            vector = np.asarray(query.vector, dtype=np.float32)
+            if not np.isfinite(vector).all():
                 raise InvalidArgument("query vector contains NaN or infinite values")
-            if not any(query.vector):
+            if not vector.any():
                 raise InvalidArgument("query vector is all zeros; it has no direction to search")
         elif query.text is None or not query.text.strip():
             raise InvalidArgument("query is empty: give query text or a query vector")

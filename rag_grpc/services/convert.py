@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from rag_grpc.documents import Document, Hit, MetadataScalar, SearchResult, SearchTimings
@@ -134,7 +135,7 @@ def query_from_pb(request: retrieval_pb2.SearchRequest) -> SearchQuery:
     return SearchQuery(
         namespace=request.namespace,
         text=request.text if which == "text" else None,
-        vector=list(request.vector.values) if which == "vector" else None,
+        vector=np.asarray(request.vector.values, dtype=np.float32) if which == "vector" else None,
         k=request.k,
         filter=filter_from_pb(request.filter) if request.HasField("filter") else None,
         ef=request.ef,
