@@ -331,7 +331,7 @@ class Retriever:
         return [r for r in results if r is not None]
 
     def _hydrate(self, labels: np.ndarray, scores: np.ndarray) -> list[Hit]:
-        wanted = [int(x) for x in labels if x != MISSING_LABEL]
+        wanted = [int(x) for x in labels.tolist() if x != MISSING_LABEL]
         records = self.store.get_chunks(wanted)
         hits = []
         for label, score in zip(labels, scores, strict=True):

@@ -56,6 +56,10 @@ class RetrievalServicer(retrieval_service_pb2_grpc.RetrievalServiceServicer):
         self, request: retrieval_pb2.SearchRequest, context: grpc.aio.ServicerContext
     ) -> retrieval_pb2.SearchResponse:
         query = convert.query_from_pb(request)
+        # On the worker pool even for cheap vector searches: running them on
+        # the event loop saved CPU on a 5k index but not on 100k at ef=320
+        # (measured, see the notes in bench/RESULTS.md), and it would stall
+        # every other call on this loop for the length of a search.
         result = await in_thread(self.executor, self.retriever.search, query)
         return convert.result_to_pb(result)
 

@@ -21,6 +21,9 @@ import numpy as np
 from rag_grpc.documents import DEFAULT_NAMESPACE, Document, Metadata, MetadataScalar
 from rag_grpc.filters import And, AnyOf, Equals, Filter, Or, Range
 
+# Chunk records kept in memory for hydrating hits (about 1-2 KB each).
+CHUNK_CACHE_SIZE = 65_536
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS namespaces (
     name TEXT PRIMARY KEY,
@@ -110,6 +113,8 @@ class DocumentStore:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._write_lock = threading.Lock()
+        self._cache_lock = threading.Lock()
+        self._chunk_cache: dict[int, ChunkRecord] = {}
         self._local = threading.local()
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
@@ -191,6 +196,7 @@ class DocumentStore:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+            self._forget_chunks(removed)
         return ReplaceOutcome(
             np.asarray(removed, dtype=np.uint64), np.asarray(added, dtype=np.uint64), generation
         )
@@ -212,6 +218,7 @@ class DocumentStore:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+            self._forget_chunks(removed)
         return present, np.asarray(removed, dtype=np.uint64), generation
 
     @staticmethod
@@ -313,21 +320,43 @@ class DocumentStore:
         return found
 
     def get_chunks(self, labels: Sequence[int]) -> dict[int, ChunkRecord]:
-        """Chunks by label with their document's metadata; deleted labels are left out."""
-        if not labels:
-            return {}
-        conn = self._reader()
-        placeholders = ",".join("?" * len(labels))
-        rows = conn.execute(
+        """Chunks by label with their document's metadata; deleted labels are left out.
+
+        A label's chunk never changes (a re-upsert writes new labels), so
+        records are cached until their chunk is deleted.
+        """
+        found = {}
+        missing = []
+        with self._cache_lock:
+            for label in labels:
+                record = self._chunk_cache.get(label)
+                if record is None:
+                    missing.append(label)
+                else:
+                    found[label] = record
+        if not missing:
+            return found
+        placeholders = ",".join("?" * len(missing))
+        rows = self._reader().execute(
             "SELECT c.label, c.doc_id, c.seq, c.text, d.metadata FROM chunks c "
             "JOIN documents d ON d.namespace = c.namespace AND d.doc_id = c.doc_id "
             f"WHERE c.label IN ({placeholders})",
-            [int(label) for label in labels],
+            missing,
         )
-        return {
+        fetched = {
             int(label): ChunkRecord(int(label), doc_id, int(seq), text, json.loads(meta))
             for label, doc_id, seq, text, meta in rows
         }
+        with self._cache_lock:
+            self._chunk_cache.update(fetched)
+            while len(self._chunk_cache) > CHUNK_CACHE_SIZE:
+                del self._chunk_cache[next(iter(self._chunk_cache))]  # oldest first
+        return found | fetched
+
+    def _forget_chunks(self, labels: Sequence[int]) -> None:
+        with self._cache_lock:
+            for label in labels:
+                self._chunk_cache.pop(label, None)
 
     def iter_vectors(
         self, namespace: str, batch_size: int = 4096
