@@ -4,7 +4,8 @@ deadline, and a cancelled Ask cancels their calls."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -42,8 +43,10 @@ def _core_error(exc: grpc.aio.AioRpcError, service: str, target: str) -> errors.
     return cls(exc.details() or exc.code().name)
 
 
-class RemoteSearch:
-    """SearchBackend over a remote RetrievalService."""
+class _Remote:
+    """One remote service: its stub, target, call timeout and metadata."""
+
+    stub_class: Callable[[grpc.aio.Channel], Any]
 
     def __init__(
         self,
@@ -52,10 +55,16 @@ class RemoteSearch:
         timeout_s: float,
         metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
-        self.stub = retrieval_service_pb2_grpc.RetrievalServiceStub(channel)
+        self.stub = self.stub_class(channel)
         self.target = target
         self.timeout_s = timeout_s
         self.metadata = metadata
+
+
+class RemoteSearch(_Remote):
+    """SearchBackend over a remote RetrievalService."""
+
+    stub_class = retrieval_service_pb2_grpc.RetrievalServiceStub
 
     async def search(self, query: SearchQuery) -> SearchResult:
         try:
@@ -69,22 +78,11 @@ class RemoteSearch:
         return convert.result_from_pb(response)
 
 
-class RemoteGenerator:
+class RemoteGenerator(_Remote):
     """Generator over a remote GenerationService (streamed)."""
 
     name = "remote"
-
-    def __init__(
-        self,
-        channel: grpc.aio.Channel,
-        target: str,
-        timeout_s: float,
-        metadata: tuple[tuple[str, str], ...] = (),
-    ) -> None:
-        self.stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
-        self.target = target
-        self.timeout_s = timeout_s
-        self.metadata = metadata
+    stub_class = generation_service_pb2_grpc.GenerationServiceStub
 
     async def generate(
         self, prompt: str, passages: Sequence[Passage], params: GenerationParams
