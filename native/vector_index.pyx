@@ -129,8 +129,8 @@ cdef class VectorIndex:
 
     # -- argument checks -----------------------------------------------------
 
-    def _vectors(self, vectors, str name):
-        array = np.asarray(vectors)
+    cdef object _vectors(self, vectors, str name):
+        array = vectors if isinstance(vectors, np.ndarray) else np.asarray(vectors)
         if array.dtype.kind != "f":
             raise TypeError(f"{name} must be floating point, got dtype {array.dtype}")
         if array.ndim == 1:
@@ -139,8 +139,10 @@ cdef class VectorIndex:
             raise ValueError(
                 f"{name} must have shape [n, {self.dim}] (or [{self.dim}]), got {np.shape(vectors)}"
             )
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        if not np.isfinite(array).all():
+        if array.dtype != np.float32 or not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array, dtype=np.float32)
+        cdef const float[:, ::1] view = array
+        if not _all_finite(view):
             raise ValueError(f"{name} contain NaN or infinite values")
         if self.space == "cosine":
             norms = np.linalg.norm(array, axis=1, keepdims=True)
@@ -169,7 +171,7 @@ cdef class VectorIndex:
     def _threads(int num_threads):
         if num_threads < 0:
             raise ValueError(f"num_threads must be >= 0 (0 = all cores), got {num_threads}")
-        return num_threads or default_threads()
+        return num_threads or _CORES
 
     # -- writes --------------------------------------------------------------
 
@@ -336,6 +338,21 @@ cdef class VectorIndex:
             raise ValueError(f"index file {path} does not hold {index.dim}-d float32 vectors")
         index.exact_threshold = exact_threshold
         return index
+
+
+cdef size_t _CORES = default_threads()
+
+
+cdef bint _all_finite(const float[:, ::1] view) noexcept nogil:
+    cdef Py_ssize_t i, j
+    cdef float value
+    for i in range(view.shape[0]):
+        for j in range(view.shape[1]):
+            value = view[i, j]
+            # NaN fails the comparison with itself; infinities exceed FLT_MAX.
+            if value != value or value > 3.4028234663852886e38 or value < -3.4028234663852886e38:
+                return False
+    return True
 
 
 def _meta_path(path):
