@@ -44,11 +44,17 @@ cdef extern from "hnswlib/hnswlib.h" namespace "hnswlib" nogil:
 
 cdef extern from "rag_native.h" namespace "rag" nogil:
     ctypedef HierarchicalNSW[float] Graph
+    cdef cppclass Int8Codes:
+        Int8Codes(size_t dim)
+        void resize(size_t capacity) except +
     size_t default_threads()
     void search_batch(const Graph& graph, const float* queries, size_t nq, size_t dim, size_t k,
                       size_t ef, const uint64_t* allowed, size_t n_allowed,
                       size_t exact_threshold, size_t threads, uint64_t* labels,
-                      float* distances) except +
+                      float* distances, const Int8Codes* codes) except +
+    void encode_labels(const Graph& graph, Int8Codes& codes, const uint64_t* labels, size_t n,
+                       size_t threads) except +
+    void encode_all(const Graph& graph, Int8Codes& codes, size_t threads) except +
     void add_batch(Graph& graph, const float* vectors, const uint64_t* labels, size_t n,
                    size_t dim, size_t threads) except +
     size_t delete_labels(Graph& graph, const uint64_t* labels, size_t n) except +

@@ -7,6 +7,8 @@
 #include <hnswlib/hnswlib.h>
 
 #include <algorithm>
+#include <cmath>
+#include <functional>
 #include <atomic>
 #include <cstdint>
 #include <exception>
@@ -138,6 +140,172 @@ inline void knn(const Graph& g, const float* query, size_t k, size_t ef,
   write_results(g, top, labels, distances);
 }
 
+// int8 copies of the stored vectors, one scale per vector, for walking the
+// graph: a visit reads 6 cache lines instead of 24 at d=384, and the graph
+// walk is bound by those reads. Candidates are re-ranked with the exact
+// float distance, so only the order of the walk is approximate. Inner
+// product spaces only (ip, and cosine on normalised vectors).
+class Int8Codes {
+ public:
+  explicit Int8Codes(size_t dim) : dim_(dim) {}
+
+  void resize(size_t capacity) {
+    codes_.resize(capacity * dim_);
+    scales_.resize(capacity);
+  }
+
+  void encode(tableint id, const float* vector) {
+    float peak = 0;
+    for (size_t i = 0; i < dim_; i++) peak = std::max(peak, std::abs(vector[i]));
+    float scale = peak > 0 ? 127.0f / peak : 1.0f;
+    int8_t* code = codes_.data() + size_t(id) * dim_;
+    for (size_t i = 0; i < dim_; i++) code[i] = static_cast<int8_t>(std::lrint(vector[i] * scale));
+    scales_[id] = 1.0f / scale;
+  }
+
+  // 1 - approximate dot product, hnswlib's inner-product distance.
+  float distance(const int8_t* query, float query_scale, tableint id) const {
+    const int8_t* code = codes_.data() + size_t(id) * dim_;
+    int32_t dot = 0;
+    for (size_t i = 0; i < dim_; i++) dot += int32_t(query[i]) * int32_t(code[i]);
+    return 1.0f - float(dot) * query_scale * scales_[id];
+  }
+
+  const int8_t* code(tableint id) const { return codes_.data() + size_t(id) * dim_; }
+  size_t dim() const { return dim_; }
+
+ private:
+  size_t dim_;
+  std::vector<int8_t> codes_;
+  std::vector<float> scales_;
+};
+
+inline void encode_ids(const Graph& g, Int8Codes& codes, const std::vector<tableint>& ids,
+                       size_t threads) {
+  parallel_for(ids.size(), threads, [&](size_t i) {
+    codes.encode(ids[i], reinterpret_cast<const float*>(g.getDataByInternalId(ids[i])));
+  });
+}
+
+// Codes for the given labels (after they were added) or for every element.
+inline void encode_labels(const Graph& g, Int8Codes& codes, const uint64_t* labels, size_t n,
+                          size_t threads) {
+  std::vector<tableint> ids;
+  ids.reserve(n);
+  {
+    std::lock_guard<std::mutex> guard(g.label_lookup_lock);
+    for (size_t i = 0; i < n; i++) {
+      auto found = g.label_lookup_.find(labels[i]);
+      if (found != g.label_lookup_.end()) ids.push_back(found->second);
+    }
+  }
+  encode_ids(g, codes, ids, threads);
+}
+
+inline void encode_all(const Graph& g, Int8Codes& codes, size_t threads) {
+  std::vector<tableint> ids(g.cur_element_count);
+  for (size_t i = 0; i < ids.size(); i++) ids[i] = static_cast<tableint>(i);
+  encode_ids(g, codes, ids, threads);
+}
+
+// k-NN walking the graph on int8 codes, then re-ranking the ef best
+// candidates by exact distance.
+inline void knn_int8(const Graph& g, const Int8Codes& codes, const float* query, size_t k,
+                     size_t ef, hnswlib::BaseFilterFunctor* filter, uint64_t* labels,
+                     float* distances) {
+  fill_missing(k, labels, distances);
+  if (g.cur_element_count == 0) return;
+  size_t dim = codes.dim();
+  std::vector<int8_t> qcode(dim);
+  float peak = 0;
+  for (size_t i = 0; i < dim; i++) peak = std::max(peak, std::abs(query[i]));
+  float scale = peak > 0 ? 127.0f / peak : 1.0f;
+  for (size_t i = 0; i < dim; i++) qcode[i] = static_cast<int8_t>(std::lrint(query[i] * scale));
+  float qscale = 1.0f / scale;
+  auto approx = [&](tableint id) { return codes.distance(qcode.data(), qscale, id); };
+
+  tableint current = g.enterpoint_node_;
+  float best = approx(current);
+  for (int level = g.maxlevel_; level > 0; level--) {
+    for (bool moved = true; moved;) {
+      moved = false;
+      auto* links = reinterpret_cast<unsigned int*>(g.get_linklist(current, level));
+      int count = g.getListCount(links);
+      auto* neighbours = reinterpret_cast<tableint*>(links + 1);
+      for (int i = 0; i < count; i++) {
+        float d = approx(neighbours[i]);
+        if (d < best) {
+          best = d;
+          current = neighbours[i];
+          moved = true;
+        }
+      }
+    }
+  }
+
+  size_t beam = std::max(ef, k);
+  bool check = g.num_deleted_ > 0 || filter != nullptr;
+  auto allowed = [&](tableint id) {
+    return !check || (!g.isMarkedDeleted(id) && (filter == nullptr || (*filter)(g.getExternalLabel(id))));
+  };
+  hnswlib::VisitedList* visited_list = g.visited_list_pool_->getFreeVisitedList();
+  hnswlib::vl_type* visited = visited_list->mass;
+  hnswlib::vl_type tag = visited_list->curV;
+  using Entry = std::pair<float, tableint>;
+  std::priority_queue<Entry> top;                                             // worst on top
+  std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> frontier;  // best on top
+  float bound = std::numeric_limits<float>::infinity();
+  frontier.emplace(best, current);
+  if (allowed(current)) {
+    top.emplace(best, current);
+    bound = best;
+  }
+  visited[current] = tag;
+  while (!frontier.empty()) {
+    Entry next = frontier.top();
+    if (next.first > bound && top.size() == beam) break;
+    frontier.pop();
+    auto* links = reinterpret_cast<unsigned int*>(g.get_linklist0(next.second));
+    int count = g.getListCount(links);
+    auto* neighbours = reinterpret_cast<tableint*>(links + 1);
+    for (int i = 0; i < count; i++) {
+      // The whole code (dim bytes), so the dot product below finds it in cache.
+      const char* code = reinterpret_cast<const char*>(codes.code(neighbours[i]));
+      for (size_t line = 0; line < dim; line += 64) _mm_prefetch(code + line, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(visited + neighbours[i]), _MM_HINT_T0);
+    }
+    for (int i = 0; i < count; i++) {
+      tableint id = neighbours[i];
+      if (visited[id] == tag) continue;
+      visited[id] = tag;
+      float d = approx(id);
+      if (top.size() < beam || d < bound) {
+        frontier.emplace(d, id);
+        if (allowed(id)) {
+          top.emplace(d, id);
+          if (top.size() > beam) top.pop();
+          bound = top.top().first;
+        }
+      }
+    }
+  }
+  g.visited_list_pool_->releaseVisitedList(visited_list);
+
+  std::priority_queue<Entry> exact;
+  while (!top.empty()) {
+    tableint id = top.top().second;
+    top.pop();
+    float d = g.fstdistfunc_(query, g.getDataByInternalId(id), g.dist_func_param_);
+    if (exact.size() < k) {
+      exact.emplace(d, id);
+    } else if (d < exact.top().first) {
+      exact.pop();
+      exact.emplace(d, id);
+    }
+  }
+  write_results(g, exact, labels, distances);
+}
+
 // Internal ids of the given labels that are present and not deleted.
 inline std::vector<tableint> live_ids(const Graph& g, const uint64_t* labels, size_t n) {
   std::vector<tableint> ids;
@@ -197,11 +365,16 @@ inline void exact_knn_batch(const Graph& g, const float* queries, size_t nq, siz
 inline void search_batch(const Graph& g, const float* queries, size_t nq, size_t dim, size_t k,
                          size_t ef, const uint64_t* allowed, size_t n_allowed,
                          size_t exact_threshold, size_t threads, uint64_t* labels,
-                         float* distances) {
+                         float* distances, const Int8Codes* codes) {
+  auto walk = [&](size_t i, hnswlib::BaseFilterFunctor* filter) {
+    if (codes != nullptr) {
+      knn_int8(g, *codes, queries + i * dim, k, ef, filter, labels + i * k, distances + i * k);
+    } else {
+      knn(g, queries + i * dim, k, ef, filter, labels + i * k, distances + i * k);
+    }
+  };
   if (allowed == nullptr) {
-    parallel_for(nq, threads, [&](size_t i) {
-      knn(g, queries + i * dim, k, ef, nullptr, labels + i * k, distances + i * k);
-    });
+    parallel_for(nq, threads, [&](size_t i) { walk(i, nullptr); });
     return;
   }
   std::vector<tableint> candidates = live_ids(g, allowed, n_allowed);
@@ -210,9 +383,7 @@ inline void search_batch(const Graph& g, const float* queries, size_t nq, size_t
     return;
   }
   AllowedLabels filter(allowed, n_allowed);
-  parallel_for(nq, threads, [&](size_t i) {
-    knn(g, queries + i * dim, k, ef, &filter, labels + i * k, distances + i * k);
-  });
+  parallel_for(nq, threads, [&](size_t i) { walk(i, &filter); });
 }
 
 // Adds (or replaces) n vectors; hnswlib's addPoint is safe to run in parallel.

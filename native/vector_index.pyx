@@ -26,9 +26,12 @@ from core cimport (
     InnerProductSpace,
     L2Space,
     SpaceInterface,
+    Int8Codes,
     add_batch,
     default_threads,
     delete_labels,
+    encode_all,
+    encode_labels,
     live_labels,
     search_batch,
     shared_mutex,
@@ -52,6 +55,7 @@ cdef class VectorIndex:
 
     cdef HierarchicalNSW[float]* _graph
     cdef SpaceInterface[float]* _space
+    cdef Int8Codes* _codes
     cdef shared_mutex* _rw
     cdef readonly int dim
     cdef readonly str space
@@ -62,6 +66,7 @@ cdef class VectorIndex:
     def __cinit__(self):
         self._graph = NULL
         self._space = NULL
+        self._codes = NULL
         self._rw = new shared_mutex()
         self._pending = 0
         self._add_lock = threading.Lock()
@@ -71,11 +76,13 @@ cdef class VectorIndex:
             del self._graph
         if self._space != NULL:
             del self._space
+        if self._codes != NULL:
+            del self._codes
         del self._rw
 
     def __init__(self, int dim, str space="ip", size_t max_elements=1024, size_t M=16,
                  size_t ef_construction=200, size_t exact_threshold=DEFAULT_EXACT_THRESHOLD,
-                 size_t random_seed=100):
+                 size_t random_seed=100, bint quantized=True):
         if dim < 1:
             raise ValueError(f"dim must be at least 1, got {dim}")
         if M < 2 or M > 2048:
@@ -87,6 +94,18 @@ cdef class VectorIndex:
             self._space, max(max_elements, 1), M, ef_construction, random_seed, False
         )
         self.exact_threshold = exact_threshold
+        self._use_codes(quantized)
+
+    cdef _use_codes(self, bint quantized):
+        # int8 walk for inner-product spaces; l2 keeps the float walk.
+        if quantized and self.space != "l2":
+            self._codes = new Int8Codes(self.dim)
+            self._codes.resize(self._graph.getMaxElements())
+
+    @property
+    def quantized(self):
+        """Whether searches walk the graph on int8 copies (then re-rank exactly)."""
+        return self._codes != NULL
 
     cdef _make_space(self, int dim, str space):
         if space not in SPACES:
@@ -198,6 +217,8 @@ cdef class VectorIndex:
                 self._rw.lock_shared()
                 try:
                     add_batch(deref(self._graph), &data[0, 0], &ids[0], n, self.dim, threads)
+                    if self._codes != NULL:
+                        encode_labels(deref(self._graph), deref(self._codes), &ids[0], n, threads)
                 finally:
                     self._rw.unlock_shared()
         finally:
@@ -235,6 +256,8 @@ cdef class VectorIndex:
             self._rw.lock()
             try:
                 self._graph.resizeIndex(max_elements)
+                if self._codes != NULL:
+                    self._codes.resize(max_elements)
             finally:
                 self._rw.unlock()
 
@@ -272,7 +295,7 @@ cdef class VectorIndex:
             try:
                 search_batch(deref(self._graph), &data[0, 0], nq, self.dim, k, ef,
                              permitted_ptr, n_permitted, self.exact_threshold, threads,
-                             &labels_view[0, 0], &distances_view[0, 0])
+                             &labels_view[0, 0], &distances_view[0, 0], self._codes)
             finally:
                 self._rw.unlock_shared()
         return out_labels, out_distances
@@ -312,7 +335,7 @@ cdef class VectorIndex:
         os.replace(meta_tmp, meta_path)
 
     @staticmethod
-    def load(path, exact_threshold=DEFAULT_EXACT_THRESHOLD):
+    def load(path, exact_threshold=DEFAULT_EXACT_THRESHOLD, quantized=True):
         """Load an index written by save(); ValueError if it is missing,
         damaged, truncated or not ours."""
         path = Path(path)
@@ -337,6 +360,9 @@ cdef class VectorIndex:
         if index._graph.data_size_ != <size_t>index.dim * sizeof(float):
             raise ValueError(f"index file {path} does not hold {index.dim}-d float32 vectors")
         index.exact_threshold = exact_threshold
+        index._use_codes(quantized)
+        if index._codes != NULL:
+            encode_all(deref(index._graph), deref(index._codes), _CORES)
         return index
 
 

@@ -101,6 +101,24 @@ def test_filtered_recall(selectivity: float, labelled) -> None:  # type: ignore[
         assert np.isinf(distances[:, len(allowed) :]).all()
 
 
+def test_int8_walk_matches_the_float_walk(labelled) -> None:  # type: ignore[no-untyped-def]
+    data, labels, queries = labelled
+    data = data / np.linalg.norm(data, axis=1, keepdims=True)
+    queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    int8 = build("ip", data, labels)
+    floats = VectorIndex(DIM, "ip", max_elements=256, ef_construction=100, quantized=False)
+    floats.add(data, labels)
+    assert int8.quantized and not floats.quantized
+    assert not VectorIndex(DIM, "l2").quantized  # l2 keeps the float walk
+    truth, _ = exact("ip", data, labels, queries, 10)
+    found, distances = int8.search(queries, k=10, ef=100)
+    assert recall(found, truth) >= recall(floats.search(queries, k=10, ef=100)[0], truth) - 0.02
+    # The distances returned are exact ones, not the int8 estimates.
+    position = {int(label): i for i, label in enumerate(labels)}
+    best = data[[position[int(x)] for x in found[:, 0]]]
+    assert np.allclose(distances[:, 0], 1.0 - np.einsum("ij,ij->i", queries, best), atol=1e-5)
+
+
 def test_deletes_and_replacements(labelled) -> None:  # type: ignore[no-untyped-def]
     data, labels, queries = labelled
     index = build("l2", data, labels)
