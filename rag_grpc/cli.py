@@ -130,6 +130,11 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("ids", nargs="+")
     delete.set_defaults(func=_delete)
 
+    embed = client_command("embed", "embed texts; prints one JSON array of floats per line")
+    embed.add_argument("texts", nargs="*", help="texts to embed")
+    embed.add_argument("--file", type=Path, help="embed each line of this file instead")
+    embed.set_defaults(func=_embed)
+
     stats = client_command("stats", "sizes, models and version of a server")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=_stats)
@@ -332,6 +337,25 @@ def _delete(args: argparse.Namespace) -> int:
     for doc_id in result.not_found_ids:
         print(f"rag-grpc: not found: {doc_id}", file=sys.stderr)
     return 1 if result.not_found_ids else 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    if args.file is not None and args.texts:
+        raise UsageError("give texts or --file, not both")
+    if args.file is not None:
+        try:
+            texts = args.file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read {args.file} as UTF-8 text: {exc}") from None
+    else:
+        texts = list(args.texts)
+    if not texts:
+        raise UsageError("nothing to embed: give texts or --file")
+    with _client(args) as client:
+        vectors = client.embed(texts)
+    for vector in vectors:
+        print(json.dumps([round(float(x), 7) for x in vector]))
+    return 0
 
 
 def _stats(args: argparse.Namespace) -> int:

@@ -67,6 +67,14 @@ class EmbeddingConfig(_Section):
     max_sequence_length: int = Field(256, ge=8, le=8192)
     batch_size: int = Field(32, ge=1, le=4096)
     intra_op_threads: int = Field(0, ge=0, le=256)
+    # Micro-batching of concurrent requests: a batch closes at this many texts
+    # or this long after its first text arrived.
+    max_batch_size: int = Field(64, ge=1, le=4096)
+    max_delay_ms: float = Field(2.0, ge=0, le=1000)
+    # Texts waiting for the model beyond this get RESOURCE_EXHAUSTED.
+    max_queue_texts: int = Field(8192, ge=1)
+    # Embedding cache size (0 turns it off).
+    cache_bytes: int = Field(64 * 1024 * 1024, ge=0)
 
 
 class ChunkingConfig(_Section):

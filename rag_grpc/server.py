@@ -17,6 +17,8 @@ from grpc_reflection.v1alpha import reflection
 
 from rag_grpc.config import Settings
 from rag_grpc.documents import Document
+from rag_grpc.embed.batcher import BatchingEmbedder
+from rag_grpc.embed.cache import EmbeddingCache
 from rag_grpc.embed.chunking import TokenChunker
 from rag_grpc.embed.encoder import OnnxEncoder
 from rag_grpc.generate.base import Generator
@@ -85,6 +87,7 @@ class RagServer:
         self.store: DocumentStore | None = None
         self.retriever: Retriever | None = None
         self.encoder: OnnxEncoder | None = None
+        self.embedder: BatchingEmbedder | None = None
         self.ingestion: IngestionManager | None = None
         self.job_queue: JobQueue | None = None
         self._remotes: list[_RemoteDependency] = []
@@ -110,8 +113,15 @@ class RagServer:
                 batch_size=e.batch_size,
                 intra_op_threads=e.intra_op_threads,
             )
+            self.embedder = BatchingEmbedder(
+                self.encoder,
+                max_batch_size=e.max_batch_size,
+                max_delay_s=e.max_delay_ms / 1000,
+                max_queue_texts=e.max_queue_texts,
+                cache=EmbeddingCache(e.cache_bytes),
+            )
         if local_retrieval:
-            assert self.encoder is not None
+            assert self.embedder is not None
             s.data_dir.mkdir(parents=True, exist_ok=True)
             self.store = DocumentStore(s.data_dir / "rag.sqlite3")
             chunker = TokenChunker(
@@ -120,7 +130,7 @@ class RagServer:
                 s.chunking.overlap_tokens,
             )
             self.retriever = Retriever(
-                self.store, self.encoder, chunker, s.data_dir / "index", s.index, s.limits
+                self.store, self.embedder, chunker, s.data_dir / "index", s.index, s.limits
             )
 
     def _generator(self) -> Generator:
@@ -203,9 +213,9 @@ class RagServer:
                 RetrievalServicer(self.retriever, self.executor), server
             )
         if "embedding" in s.services:
-            assert self.encoder is not None
+            assert self.embedder is not None
             embedding_service_pb2_grpc.add_EmbeddingServiceServicer_to_server(
-                EmbeddingServicer(self.encoder, self.executor, s.limits), server
+                EmbeddingServicer(self.embedder, s.limits), server
             )
         if "generation" in s.services or "rag" in s.services:
             generator = self._generator()
@@ -232,7 +242,7 @@ class RagServer:
                 AdminServicer(
                     services=served,
                     retriever=self.retriever,
-                    encoder=self.encoder,
+                    embedder=self.embedder,
                     generator_name=generator.name if generator else "",
                     index_config=s.index,
                     executor=self.executor,
@@ -312,6 +322,8 @@ class RagServer:
         loop = asyncio.get_running_loop()
         if self.retriever is not None:
             await loop.run_in_executor(self.executor, self.retriever.save_indexes)
+        if self.embedder is not None:
+            self.embedder.close()
         if self.job_queue is not None:
             self.job_queue.close()
         if self.store is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -38,10 +38,11 @@ class Embedder(Protocol):
 
 @dataclass(frozen=True)
 class EmbedOutput:
-    """Vectors and the number of tokens the model read to make them."""
+    """Vectors, and the tokens the model read to make them (in all and per text)."""
 
     vectors: np.ndarray
     token_count: int
+    token_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 class OnnxEncoder:
@@ -110,7 +111,7 @@ class OnnxEncoder:
                 feeds["token_type_ids"] = np.zeros_like(ids)
             hidden = self.session.run(None, feeds)[0]
             out[batch] = _mean_pool_normalise(hidden, mask)
-        return EmbedOutput(out, int(lengths.sum()))
+        return EmbedOutput(out, int(lengths.sum()), lengths.astype(np.int64))
 
     def count_tokens(self, text: str) -> int:
         """Tokens of text without special tokens or truncation."""

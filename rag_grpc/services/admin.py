@@ -10,7 +10,7 @@ import grpc
 from rag_grpc import __version__
 from rag_grpc.config import IndexConfig
 from rag_grpc.deadlines import in_thread
-from rag_grpc.embed.encoder import OnnxEncoder
+from rag_grpc.embed.batcher import BatchingEmbedder
 from rag_grpc.index.retriever import Retriever
 from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
 
@@ -23,14 +23,14 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         *,
         services: list[str],
         retriever: Retriever | None,
-        encoder: OnnxEncoder | None,
+        embedder: BatchingEmbedder | None,
         generator_name: str,
         index_config: IndexConfig,
         executor: Executor | None,
     ) -> None:
         self.services = services
         self.retriever = retriever
-        self.encoder = encoder
+        self.embedder = embedder
         self.generator_name = generator_name
         self.index_config = index_config
         self.executor = executor
@@ -65,12 +65,20 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
                     ef_search=cfg.ef_search,
                 )
             )
-        if self.encoder is not None:
+        if self.embedder is not None:
+            encoder = self.embedder.encoder
+            stats = self.embedder.stats()
             response.models.add(
-                model_id=self.encoder.model_id,
-                dimension=self.encoder.dimension,
-                provider=self.encoder.provider,
-                variant=self.encoder.variant,
-                max_sequence_length=self.encoder.max_sequence_length,
+                model_id=encoder.model_id,
+                dimension=encoder.dimension,
+                provider=encoder.provider,
+                variant=encoder.variant,
+                max_sequence_length=encoder.max_sequence_length,
+                cache_hits=stats.cache.hits,
+                cache_misses=stats.cache.misses,
+                cache_hit_ratio=stats.cache.hit_ratio,
+                cache_bytes=stats.cache.bytes,
+                batches=stats.batches,
+                batched_texts=stats.texts,
             )
         return response

@@ -1,23 +1,22 @@
-"""rag.v1.EmbeddingService over the ONNX encoder."""
+"""rag.v1.EmbeddingService over the batching, caching embedder."""
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
+import asyncio
 
 import grpc
 
 from rag_grpc.config import LimitsConfig
-from rag_grpc.deadlines import in_thread
-from rag_grpc.embed.encoder import OnnxEncoder, validate_embed_request
+from rag_grpc.embed.batcher import BatchingEmbedder
+from rag_grpc.embed.encoder import validate_embed_request
 from rag_grpc.pb import embedding_pb2, embedding_service_pb2_grpc
 
 
 class EmbeddingServicer(embedding_service_pb2_grpc.EmbeddingServiceServicer):
     """Embed."""
 
-    def __init__(self, encoder: OnnxEncoder, executor: Executor | None, limits: LimitsConfig):
-        self.encoder = encoder
-        self.executor = executor
+    def __init__(self, embedder: BatchingEmbedder, limits: LimitsConfig) -> None:
+        self.embedder = embedder
         self.limits = limits
 
     async def Embed(
@@ -27,14 +26,16 @@ class EmbeddingServicer(embedding_service_pb2_grpc.EmbeddingServiceServicer):
         validate_embed_request(
             texts,
             request.model_id,
-            self.encoder,
+            self.embedder,
             self.limits.max_embed_texts,
             self.limits.max_text_bytes,
         )
-        output = await in_thread(self.executor, self.encoder.embed, texts)
+        # Queued straight from the event loop: the batcher's thread runs the
+        # model, and this call waits without holding a worker thread.
+        output = await asyncio.wrap_future(self.embedder.submit(texts))
         return embedding_pb2.EmbedResponse(
-            model_id=self.encoder.model_id,
-            dimension=self.encoder.dimension,
+            model_id=self.embedder.model_id,
+            dimension=self.embedder.dimension,
             count=len(texts),
             vectors=output.vectors.astype("<f4").tobytes(),
             token_count=output.token_count,
