@@ -320,15 +320,17 @@ class RagServer:
         for remote in self._remotes:
             await remote.channel.close(None)
         loop = asyncio.get_running_loop()
+        # Core work already running on the pool (an ingestion batch whose task
+        # was cancelled, say) finishes before anything it uses is closed.
+        await loop.run_in_executor(None, self.executor.shutdown, True)
         if self.retriever is not None:
-            await loop.run_in_executor(self.executor, self.retriever.save_indexes)
+            await loop.run_in_executor(None, self.retriever.save_indexes)
         if self.embedder is not None:
             self.embedder.close()
         if self.job_queue is not None:
             self.job_queue.close()
         if self.store is not None:
             self.store.close()
-        self.executor.shutdown(wait=True)
         log.info("rag-grpc stopped")
 
 
