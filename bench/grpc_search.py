@@ -9,22 +9,19 @@ processes, each keeping a number of asyncio calls in flight.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import multiprocessing as mp
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from bench.common import command_line, embedding_like, exact_top_k, recall_at_k, record, table
+from bench.load import NO_OP, run_load, start_server
 from rag_grpc.documents import Document
 from rag_grpc.pb import retrieval_pb2, retrieval_service_pb2_grpc
 from rag_grpc.store.sqlite import DocumentStore, NewChunk
@@ -54,92 +51,6 @@ def fill_store(data_dir: Path, vectors: np.ndarray) -> None:
     store.close()
 
 
-def start_server(data_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "RAG_GRPC_EMBEDDING__MODEL_DIR": str(ROOT / "models/all-MiniLM-L6-v2")}
-    proc = subprocess.Popen(
-        [
-            shutil.which("rag-grpc", path=str(Path(sys.executable).parent)) or "rag-grpc",
-            "serve",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data_dir),
-            "--services",
-            "retrieval,embedding,admin",
-        ],
-        stdout=open(log, "w"),  # noqa: SIM115 - the server outlives this function
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    deadline = time.monotonic() + 600
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(log.read_text())
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return proc
-            except grpc.RpcError:
-                time.sleep(0.5)
-    raise RuntimeError("server did not start")
-
-
-async def _load(
-    target: str, mode: str, payloads: list[bytes], seconds: float, inflight: int, out: mp.Queue
-) -> None:  # type: ignore[type-arg]
-    method = (
-        "/grpc.health.v1.Health/Check" if mode == "no-op" else "/rag.v1.RetrievalService/Search"
-    )
-    async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
-        latencies: list[float] = []
-        stop_at = time.perf_counter() + seconds
-
-        async def worker(offset: int) -> None:
-            i = offset
-            while time.perf_counter() < stop_at:
-                started = time.perf_counter()
-                await call(payloads[i % len(payloads)], timeout=30)
-                latencies.append(time.perf_counter() - started)
-                i += inflight
-
-        await asyncio.gather(*(worker(j) for j in range(inflight)))
-    out.put(latencies)
-
-
-def _process(
-    target: str, mode: str, payloads: list[bytes], seconds: float, inflight: int, out: mp.Queue
-) -> None:  # type: ignore[type-arg]
-    asyncio.run(_load(target, mode, payloads, seconds, inflight, out))
-
-
-def run_load(
-    target: str, mode: str, payloads: list[bytes], args: argparse.Namespace
-) -> list[object]:
-    out: mp.Queue = mp.Queue()  # type: ignore[type-arg]
-    procs = [
-        mp.Process(
-            target=_process,
-            args=(target, mode, payloads[p:] + payloads[:p], args.seconds, args.inflight, out),
-        )
-        for p in range(args.procs)
-    ]
-    for p in procs:
-        p.start()
-    latencies = np.concatenate([np.asarray(out.get()) for _ in procs]) * 1000
-    for p in procs:
-        p.join()
-    rate = len(latencies) / args.seconds
-    return [
-        mode,
-        len(latencies),
-        rate,
-        float(np.percentile(latencies, 50)),
-        float(np.percentile(latencies, 99)),
-    ]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=100_000)
@@ -160,7 +71,9 @@ def main() -> None:
         fill_store(workdir / "data", vectors)
         fill_s = time.perf_counter() - started
         started = time.perf_counter()
-        server = start_server(workdir / "data", port, workdir / "server.log")
+        server = start_server(
+            workdir / "data", port, workdir / "server.log", "retrieval,embedding,admin"
+        )
         start_s = time.perf_counter() - started
         try:
             truth = exact_top_k(vectors, queries[:200], 10)
@@ -192,7 +105,18 @@ def main() -> None:
                 retrieval_pb2.SearchRequest(text=t, k=10, ef=args.ef[0]).SerializeToString()
                 for t in TEXT_QUERIES
             ]
-            rows = [run_load(target, mode, payload, args) for mode, payload in payloads.items()]
+            rows = [
+                run_load(
+                    target,
+                    mode,
+                    NO_OP if mode == "no-op" else "/rag.v1.RetrievalService/Search",
+                    payload,
+                    procs=args.procs,
+                    inflight=args.inflight,
+                    seconds=args.seconds,
+                )
+                for mode, payload in payloads.items()
+            ]
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
@@ -207,7 +131,8 @@ def main() -> None:
             f"{args.procs} client processes x {args.inflight} asyncio calls in flight, "
             f"{args.seconds:.0f} s per mode, k=10. Store filled in {fill_s:.1f} s; server start "
             f"(index rebuilt from SQLite) {start_s:.1f} s. Recall@10 is of the hits the service "
-            "returned for 200 queries, against exact search. Client and server share the "
+            "returned for 200 queries, against exact search. The six text queries repeat, so "
+            "after the first round they come from the embedding cache. Client and server share the "
             "machine's cores.\n\n"
             + table(["mode", "calls", "RPC/s", "p50 ms", "p99 ms", "vs no-op", "recall@10"], rows)
         )
