@@ -1,6 +1,7 @@
 """Dynamic micro-batching: concurrent embedding requests (Embed calls, text
 searches, ingestion) are coalesced into one encoder call on a worker thread,
-up to ``max_batch_size`` texts or ``max_delay`` after the first arrives. The
+up to ``max_batch_size`` texts or ``max_delay`` after the first arrives
+(a delay of 0 takes just what is already queued). The
 encoder sorts each batch by length, so batches pad little. A cache answers
 repeated texts without the model; a bound on queued texts turns overload into
 RESOURCE_EXHAUSTED instead of unbounded memory."""
@@ -48,8 +49,8 @@ class BatchingEmbedder:
         self,
         encoder: OnnxEncoder,
         *,
-        max_batch_size: int = 64,
-        max_delay_s: float = 0.002,
+        max_batch_size: int = 16,
+        max_delay_s: float = 0.0,
         max_queue_texts: int = 8192,
         cache: EmbeddingCache | None = None,
     ) -> None:
