@@ -129,10 +129,9 @@ class BatchingEmbedder:
             stop = False
             while size < self.max_batch_size:
                 wait = deadline - time.monotonic()
-                if wait <= 0:
-                    break
                 try:
-                    item = self._queue.get(timeout=wait)
+                    # Past the deadline, still take whatever is already queued.
+                    item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
