@@ -69,11 +69,12 @@ class EmbeddingConfig(_Section):
     intra_op_threads: int = Field(0, ge=0, le=256)
     # Micro-batching of concurrent requests: a batch closes at this many texts
     # or this long after its first text arrived.
-    # Defaults measured on a 2-core CPU with the int8 model (bench/RESULTS.md):
-    # batches over 16 short texts run slower per text, and waiting for more
-    # requests cost a single client latency without raising throughput, so a
-    # batch takes what is already queued.
-    max_batch_size: int = Field(16, ge=1, le=4096)
+    # Measured on a 2-core CPU with the int8 stop-gap model (bench/RESULTS.md):
+    # coalescing requests made 32 concurrent Embed calls 0.8x as fast as one
+    # text at a time, so it is off by default (1); a request with many texts
+    # (ingestion, SearchBatch) is still one model call. Raise it for a model
+    # or machine where batches pay.
+    max_batch_size: int = Field(1, ge=1, le=4096)
     max_delay_ms: float = Field(0.0, ge=0, le=1000)
     # Texts waiting for the model beyond this get RESOURCE_EXHAUSTED.
     max_queue_texts: int = Field(8192, ge=1)
