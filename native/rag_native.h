@@ -108,14 +108,12 @@ void write_results(const Graph& g, Heap& heap, uint64_t* labels, float* distance
   }
 }
 
-// Graph k-NN with this call's ef (hnswlib's searchKnn reads one shared ef):
-// greedy descent through the upper layers, then the base-layer beam search.
-inline void knn(const Graph& g, const float* query, size_t k, size_t ef,
-                hnswlib::BaseFilterFunctor* filter, uint64_t* labels, float* distances) {
-  fill_missing(k, labels, distances);
-  if (g.cur_element_count == 0) return;
+// Greedy descent through the upper layers from the entry point; returns the
+// (distance, id) where layer 0's beam search starts.
+template <class Distance>
+std::pair<float, tableint> descend(const Graph& g, Distance distance) {
   tableint current = g.enterpoint_node_;
-  float best = g.fstdistfunc_(query, g.getDataByInternalId(current), g.dist_func_param_);
+  float best = distance(current);
   for (int level = g.maxlevel_; level > 0; level--) {
     for (bool moved = true; moved;) {
       moved = false;
@@ -123,7 +121,7 @@ inline void knn(const Graph& g, const float* query, size_t k, size_t ef,
       int count = g.getListCount(links);
       auto* neighbours = reinterpret_cast<tableint*>(links + 1);
       for (int i = 0; i < count; i++) {
-        float d = g.fstdistfunc_(query, g.getDataByInternalId(neighbours[i]), g.dist_func_param_);
+        float d = distance(neighbours[i]);
         if (d < best) {
           best = d;
           current = neighbours[i];
@@ -132,6 +130,18 @@ inline void knn(const Graph& g, const float* query, size_t k, size_t ef,
       }
     }
   }
+  return {best, current};
+}
+
+// Graph k-NN with this call's ef (hnswlib's searchKnn reads one shared ef):
+// greedy descent through the upper layers, then the base-layer beam search.
+inline void knn(const Graph& g, const float* query, size_t k, size_t ef,
+                hnswlib::BaseFilterFunctor* filter, uint64_t* labels, float* distances) {
+  fill_missing(k, labels, distances);
+  if (g.cur_element_count == 0) return;
+  tableint current = descend(g, [&](tableint id) {
+    return g.fstdistfunc_(query, g.getDataByInternalId(id), g.dist_func_param_);
+  }).second;
   size_t beam = std::max(ef, k);
   auto top = (g.num_deleted_ == 0 && filter == nullptr)
                  ? g.searchBaseLayerST<true>(current, query, beam, filter)
@@ -154,13 +164,17 @@ class Int8Codes {
     scales_.resize(capacity);
   }
 
-  void encode(tableint id, const float* vector) {
+  // Writes round(vector * 127 / max|vector|) to code; returns the factor back.
+  static float quantize(const float* vector, size_t dim, int8_t* code) {
     float peak = 0;
-    for (size_t i = 0; i < dim_; i++) peak = std::max(peak, std::abs(vector[i]));
+    for (size_t i = 0; i < dim; i++) peak = std::max(peak, std::abs(vector[i]));
     float scale = peak > 0 ? 127.0f / peak : 1.0f;
-    int8_t* code = codes_.data() + size_t(id) * dim_;
-    for (size_t i = 0; i < dim_; i++) code[i] = static_cast<int8_t>(std::lrint(vector[i] * scale));
-    scales_[id] = 1.0f / scale;
+    for (size_t i = 0; i < dim; i++) code[i] = static_cast<int8_t>(std::lrint(vector[i] * scale));
+    return 1.0f / scale;
+  }
+
+  void encode(tableint id, const float* vector) {
+    scales_[id] = quantize(vector, dim_, codes_.data() + size_t(id) * dim_);
   }
 
   // 1 - approximate dot product, hnswlib's inner-product distance.
@@ -217,31 +231,10 @@ inline void knn_int8(const Graph& g, const Int8Codes& codes, const float* query,
   if (g.cur_element_count == 0) return;
   size_t dim = codes.dim();
   std::vector<int8_t> qcode(dim);
-  float peak = 0;
-  for (size_t i = 0; i < dim; i++) peak = std::max(peak, std::abs(query[i]));
-  float scale = peak > 0 ? 127.0f / peak : 1.0f;
-  for (size_t i = 0; i < dim; i++) qcode[i] = static_cast<int8_t>(std::lrint(query[i] * scale));
-  float qscale = 1.0f / scale;
+  float qscale = Int8Codes::quantize(query, dim, qcode.data());
   auto approx = [&](tableint id) { return codes.distance(qcode.data(), qscale, id); };
 
-  tableint current = g.enterpoint_node_;
-  float best = approx(current);
-  for (int level = g.maxlevel_; level > 0; level--) {
-    for (bool moved = true; moved;) {
-      moved = false;
-      auto* links = reinterpret_cast<unsigned int*>(g.get_linklist(current, level));
-      int count = g.getListCount(links);
-      auto* neighbours = reinterpret_cast<tableint*>(links + 1);
-      for (int i = 0; i < count; i++) {
-        float d = approx(neighbours[i]);
-        if (d < best) {
-          best = d;
-          current = neighbours[i];
-          moved = true;
-        }
-      }
-    }
-  }
+  auto [best, current] = descend(g, approx);
 
   size_t beam = std::max(ef, k);
   bool check = g.num_deleted_ > 0 || filter != nullptr;
