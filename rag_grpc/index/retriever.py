@@ -109,9 +109,7 @@ class Retriever:
         labels, else rebuild it from the store."""
         path, meta_path = self._index_paths(namespace)
         generation = self.store.generation(namespace)
-        live = np.concatenate(
-            [labels for labels, _ in self.store.iter_vectors(namespace)] or [np.zeros(0, np.uint64)]
-        )
+        live = self.store.labels(namespace)
         if path.exists() and meta_path.exists():
             try:
                 meta = json.loads(meta_path.read_text())

@@ -358,6 +358,13 @@ class DocumentStore:
             for label in labels:
                 self._chunk_cache.pop(label, None)
 
+    def labels(self, namespace: str) -> np.ndarray:
+        """Chunk labels of a namespace, without reading their vectors."""
+        rows = self._reader().execute(
+            "SELECT label FROM chunks WHERE namespace = ? ORDER BY label", (namespace,)
+        )
+        return np.fromiter((r[0] for r in rows), dtype=np.uint64)
+
     def iter_vectors(
         self, namespace: str, batch_size: int = 4096
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
