@@ -12,7 +12,7 @@ SOURCES := pyproject.toml setup.py constraints.txt $(wildcard proto/rag/v1/*.pro
 HNSWLIB_INCLUDE ?= build/hnswlib-include
 export HNSWLIB_INCLUDE
 
-.PHONY: install install-test serve test lint typecheck unit format clean bench
+.PHONY: install install-test install-gpu serve test lint typecheck unit format clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +22,13 @@ $(BIN)/python:
 $(HNSWLIB_INCLUDE)/hnswlib/hnswalg.h: native/fetch_hnswlib.py | $(BIN)/python
 	$(BIN)/python native/fetch_hnswlib.py $(HNSWLIB_INCLUDE)
 
-# Dependencies, generated gRPC code and the native core (setup.py), and the default model.
+# Dependencies, generated gRPC code and the native core (setup.py), and the
+# default model: its pinned source files, then our ONNX export of them (the
+# variant this machine serves, cached under the data dir by source hash).
 $(VENV)/.stamp-install: $(BIN)/python $(SOURCES) $(HNSWLIB_INCLUDE)/hnswlib/hnswalg.h
 	$(PIP) install --quiet -c constraints.txt -e .
 	$(BIN)/rag-grpc model prepare --model-dir $(MODEL_DIR)
+	$(BIN)/rag-grpc model export --model-dir $(MODEL_DIR) --data-dir $(DATA_DIR)
 	touch $@
 
 install: $(VENV)/.stamp-install
@@ -35,6 +38,14 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-install
 	touch $@
 
 install-test: $(VENV)/.stamp-test
+
+# On a machine with an NVIDIA GPU: ONNX Runtime's GPU build (CUDA, TensorRT).
+# onnxruntime-gpu ships the same `onnxruntime` package as the CPU wheel, so it
+# is reinstalled last to own those files.
+install-gpu: install
+	$(PIP) install --quiet -c constraints.txt -e '.[gpu]'
+	$(PIP) install --quiet --force-reinstall --no-deps onnxruntime-gpu
+	$(BIN)/rag-grpc model export --model-dir $(MODEL_DIR) --data-dir $(DATA_DIR)
 
 serve: install
 	$(BIN)/rag-grpc serve --data-dir $(DATA_DIR) --seed-demo

@@ -1,10 +1,14 @@
-"""Embedding benchmark: our ONNX Runtime encoder beside sentence-transformers
-on torch CPU (a bench-only peer), in process and through the gRPC Embed RPC.
+"""Embedding benchmark: our ONNX Runtime encoder (our own export of the
+pinned safetensors, each variant) beside sentence-transformers on torch CPU
+(a bench-only peer), in process and through the gRPC Embed RPC.
 
     pip install torch==2.13.0 sentence-transformers   # peer only, never a dependency
     python -m bench.embed [--passages 128] [--seconds 10]
 
 1. In process: passages (~256 tokens) and short queries (<= 16 tokens), texts/s.
+   The peer runs in its own process, right before ours: torch's and ONNX
+   Runtime's thread pools spin after work and slow each other down when they
+   share a process, which would understate whichever runs second.
 2. gRPC Embed, short queries, 1 and 32 concurrent clients, with micro-batching
    on (the configured defaults) and off (batches of one), embedding cache off.
 3. Cache hits in process: time per embed() of one cached text.
@@ -13,9 +17,12 @@ on torch CPU (a bench-only peer), in process and through the gRPC Embed RPC.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 import zipfile
@@ -27,13 +34,25 @@ from bench.common import BENCH_DIR, command_line, record, table
 from bench.load import run_load, start_server
 from rag_grpc.embed.batcher import BatchingEmbedder
 from rag_grpc.embed.cache import EmbeddingCache
+from rag_grpc.config import load_settings
 from rag_grpc.embed.encoder import OnnxEncoder
+from rag_grpc.embed.loader import load_encoder
 from rag_grpc.embed.model_files import DEFAULT_MODEL_WHEELS, _find_or_download, sha256_file
 from rag_grpc.pb import embedding_pb2
 
 ROOT = BENCH_DIR.parent
 MODEL_DIR = ROOT / "models" / "all-MiniLM-L6-v2"
 THREADS = os.cpu_count() or 1
+EXPORT_DIR = BENCH_DIR / ".cache" / "model-exports"
+
+
+def our_encoder(variant: str = "auto", batch_size: int = 32) -> OnnxEncoder:
+    """Our export of the prepared model (cached under bench/.cache)."""
+    settings = load_settings(
+        None,
+        embedding={"model_dir": MODEL_DIR, "export_dir": EXPORT_DIR, "variant": variant},
+    )
+    return load_encoder(settings.embedding, settings.data_dir, batch_size=batch_size)
 
 
 def sentence_transformers_model():  # type: ignore[no-untyped-def]
@@ -76,20 +95,40 @@ def rate(fn, items: list[str], repeat: int = 2) -> float:  # type: ignore[no-unt
     return len(items) / best
 
 
-def in_process(passages: list[str], queries: list[str]) -> list[list[object]]:
+def peer_worker(passages: list[str], queries: list[str], out: Path) -> None:
+    """Run in a child process: the peer's rates and its vectors for 32 passages."""
     import torch
 
     torch.set_num_threads(THREADS)
-    ours = OnnxEncoder(MODEL_DIR, batch_size=32)
     peer = sentence_transformers_model()
+    rates = [rate(lambda x: peer.encode(x, batch_size=32), items) for items in (passages, queries)]
+    vectors = peer.encode(passages[:32] + queries[:32], batch_size=32, normalize_embeddings=True)
+    np.save(out / "peer.npy", vectors)
+    (out / "peer.json").write_text(json.dumps(rates))
+
+
+def peer_rates(passages: list[str], queries: list[str]) -> tuple[list[float], np.ndarray]:
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "texts.json").write_text(json.dumps([passages, queries]))
+        subprocess.run([sys.executable, "-m", "bench.embed", "--peer-worker", tmp], check=True)
+        return json.loads((Path(tmp) / "peer.json").read_text()), np.load(Path(tmp) / "peer.npy")
+
+
+def in_process(passages: list[str], queries: list[str]) -> list[list[object]]:
+    (peer_passages, peer_queries), peer_vectors = peer_rates(passages, queries)
     rows = []
-    for label, items in (("passages (~256 tokens)", passages), ("short queries", queries)):
-        ours_rate = rate(ours.embed, items)
-        peer_rate = rate(lambda x: peer.encode(x, batch_size=32), items)
-        a = ours.embed(items[:32]).vectors
-        b = peer.encode(items[:32], batch_size=32, normalize_embeddings=True)
-        cosine = float(np.min(np.sum(a * b, axis=1)))
-        rows.append([label, ours_rate, peer_rate, ours_rate / peer_rate, cosine])
+    for variant in ("int8", "fp32"):
+        ours = our_encoder(variant)
+        ours_vectors = ours.embed(passages[:32] + queries[:32]).vectors
+        cosine = np.sum(ours_vectors * peer_vectors, axis=1)
+        for label, items, peer_rate, part in (
+            ("passages (~256 tokens)", passages, peer_passages, cosine[:32]),
+            ("short queries", queries, peer_queries, cosine[32:]),
+        ):
+            ours_rate = rate(ours.embed, items)
+            rows.append(
+                [f"{variant}, {label}", ours_rate, peer_rate, ours_rate / peer_rate, part.min()]
+            )
     return rows
 
 
@@ -99,14 +138,15 @@ def through_grpc(queries: list[str], seconds: float) -> list[list[object]]:
     workdir = Path(tempfile.mkdtemp(prefix="rag-embed-bench-"))
     try:
         for batching, env in (
+            ("off", {"RAG_GRPC_EMBEDDING__MAX_BATCH_SIZE": "1"}),
+            ("defaults", {}),
             (
-                "off",
+                "32 texts / 2 ms",
                 {
-                    "RAG_GRPC_EMBEDDING__MAX_BATCH_SIZE": "1",
-                    "RAG_GRPC_EMBEDDING__MAX_DELAY_MS": "0",
+                    "RAG_GRPC_EMBEDDING__MAX_BATCH_SIZE": "32",
+                    "RAG_GRPC_EMBEDDING__MAX_DELAY_MS": "2",
                 },
             ),
-            ("on", {}),
         ):
             port = 52000 + os.getpid() % 1000 + len(rows)
             server = start_server(
@@ -137,7 +177,7 @@ def through_grpc(queries: list[str], seconds: float) -> list[list[object]]:
 
 
 def cache_hits() -> list[object]:
-    encoder = OnnxEncoder(MODEL_DIR)
+    encoder = our_encoder()
     embedder = BatchingEmbedder(encoder, cache=EmbeddingCache(1 << 20))
     text = ["how do I read a file line by line"]
     embedder.embed(text)
@@ -156,19 +196,25 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--peer-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peer_worker:
+        texts_in = json.loads((args.peer_worker / "texts.json").read_text())
+        peer_worker(texts_in[0], texts_in[1], args.peer_worker)
+        return
     passages = texts(190, args.passages, seed=1)  # ~256 tokens each
     queries = texts(8, args.queries, seed=2)  # <= 16 tokens each
     local = in_process(passages, queries)
     remote = through_grpc(queries, args.seconds)
-    unbatched = {row[0].split(", ")[1]: row[2] for row in remote if "off" in str(row[0])}  # type: ignore[union-attr]
+    unbatched = {str(row[0]).rsplit(", ", 1)[1]: row[2] for row in remote if "off" in str(row[0])}
     for row in remote:
-        row.append(row[2] / unbatched[str(row[0]).split(", ")[1]])  # type: ignore[operator]
+        row.append(row[2] / unbatched[str(row[0]).rsplit(", ", 1)[1]])  # type: ignore[operator]
     hit = cache_hits()
     body = "\n\n".join(
         [
-            f"Model sentence-transformers/all-MiniLM-L6-v2: ours is the int8 ONNX file (the "
-            f"stop-gap until our own export lands) on ONNX Runtime CPU; the peer is "
+            f"Model sentence-transformers/all-MiniLM-L6-v2: ours is our own ONNX export of the "
+            f"pinned safetensors (int8 = the CPU default, fp32 beside it) on ONNX Runtime CPU, "
+            f"the peer runs in its own process just before; the peer is "
             f"sentence-transformers 6.2 on torch 2.13.0 CPU, {THREADS} threads each, batch 32. "
             f"{len(passages)} passages of ~256 tokens and {len(queries)} short queries "
             "(8 words) from CPython's documentation.",

@@ -27,6 +27,7 @@ def start_server(
     environment = {
         **os.environ,
         "RAG_GRPC_EMBEDDING__MODEL_DIR": str(ROOT / "models/all-MiniLM-L6-v2"),
+        "RAG_GRPC_EMBEDDING__EXPORT_DIR": str(ROOT / "bench/.cache/model-exports"),
         **(env or {}),
     }
     command = shutil.which("rag-grpc", path=str(Path(sys.executable).parent)) or "rag-grpc"

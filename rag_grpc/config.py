@@ -61,10 +61,35 @@ class IndexConfig(_Section):
 
 
 class EmbeddingConfig(_Section):
-    """The ONNX encoder and its tokenizer."""
+    """The ONNX encoder and its tokenizer.
+
+    By default the encoder is our own export of the source model in
+    ``model_dir`` (safetensors + tokenizer, `rag-grpc model prepare`), made on
+    first use and cached under ``export_dir`` (default ``<data dir>/models``).
+    Setting ``onnx_path`` serves a user's own ONNX encoder instead, with the
+    tokenizer, pooling and normalisation given here.
+    """
 
     model_dir: Path = Path("models/all-MiniLM-L6-v2")
+    # fp32, fp16 (GPU) or int8 (CPU); auto picks fp16 when ONNX Runtime offers
+    # CUDA or TensorRT and int8 otherwise (2.2x fp32 passages on a 2-core CPU,
+    # see bench/RESULTS.md).
+    variant: Literal["auto", "fp32", "fp16", "int8"] = "auto"
+    export_dir: Path | None = None
+    # A user-provided encoder: an ONNX graph taking input_ids / attention_mask
+    # (and token_type_ids when it declares them) plus a Hugging Face
+    # tokenizer.json.
+    onnx_path: Path | None = None
+    tokenizer_path: Path | None = None
+    model_id: str | None = None
+    # "none": the graph already outputs one vector per text; "mean" / "cls":
+    # it outputs token states [batch, tokens, dim] and we pool them.
+    pooling: Literal["mean", "cls", "none"] = "mean"
+    normalize: bool = True
     max_sequence_length: int = Field(256, ge=8, le=8192)
+    # ONNX Runtime providers to use, in order; empty means the best available
+    # of TensorRT, CUDA, CPU.
+    providers: tuple[str, ...] = ()
     batch_size: int = Field(32, ge=1, le=4096)
     intra_op_threads: int = Field(0, ge=0, le=256)
     # Micro-batching of concurrent requests: a batch closes at this many texts
@@ -80,6 +105,14 @@ class EmbeddingConfig(_Section):
     max_queue_texts: int = Field(8192, ge=1)
     # Embedding cache size (0 turns it off).
     cache_bytes: int = Field(64 * 1024 * 1024, ge=0)
+
+    @model_validator(mode="after")
+    def _user_model_complete(self) -> EmbeddingConfig:
+        if self.onnx_path is not None and self.tokenizer_path is None:
+            raise ValueError("embedding.onnx_path needs embedding.tokenizer_path as well")
+        if self.tokenizer_path is not None and self.onnx_path is None:
+            raise ValueError("embedding.tokenizer_path is only used with embedding.onnx_path")
+        return self
 
 
 class ChunkingConfig(_Section):

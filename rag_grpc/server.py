@@ -21,6 +21,7 @@ from rag_grpc.embed.batcher import BatchingEmbedder
 from rag_grpc.embed.cache import EmbeddingCache
 from rag_grpc.embed.chunking import TokenChunker
 from rag_grpc.embed.encoder import OnnxEncoder
+from rag_grpc.embed.loader import load_encoder
 from rag_grpc.generate.base import Generator
 from rag_grpc.generate.extractive import ExtractiveGenerator
 from rag_grpc.generate.pipeline import LocalSearch, RagPipeline, SearchBackend
@@ -107,12 +108,7 @@ class RagServer:
         )
         if local_retrieval or local_generation or "embedding" in wanted:
             e = s.embedding
-            self.encoder = OnnxEncoder(
-                e.model_dir,
-                max_sequence_length=e.max_sequence_length,
-                batch_size=e.batch_size,
-                intra_op_threads=e.intra_op_threads,
-            )
+            self.encoder = load_encoder(e, s.data_dir)
             self.embedder = BatchingEmbedder(
                 self.encoder,
                 max_batch_size=e.max_batch_size,
@@ -124,8 +120,9 @@ class RagServer:
             assert self.embedder is not None
             s.data_dir.mkdir(parents=True, exist_ok=True)
             self.store = DocumentStore(s.data_dir / "rag.sqlite3")
+            assert self.encoder is not None
             chunker = TokenChunker(
-                s.embedding.model_dir / "tokenizer.json",
+                self.encoder.spec.tokenizer,
                 s.chunking.chunk_tokens,
                 s.chunking.overlap_tokens,
             )

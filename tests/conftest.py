@@ -24,6 +24,8 @@ from rag_grpc.server import RagServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "all-MiniLM-L6-v2"
+# Model exports shared by every test server (keyed by source hash, so never stale).
+EXPORT_DIR = ROOT / "build" / "test-model-exports"
 BIN = Path(sys.executable).parent
 
 # Five documents on unrelated subjects, so the right answer to a question is clear.
@@ -72,7 +74,7 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
         "host": "127.0.0.1",
         "port": 0,
         "data_dir": data_dir,
-        "embedding": {"model_dir": MODEL_DIR},
+        "embedding": {"model_dir": MODEL_DIR, "export_dir": EXPORT_DIR},
         "server": {"grace_period_s": 2.0},
     }
     for key, value in overrides.items():
@@ -170,6 +172,7 @@ class ServerProcess:
         env = {
             **os.environ,
             "RAG_GRPC_EMBEDDING__MODEL_DIR": str(MODEL_DIR),
+            "RAG_GRPC_EMBEDDING__EXPORT_DIR": str(EXPORT_DIR),
             "RAG_GRPC_SERVER__GRACE_PERIOD_S": "5",
         }
         self.log = data_dir.parent / f"server-{self.port}.log"

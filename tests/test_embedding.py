@@ -15,14 +15,16 @@ from rag_grpc.client import RagClient, RpcError
 from rag_grpc.embed.batcher import BatchingEmbedder
 from rag_grpc.embed.cache import EmbeddingCache, text_key
 from rag_grpc.embed.encoder import EmbedOutput, OnnxEncoder
+from rag_grpc.embed.loader import load_encoder
 from rag_grpc.errors import ResourceExhausted
-from tests.conftest import MODEL_DIR, ServerProcess, ServerThread
+from tests.conftest import ServerProcess, ServerThread, make_settings
 from tests.test_cli import cli
 
 
 @pytest.fixture(scope="module")
-def encoder() -> OnnxEncoder:
-    return OnnxEncoder(MODEL_DIR)
+def encoder(tmp_path_factory: pytest.TempPathFactory) -> OnnxEncoder:
+    settings = make_settings(tmp_path_factory.mktemp("data"))
+    return load_encoder(settings.embedding, settings.data_dir)
 
 
 def test_cache_is_an_lru_bounded_in_bytes() -> None:
@@ -125,6 +127,7 @@ def test_embed_rpc_and_stats(start_server: Callable[..., ServerThread]) -> None:
     assert info_model.cache_hits >= 1 and info_model.cache_misses >= 2
     assert 0 < info_model.cache_hit_ratio < 1 and info_model.batches >= 1
     assert model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert (info_model.provider, info_model.variant) == ("CPUExecutionProvider", "int8")
 
 
 def test_embed_cli(server_process: Callable[..., ServerProcess], tmp_path: Path) -> None:

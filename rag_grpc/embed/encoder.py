@@ -1,5 +1,6 @@
-"""The ONNX Runtime sentence encoder: tokenise, run the graph, mean-pool,
-L2-normalise. Providers are picked at run time (CUDA when present, else CPU)."""
+"""The ONNX Runtime sentence encoder: tokenise, run the graph in
+length-sorted batches, pool and L2-normalise when the graph does not.
+Providers are picked at run time (TensorRT, then CUDA, then CPU)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from rag_grpc.embed.model_files import verify_model_dir
+from rag_grpc.embed.model_files import ModelFilesError
 
 log = logging.getLogger(__name__)
 
@@ -45,38 +46,88 @@ class EmbedOutput:
     token_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Everything needed to load one encoder: graph, tokenizer and how to pool."""
+
+    graph: Path
+    tokenizer: Path
+    model_id: str
+    variant: str
+    # "none": the graph outputs sentence vectors; "mean" / "cls": token states.
+    pooling: str = "none"
+    normalize: bool = True
+    max_sequence_length: int = 256
+    providers: tuple[str, ...] = ()
+
+
+def pick_providers(requested: Sequence[str] = ()) -> list[str]:
+    """The requested providers that this ONNX Runtime offers, else the best of them."""
+    available = ort.get_available_providers()
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise ModelFilesError(
+                f"ONNX Runtime here offers {available}, not {missing}; "
+                "install rag-grpc[gpu] for CUDA/TensorRT or change embedding.providers"
+            )
+        return list(requested)
+    return [p for p in _PREFERRED_PROVIDERS if p in available]
+
+
 class OnnxEncoder:
-    """A BERT-style encoder exported to ONNX, with its Hugging Face tokenizer."""
+    """A transformer encoder in ONNX, with its Hugging Face tokenizer."""
 
     def __init__(
         self,
-        model_dir: Path,
+        spec: EncoderSpec,
         *,
-        max_sequence_length: int = 256,
         batch_size: int = 32,
         intra_op_threads: int = 0,
     ) -> None:
-        manifest = verify_model_dir(model_dir)
-        self.model_id = str(manifest["model_id"])
-        self.variant = str(manifest.get("variant", "fp32"))
+        self.spec = spec
+        self.model_id = spec.model_id
+        self.variant = spec.variant
         self.batch_size = batch_size
-        self.max_sequence_length = max_sequence_length
-        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.max_sequence_length = spec.max_sequence_length
+        try:
+            self.tokenizer = Tokenizer.from_file(str(spec.tokenizer))
+        except Exception as exc:  # tokenizers raises a bare Exception
+            raise ModelFilesError(
+                f"{spec.tokenizer} is not a usable tokenizer.json: {exc}"
+            ) from None
         self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(max_length=max_sequence_length)
+        self.tokenizer.enable_truncation(max_length=spec.max_sequence_length)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
-        available = ort.get_available_providers()
-        providers = [p for p in _PREFERRED_PROVIDERS if p in available]
-        self.session = ort.InferenceSession(
-            str(model_dir / "model.onnx"), options, providers=providers
-        )
+        try:
+            self.session = ort.InferenceSession(
+                str(spec.graph), options, providers=pick_providers(spec.providers)
+            )
+        except ModelFilesError:
+            raise
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ModelFilesError(f"ONNX Runtime cannot load {spec.graph}: {exc}") from None
         self.provider = self.session.get_providers()[0]
         self._input_names = {i.name for i in self.session.get_inputs()}
-        width = self.session.get_outputs()[0].shape[-1]
-        self.dimension = width if isinstance(width, int) else int(str(manifest["dimension"]))
+        for name in ("input_ids", "attention_mask"):
+            if name not in self._input_names:
+                raise ModelFilesError(
+                    f"{spec.graph} has no input {name!r} (inputs: {sorted(self._input_names)})"
+                )
+        output = self.session.get_outputs()[0]
+        expected_rank = 2 if spec.pooling == "none" else 3
+        if len(output.shape) != expected_rank:
+            raise ModelFilesError(
+                f"{spec.graph} outputs {output.name} of rank {len(output.shape)}; pooling "
+                f"{spec.pooling!r} needs rank {expected_rank}"
+            )
+        width = output.shape[-1]
+        if not isinstance(width, int):
+            raise ModelFilesError(f"{spec.graph}: output {output.name} has no fixed dimension")
+        self.dimension = width
         # Tokenizer objects hold truncation state; guard against concurrent
         # reconfiguration by other users of the same tokenizer.
         self._tokenize_lock = threading.Lock()
@@ -109,20 +160,24 @@ class OnnxEncoder:
             feeds = {"input_ids": ids, "attention_mask": mask}
             if "token_type_ids" in self._input_names:
                 feeds["token_type_ids"] = np.zeros_like(ids)
-            hidden = self.session.run(None, feeds)[0]
-            out[batch] = _mean_pool_normalise(hidden, mask)
+            result = self.session.run(None, feeds)[0]
+            out[batch] = self._pool(result, mask)
         return EmbedOutput(out, int(lengths.sum()), lengths.astype(np.int64))
 
     def count_tokens(self, text: str) -> int:
         """Tokens of text without special tokens or truncation."""
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
-
-def _mean_pool_normalise(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    weights = mask[:, :, None].astype(np.float32)
-    pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
-    norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-    return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
+    def _pool(self, result: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if self.spec.pooling == "mean":
+            weights = mask[:, :, None].astype(np.float32)
+            result = (result * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+        elif self.spec.pooling == "cls":
+            result = result[:, 0]
+        if self.spec.normalize:
+            norms = np.linalg.norm(result, axis=1, keepdims=True)
+            result = result / np.maximum(norms, 1e-12)
+        return result.astype(np.float32, copy=False)
 
 
 def validate_embed_request(

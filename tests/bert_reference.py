@@ -1,0 +1,70 @@
+"""An independent BERT sentence-encoder forward pass in plain numpy, read
+straight from model.safetensors: the yardstick for our ONNX exports.
+
+Written from the BERT paper's definition (post-LayerNorm blocks, exact erf
+Gelu, additive attention mask) and sentence-transformers' mean pooling; it
+shares no code with rag_grpc.embed.export.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+class ReferenceEncoder:
+    def __init__(self, model_dir: Path) -> None:
+        self.config = json.loads((model_dir / "config.json").read_text())
+        self.w = {
+            k: v.astype(np.float64)
+            for k, v in load_file(model_dir / "model.safetensors").items()
+            if v.dtype == np.float32
+        }
+
+    def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        return x @ self.w[f"{name}.weight"].T + self.w[f"{name}.bias"]
+
+    def _layer_norm(self, x: np.ndarray, name: str) -> np.ndarray:
+        mean = x.mean(-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(-1, keepdims=True)
+        eps = self.config["layer_norm_eps"]
+        return (x - mean) / np.sqrt(var + eps) * self.w[f"{name}.weight"] + self.w[f"{name}.bias"]
+
+    def encode_one(self, ids: list[int]) -> np.ndarray:
+        """One text's token ids (with [CLS]/[SEP]) -> its unit sentence vector."""
+        heads = self.config["num_attention_heads"]
+        n = len(ids)
+        x = (
+            self.w["embeddings.word_embeddings.weight"][ids]
+            + self.w["embeddings.position_embeddings.weight"][:n]
+            + self.w["embeddings.token_type_embeddings.weight"][0]
+        )
+        x = self._layer_norm(x, "embeddings.LayerNorm")
+        for i in range(self.config["num_hidden_layers"]):
+            p = f"encoder.layer.{i}"
+            q, k, v = (
+                self._linear(x, f"{p}.attention.self.{m}") for m in ("query", "key", "value")
+            )
+            d = q.shape[1] // heads
+            q, k, v = (t.reshape(n, heads, d).transpose(1, 0, 2) for t in (q, k, v))
+            scores = q @ k.transpose(0, 2, 1) / math.sqrt(d)
+            scores = np.exp(scores - scores.max(-1, keepdims=True))
+            probs = scores / scores.sum(-1, keepdims=True)
+            context = (probs @ v).transpose(1, 0, 2).reshape(n, heads * d)
+            x = self._layer_norm(
+                x + self._linear(context, f"{p}.attention.output.dense"),
+                f"{p}.attention.output.LayerNorm",
+            )
+            inner = self._linear(x, f"{p}.intermediate.dense")
+            gelu = 0.5 * inner * (1.0 + _erf(inner / math.sqrt(2.0)).astype(np.float64))
+            x = self._layer_norm(
+                x + self._linear(gelu, f"{p}.output.dense"), f"{p}.output.LayerNorm"
+            )
+        pooled = x.mean(0)
+        return pooled / np.linalg.norm(pooled)
