@@ -32,9 +32,9 @@ import numpy as np
 
 from bench.common import BENCH_DIR, command_line, record, table
 from bench.load import run_load, start_server
+from rag_grpc.config import load_settings
 from rag_grpc.embed.batcher import BatchingEmbedder
 from rag_grpc.embed.cache import EmbeddingCache
-from rag_grpc.config import load_settings
 from rag_grpc.embed.encoder import OnnxEncoder
 from rag_grpc.embed.loader import load_encoder
 from rag_grpc.embed.model_files import DEFAULT_MODEL_WHEELS, _find_or_download, sha256_file
