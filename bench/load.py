@@ -97,9 +97,12 @@ def run_load(
     seconds: float,
 ) -> list[object]:
     """[label, calls, RPC/s, p50 ms, p99 ms] of `procs` x `inflight` calls for `seconds`."""
-    out: mp.Queue = mp.Queue()  # type: ignore[type-arg]
+    # Spawned, not forked: a forked child inherits the parent's gRPC state
+    # and can hang before its first call.
+    ctx = mp.get_context("spawn")
+    out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
     workers = [
-        mp.Process(
+        ctx.Process(
             target=_process,
             args=(target, method, payloads[p:] + payloads[:p], seconds, inflight, out),
         )

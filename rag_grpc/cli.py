@@ -233,6 +233,8 @@ def _model_export(args: argparse.Namespace) -> int:
     from rag_grpc.embed.loader import export_root, resolve_variant
     from rag_grpc.embed.model_files import ModelFilesError, verify_model_dir
 
+    # Before ONNX Runtime's quantisers are imported: they call basicConfig at INFO.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     settings = _model_settings(args)
     e = settings.embedding
     requested = args.variant or e.variant

@@ -148,3 +148,23 @@ def test_embed_cli(server_process: Callable[..., ServerProcess], tmp_path: Path)
     assert empty.returncode == 1 and "INVALID_ARGUMENT" in empty.stderr
     assert cli("embed", "--target", proc.target).returncode == 2
     proc.stop()
+
+
+def test_length_buckets_cut_padding_and_keep_every_text(encoder: OnnxEncoder) -> None:
+    from rag_grpc.embed.encoder import _buckets
+
+    lengths = np.array([12] * 20 + [200] * 3 + [13] * 5 + [60] * 10)
+    order = np.argsort(lengths, kind="stable")
+    buckets = _buckets(order, lengths, batch_size=16)
+    assert sorted(np.concatenate(buckets).tolist()) == list(range(len(lengths)))
+    assert all(len(b) <= 16 for b in buckets)
+    widths = [(int(lengths[b].min()), int(lengths[b].max())) for b in buckets]
+    # Short texts never pad to a long one's width (beyond the 8-text minimum).
+    assert all(hi <= 1.3 * lo or len(b) <= 8 for (lo, hi), b in zip(widths, buckets, strict=True))
+    assert max(hi for lo, hi in widths if lo <= 13) <= 13
+    # Bucketed and one-at-a-time embeddings agree: a text's vector does not
+    # depend on the other texts in its batch (int8 included).
+    texts = ["short query"] * 3 + ["a much longer passage about many things " * 12] * 2
+    together = encoder.embed(texts).vectors
+    alone = np.stack([encoder.embed([t]).vectors[0] for t in texts])
+    assert np.allclose(together, alone, atol=1e-4)

@@ -49,7 +49,7 @@ class BatchingEmbedder:
         self,
         encoder: OnnxEncoder,
         *,
-        max_batch_size: int = 16,
+        max_batch_size: int = 32,
         max_delay_s: float = 0.0,
         max_queue_texts: int = 8192,
         cache: EmbeddingCache | None = None,

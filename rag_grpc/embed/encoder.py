@@ -84,6 +84,7 @@ class OnnxEncoder:
         *,
         batch_size: int = 32,
         intra_op_threads: int = 0,
+        intra_op_spinning: bool = True,
     ) -> None:
         self.spec = spec
         self.model_id = spec.model_id
@@ -102,6 +103,8 @@ class OnnxEncoder:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        if not intra_op_spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(spec.graph), options, providers=pick_providers(spec.providers)
@@ -148,8 +151,7 @@ class OnnxEncoder:
         lengths = np.array([len(e.ids) for e in encodings])
         order = np.argsort(lengths, kind="stable")
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
+        for batch in _buckets(order, lengths, self.batch_size):
             width = int(lengths[batch].max())
             ids = np.zeros((len(batch), width), dtype=np.int64)
             mask = np.zeros((len(batch), width), dtype=np.int64)
@@ -178,6 +180,33 @@ class OnnxEncoder:
             norms = np.linalg.norm(result, axis=1, keepdims=True)
             result = result / np.maximum(norms, 1e-12)
         return result.astype(np.float32, copy=False)
+
+
+# A model call costs about as much as a few dozen tokens of work, so a bucket
+# is not split below this many texts to save padding.
+_MIN_BUCKET = 8
+# Split when padding would make a bucket this many times its real tokens.
+_MAX_PADDING = 1.3
+
+
+def _buckets(order: np.ndarray, lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Cut length-sorted texts into model batches of at most batch_size that
+    pad little: a new bucket starts when the next (longer) text would make
+    the padded batch more than _MAX_PADDING times its real tokens."""
+    buckets: list[np.ndarray] = []
+    start, real = 0, 0
+    for pos, i in enumerate(order):
+        n = int(lengths[i])
+        size = pos - start
+        padded = (size + 1) * n
+        if size and (
+            size >= batch_size or (size >= _MIN_BUCKET and padded > _MAX_PADDING * (real + n))
+        ):
+            buckets.append(order[start:pos])
+            start, real = pos, 0
+        real += n
+    buckets.append(order[start:])
+    return buckets
 
 
 def validate_embed_request(

@@ -103,6 +103,7 @@ def load_encoder(
         encoder_spec(cfg, data_dir),
         batch_size=batch_size or cfg.batch_size,
         intra_op_threads=cfg.intra_op_threads,
+        intra_op_spinning=cfg.intra_op_spinning,
     )
 
 
