@@ -158,6 +158,7 @@ def through_grpc(queries: list[str], seconds: float) -> list[list[object]]:
         for batching, env in (
             ("off", {"RAG_GRPC_EMBEDDING__MAX_BATCH_SIZE": "1"}),
             ("defaults", {}),
+            ("defaults, no spinning", {"RAG_GRPC_EMBEDDING__INTRA_OP_SPINNING": "false"}),
             (
                 "32 texts / 2 ms",
                 {
