@@ -61,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--retrieval-target", help="HOST:PORT of a remote RetrievalService")
     serve.add_argument("--generation-target", help="HOST:PORT of a remote GenerationService")
     serve.add_argument(
+        "--generator",
+        choices=["extractive", "triton"],
+        help="answer generator (default extractive; triton calls a Triton server)",
+    )
+    serve.add_argument("--triton-url", help="HOST:PORT of Triton's gRPC endpoint")
+    serve.add_argument("--triton-model", help="Triton model to generate with")
+    serve.add_argument(
         "--seed-demo",
         action="store_true",
         help="ingest the demo corpus (Python's pydoc topics) if the data dir is empty",
@@ -174,6 +181,17 @@ def _settings(args: argparse.Namespace) -> Settings:
     if any(remote.values()):
         base = load_settings(args.config).remote.model_dump()
         overrides["remote"] = {**base, **{k: v for k, v in remote.items() if v}}
+    triton = {
+        "url": getattr(args, "triton_url", None),
+        "model": getattr(args, "triton_model", None),
+    }
+    generator = getattr(args, "generator", None)
+    if generator or any(triton.values()):
+        base_generation = load_settings(args.config).generation.model_dump()
+        base_generation["triton"].update({k: v for k, v in triton.items() if v})
+        if generator:
+            base_generation["generator"] = generator
+        overrides["generation"] = base_generation
     return load_settings(getattr(args, "config", None), **overrides)
 
 

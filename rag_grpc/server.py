@@ -25,6 +25,7 @@ from rag_grpc.embed.loader import load_encoder
 from rag_grpc.generate.base import Generator
 from rag_grpc.generate.extractive import ExtractiveGenerator
 from rag_grpc.generate.pipeline import LocalSearch, RagPipeline, SearchBackend
+from rag_grpc.generate.triton import TritonGenerator
 from rag_grpc.index.retriever import Retriever
 from rag_grpc.ingest.jobs import IngestionManager, JobQueue
 from rag_grpc.pb import (
@@ -93,6 +94,8 @@ class RagServer:
         self.job_queue: JobQueue | None = None
         self._remotes: list[_RemoteDependency] = []
         self._probe_task: asyncio.Task[None] | None = None
+        self.triton: TritonGenerator | None = None
+        self._triton_task: asyncio.Task[None] | None = None
 
     # -- assembly ----------------------------------------------------------
 
@@ -138,12 +141,20 @@ class RagServer:
                 channel, s.remote.generation_target, s.remote.call_timeout_s, self._call_metadata()
             )
         assert self.encoder is not None
-        return ExtractiveGenerator(
+        extractive = ExtractiveGenerator(
             self.encoder,
             self.executor,
             sentences=s.generation.extractive_sentences,
             default_max_tokens=s.generation.default_max_tokens,
         )
+        if s.generation.generator == "triton":
+            self.triton = TritonGenerator(
+                s.generation,
+                self.encoder.spec.tokenizer,
+                fallback=extractive if s.generation.fallback_to_extractive else None,
+            )
+            return self.triton
+        return extractive
 
     def _search_backend(self) -> SearchBackend:
         s = self.settings
@@ -267,6 +278,9 @@ class RagServer:
             await self._seed()
         if self._remotes:
             self._probe_task = asyncio.create_task(self._probe_remotes(), name="remote-probe")
+        if self.triton is not None:
+            await self._apply_triton_health(await self.triton.probe())
+            self._triton_task = asyncio.create_task(self._probe_triton(), name="triton-probe")
         log.info("rag-grpc serving %s on %s:%d", ", ".join(s.services), s.host, self.port)
         return self.port
 
@@ -303,6 +317,25 @@ class RagServer:
                     await self.health.set(SERVICE_NAMES[dependent], status)
             await asyncio.sleep(interval)
 
+    async def _probe_triton(self) -> None:
+        """Follow Triton's server and model readiness in our health status."""
+        assert self.triton is not None
+        while True:
+            await asyncio.sleep(self.settings.generation.triton.probe_interval_s)
+            await self._apply_triton_health(await self.triton.probe())
+
+    async def _apply_triton_health(self, ready: bool) -> None:
+        # With the extractive fallback, Ask still answers while Triton is down.
+        serving = ready or self.settings.generation.fallback_to_extractive
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("generation", "rag"):
+            if name in self.settings.services:
+                await self.health.set(SERVICE_NAMES[name], status)
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, let in-flight ones finish within the grace
         period, then stop the worker and save the indexes."""
@@ -310,12 +343,16 @@ class RagServer:
         await self.health.enter_graceful_shutdown()
         if self._probe_task:
             self._probe_task.cancel()
+        if self._triton_task:
+            self._triton_task.cancel()
         if self.server is not None:
             await self.server.stop(grace)
         if self.ingestion is not None:
             await self.ingestion.stop()
         for remote in self._remotes:
             await remote.channel.close(None)
+        if self.triton is not None:
+            await self.triton.close()
         loop = asyncio.get_running_loop()
         # Core work already running on the pool (an ingestion batch whose task
         # was cancelled, say) finishes before anything it uses is closed.

@@ -1,0 +1,384 @@
+"""Generation through NVIDIA Triton Inference Server with ``tritonclient``
+(gRPC, asyncio): streaming through ModelStreamInfer for decoupled models,
+ModelInfer otherwise, in the interface of Triton's LLM deployments (vLLM,
+TensorRT-LLM): ``text_input`` / ``stream`` / sampling parameters in,
+``text_output`` out.
+
+Resilience: one long-lived channel; the caller's deadline bounds every call
+and a cancelled caller cancels the Triton stream; UNAVAILABLE before the
+first token is retried with backoff; a circuit breaker stops calling a
+failing Triton for a while; readiness of the server and model is probed for
+health. With ``fallback`` set, an unreachable Triton hands the answer to the
+extractive generator instead of failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from rag_grpc import deadlines
+from rag_grpc.config import GenerationConfig, TritonConfig
+from rag_grpc.errors import Cancelled, DeadlineExceeded, InvalidArgument, Unavailable
+from rag_grpc.generate.base import (
+    Delta,
+    Finished,
+    GenerationEvent,
+    GenerationParams,
+    Generator,
+    Passage,
+    Usage,
+    validate_generation,
+)
+
+log = logging.getLogger(__name__)
+
+_CITATION = re.compile(r"\[(\d+)\]")
+
+
+class CircuitBreaker:
+    """Closed until `failures` calls fail in a row; then open for `reset_s`,
+    after which one probe call is let through (half-open) to decide."""
+
+    def __init__(self, failures: int, reset_s: float) -> None:
+        self.failures = failures
+        self.reset_s = reset_s
+        self._consecutive = 0
+        self._opened_at: float | None = None
+        self._probing = False
+
+    @property
+    def state(self) -> str:
+        if self._opened_at is None:
+            return "closed"
+        if time.monotonic() - self._opened_at >= self.reset_s:
+            return "half-open"
+        return "open"
+
+    def allow(self) -> bool:
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "half-open" and not self._probing:
+            self._probing = True
+            return True
+        return False
+
+    def success(self) -> None:
+        self._consecutive = 0
+        self._opened_at = None
+        self._probing = False
+
+    def failure(self) -> None:
+        self._consecutive += 1
+        self._probing = False
+        if self._consecutive >= self.failures or self._opened_at is not None:
+            self._opened_at = time.monotonic()
+
+
+class PromptBuilder:
+    """The prompt template filled with numbered passages cut to a token budget."""
+
+    def __init__(self, tokenizer_path: Path, template: str, budget: int) -> None:
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.template = template
+        self.budget = budget
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def build(self, question: str, passages: Sequence[Passage]) -> tuple[str, int]:
+        """(prompt, passages included): whole passages while they fit, then
+        the first part of the next one, cut at a token boundary."""
+        left = self.budget
+        lines: list[str] = []
+        for number, passage in enumerate(passages, start=1):
+            if left <= 0:
+                break
+            text = " ".join(passage.text.split())
+            encoding = self.tokenizer.encode(text, add_special_tokens=False)
+            if len(encoding.ids) > left:
+                text = text[: encoding.offsets[left - 1][1]]
+                left = 0
+            else:
+                left -= len(encoding.ids)
+            lines.append(f"[{number}] {text}")
+        prompt = self.template.format(context="\n".join(lines), question=question.strip())
+        return prompt, len(lines)
+
+
+class TritonGenerator:
+    """Generator backed by a model on Triton."""
+
+    name = "triton"
+
+    def __init__(
+        self,
+        config: GenerationConfig,
+        tokenizer_path: Path,
+        fallback: Generator | None = None,
+    ) -> None:
+        self.config = config
+        self.triton: TritonConfig = config.triton
+        self.prompts = PromptBuilder(
+            config.tokenizer_path or tokenizer_path,
+            config.prompt_template,
+            config.context_token_budget,
+        )
+        self.fallback = fallback
+        self.breaker = CircuitBreaker(self.triton.breaker_failures, self.triton.breaker_reset_s)
+        self.ready = False
+        self.usage_totals = Usage()
+        self._client: Any = None
+
+    # -- connection and health ----------------------------------------------
+
+    def client(self) -> Any:
+        """The one long-lived tritonclient channel (made on the event loop)."""
+        if self._client is None:
+            from tritonclient.grpc.aio import InferenceServerClient
+
+            t = self.triton
+
+            def read(path: Path | None) -> bytes | None:
+                return path.read_bytes() if path is not None else None
+
+            self._client = InferenceServerClient(
+                t.url,
+                ssl=t.ssl,
+                root_certificates=read(t.root_certificates),
+                private_key=read(t.private_key),
+                certificate_chain=read(t.certificate_chain),
+            )
+        return self._client
+
+    async def probe(self) -> bool:
+        """Whether Triton and the model are ready now (also updates `ready`)."""
+        try:
+            client = self.client()
+            timeout = self.triton.probe_interval_s
+            ready = bool(
+                await client.is_server_ready(client_timeout=timeout)
+                and await client.is_model_ready(
+                    self.triton.model, self.triton.model_version, client_timeout=timeout
+                )
+            )
+        except Exception as exc:  # tritonclient raises InferenceServerException
+            log.debug("triton probe failed: %s", exc)
+            ready = False
+        if ready != self.ready:
+            log.info(
+                "triton model %s at %s is %s",
+                self.triton.model,
+                self.triton.url,
+                "ready" if ready else "not ready",
+            )
+        self.ready = ready
+        return ready
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    # -- generation ---------------------------------------------------------
+
+    async def generate(
+        self, prompt: str, passages: Sequence[Passage], params: GenerationParams
+    ) -> AsyncIterator[GenerationEvent]:
+        validate_generation(prompt, params)
+        if not passages:
+            raise InvalidArgument(
+                "give at least one context passage (or call RagService.Ask, which retrieves them)"
+            )
+        full_prompt, used = self.prompts.build(prompt, passages)
+        prompt_tokens = self.prompts.count(full_prompt)
+        max_tokens = params.max_tokens or self.config.default_max_tokens
+        if not self.breaker.allow():
+            async for event in self._fall_back(
+                prompt, passages, params, "Triton's circuit is open after repeated failures"
+            ):
+                yield event
+            return
+        pieces: list[str] = []
+        attempt = 0
+        while True:
+            try:
+                async for text in self._call(full_prompt, max_tokens, params):
+                    pieces.append(text)
+                    yield Delta(text)
+                self.breaker.success()
+                break
+            except _TritonUnavailable as exc:
+                self.breaker.failure()
+                if pieces:
+                    raise Unavailable(f"Triton failed mid-answer: {exc}") from None
+                if attempt < self.triton.retries and self.breaker.allow():
+                    delay = self.triton.retry_backoff_s * 2**attempt
+                    if deadlines.remaining(self.triton.timeout_s) > delay:
+                        attempt += 1
+                        await asyncio.sleep(delay)
+                        continue
+                async for event in self._fall_back(prompt, passages, params, str(exc)):
+                    yield event
+                return
+        completion = "".join(pieces)
+        completion_tokens = self.prompts.count(completion)
+        self.usage_totals = Usage(
+            self.usage_totals.prompt_tokens + prompt_tokens,
+            self.usage_totals.completion_tokens + completion_tokens,
+        )
+        cited = []
+        for match in _CITATION.finditer(completion):
+            number = int(match.group(1))
+            if 1 <= number <= used and number not in cited:
+                cited.append(number)
+        finish = "length" if completion_tokens >= max_tokens else "stop"
+        yield Finished(Usage(prompt_tokens, completion_tokens), self.name, finish, tuple(cited))
+
+    async def _fall_back(
+        self, prompt: str, passages: Sequence[Passage], params: GenerationParams, why: str
+    ) -> AsyncIterator[GenerationEvent]:
+        if self.fallback is None:
+            raise Unavailable(
+                f"generation is unavailable: {why} (Triton at {self.triton.url}, model "
+                f"{self.triton.model}); retry later"
+            )
+        log.warning("triton unavailable (%s); answering with %s", why, self.fallback.name)
+        async for event in self.fallback.generate(prompt, passages, params):
+            yield event
+
+    def _inputs(self, prompt: str, max_tokens: int, params: GenerationParams) -> list[Any]:
+        from tritonclient.grpc import InferInput
+
+        def tensor(name: str, value: np.ndarray, dtype: str) -> Any:
+            item = InferInput(name, list(value.shape), dtype)
+            item.set_data_from_numpy(value)
+            return item
+
+        inputs = [
+            tensor("text_input", np.array([prompt.encode("utf-8")], dtype=np.object_), "BYTES"),
+            tensor("stream", np.array([self.triton.streaming]), "BOOL"),
+        ]
+        if self.triton.parameters == "sampling_parameters":
+            sampling: dict[str, Any] = {"max_tokens": max_tokens, **self.triton.extra_parameters}
+            if params.temperature:
+                sampling["temperature"] = params.temperature
+            if params.top_p:
+                sampling["top_p"] = params.top_p
+            if params.stop:
+                sampling["stop"] = list(params.stop)
+            raw = json.dumps(sampling).encode("utf-8")
+            inputs.append(tensor("sampling_parameters", np.array([raw], dtype=np.object_), "BYTES"))
+        else:
+            inputs.append(tensor("max_tokens", np.array([max_tokens], dtype=np.int32), "INT32"))
+            if params.temperature:
+                temperature = np.array([params.temperature], dtype=np.float32)
+                inputs.append(tensor("temperature", temperature, "FP32"))
+            if params.top_p:
+                inputs.append(tensor("top_p", np.array([params.top_p], dtype=np.float32), "FP32"))
+        return inputs
+
+    async def _call(
+        self, prompt: str, max_tokens: int, params: GenerationParams
+    ) -> AsyncIterator[str]:
+        """Text pieces from Triton; errors become our error types."""
+        deadlines.check("generation")
+        timeout = deadlines.remaining(self.triton.timeout_s)
+        client = self.client()
+        inputs = self._inputs(prompt, max_tokens, params)
+        request_id = uuid.uuid4().hex
+        if not self.triton.streaming:
+            try:
+                result = await client.infer(
+                    self.triton.model,
+                    inputs,
+                    model_version=self.triton.model_version,
+                    request_id=request_id,
+                    client_timeout=timeout,
+                )
+            except Exception as exc:
+                raise _translate(exc, self.triton) from None
+            yield _text(result)
+            return
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield {
+                "model_name": self.triton.model,
+                "model_version": self.triton.model_version,
+                "inputs": inputs,
+                "request_id": request_id,
+            }
+
+        try:
+            stream = client.stream_infer(requests(), stream_timeout=timeout)
+        except Exception as exc:
+            raise _translate(exc, self.triton) from None
+        finished = False
+        try:
+            while True:
+                try:
+                    result, error = await stream.__anext__()
+                except StopAsyncIteration:
+                    finished = True
+                    return
+                except Exception as exc:
+                    raise _translate(exc, self.triton) from None
+                if error is not None:
+                    raise _translate(error, self.triton)
+                text = _text(result)
+                if text:
+                    yield text
+        finally:
+            if not finished:
+                # The caller went away, the deadline passed or Triton failed:
+                # cancel the stream so Triton stops generating for nobody.
+                stream.cancel()
+
+
+class _TritonUnavailable(Exception):
+    """Triton could not be reached (retryable before the first token)."""
+
+
+def _text(result: Any) -> str:
+    values = result.as_numpy("text_output")
+    if values is None:
+        return ""
+    return "".join(
+        v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
+        for v in np.asarray(values).reshape(-1)
+    )
+
+
+def _translate(exc: BaseException, triton: TritonConfig) -> Exception:
+    """tritonclient / grpc errors as our error types."""
+    status = ""
+    status_fn = getattr(exc, "status", None)
+    if callable(status_fn):
+        status = str(status_fn() or "")
+    code = getattr(exc, "code", None)
+    if not status and callable(code):
+        status = str(code())
+    message = getattr(exc, "message", None)
+    text = message() if callable(message) else str(exc)
+    if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in str(text):
+        return DeadlineExceeded(f"generation did not finish before the deadline: {text}")
+    if "CANCELLED" in status:
+        return Cancelled(f"the generation was cancelled: {text}")
+    if "UNAVAILABLE" in status or "failed to connect" in str(text).lower():
+        return _TritonUnavailable(f"Triton at {triton.url} is unreachable: {text}")
+    if "not ready" in str(text).lower() or "unknown model" in str(text).lower():
+        return _TritonUnavailable(f"model {triton.model} is not ready on Triton: {text}")
+    return Unavailable(f"Triton failed the generation: {text}")
