@@ -1,0 +1,305 @@
+"""Generation through a real Triton Inference Server (deploy/triton/serve.sh,
+the demo model repository): streaming, citations, cancellation, deadlines,
+Triton going away and coming back, readiness in health."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tokenizers import Tokenizer
+
+from rag_grpc.client import AskSummary, RagClient, RpcError
+from rag_grpc.generate.base import Passage
+from rag_grpc.generate.triton import CircuitBreaker, PromptBuilder
+from rag_grpc.pb import (
+    common_pb2,
+    generation_pb2,
+    generation_service_pb2_grpc,
+    rag_pb2,
+    rag_service_pb2_grpc,
+)
+from tests.conftest import CORPUS, MODEL_DIR, ROOT, ServerThread, free_port
+
+SERVE = ROOT / "deploy" / "triton" / "serve.sh"
+TOKEN_DELAY_MS = 20  # per generated word, so a long answer takes seconds
+
+
+class Triton:
+    """deploy/triton/serve.sh as a child process on free ports."""
+
+    def __init__(self, log: Path, grpc_port: int | None = None) -> None:
+        self.grpc_port = grpc_port or free_port()
+        self.http_port = free_port()
+        self.metrics_port = free_port()
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self, timeout: float = 280) -> Triton:
+        env = {**os.environ, "RAG_LLM_TOKEN_DELAY_MS": str(TOKEN_DELAY_MS)}
+        ports = ["--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port)]
+        self.proc = subprocess.Popen(
+            [str(SERVE), *ports, "--metrics-port", str(self.metrics_port)],
+            stdout=open(self.log, "ab"),  # noqa: SIM115 - lives as long as the process
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                url = f"http://127.0.0.1:{self.http_port}/v2/health/ready"
+                with urllib.request.urlopen(url, timeout=1) as reply:
+                    if reply.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError(f"Triton did not become ready: {self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+    def metric(self, name: str, model: str = "rag_llm") -> float:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            text = reply.read().decode()
+        match = re.search(rf'^{name}\{{model="{model}"[^}}]*\}} (\S+)$', text, re.M)
+        assert match, f"no {name} for {model} in Triton's metrics"
+        return float(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
+    server = Triton(tmp_path_factory.mktemp("triton") / "triton.log").start()
+    yield server
+    server.kill()
+
+
+def triton_settings(url: str, **generation: Any) -> dict[str, Any]:
+    triton = {"url": url, "probe_interval_s": 0.3, **generation.pop("triton", {})}
+    return {"generation": {"generator": "triton", "triton": triton, **generation}}
+
+
+@pytest.fixture
+def rag(
+    start_server: Callable[..., ServerThread], triton: Triton
+) -> Callable[..., tuple[ServerThread, RagClient]]:
+    def start(**generation: Any) -> tuple[ServerThread, RagClient]:
+        server = start_server(**triton_settings(triton.url, **generation))
+        client = RagClient(server.target, timeout=60)
+        client.upsert(CORPUS)
+        return server, client
+
+    return start
+
+
+def health(target: str, service: str) -> int:
+    with grpc.insecure_channel(target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5
+        )
+    return int(reply.status)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def test_answers_stream_incrementally_and_cite_retrieved_chunks(rag: Callable[..., Any]) -> None:
+    _, client = rag()
+    arrivals: list[float] = []
+    pieces: list[str] = []
+    citations: list[Any] = []
+    summary: AskSummary | None = None
+    for event in client.ask("What comes out of a volcano when it erupts?", k=3):
+        if isinstance(event, list):
+            citations = event
+        elif isinstance(event, str):
+            arrivals.append(time.monotonic())
+            pieces.append(event)
+        else:
+            summary = event
+    assert summary is not None and summary.generator == "triton"
+    # Word by word as Triton produces them: the first arrived long before the last.
+    assert len(pieces) > 10
+    assert arrivals[-1] - arrivals[0] > 5 * TOKEN_DELAY_MS / 1000
+    answer = "".join(pieces)
+    assert "volcano" in answer.lower() and "[1]" in answer
+    # Every [n] maps back to a retrieved chunk, and the volcano chunk is cited.
+    cited = {citations[n - 1].hit.chunk_id for n in summary.cited}
+    assert "volcano#0" in cited and summary.cited[0] == 1
+    assert summary.usage.prompt_tokens > 50 and summary.usage.completion_tokens > 10
+    assert summary.timings["first_token_ms"] < summary.timings["generate_ms"]
+
+
+def test_generate_without_streaming_uses_model_infer(
+    rag: Callable[..., Any], triton: Triton
+) -> None:
+    server, _ = rag(triton={"model": "rag_llm_sync", "streaming": False})
+    with grpc.insecure_channel(server.target) as channel:
+        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+        request = generation_pb2.GenerateRequest(
+            prompt="What is chess?",
+            context=[
+                common_pb2.ContextPassage(
+                    document_id="chess", chunk_id="chess#0", text=CORPUS[2].text
+                )
+            ],
+            parameters=common_pb2.GenerationParameters(max_tokens=40),
+        )
+        responses = list(stub.Generate(request, timeout=30))
+    texts = [r.delta for r in responses if r.WhichOneof("event") == "delta"]
+    assert len(texts) == 1 and "Chess" in texts[0] and "[1]" in texts[0]  # one response
+    summary = responses[-1].summary
+    assert summary.generator == "triton" and list(summary.cited_passages) == [1]
+    assert summary.usage.prompt_tokens > 20 and summary.usage.completion_tokens > 5
+    assert triton.metric("nv_inference_request_success", "rag_llm_sync") >= 1
+
+
+def long_ask(client: RagClient, timeout: float) -> Any:
+    stub = rag_service_pb2_grpc.RagServiceStub(client.channel)
+    request = rag_pb2.AskRequest(question="What is a volcano?", k=3)
+    request.parameters.max_tokens = 4000  # with ignore_eos: 80 s of words
+    return stub.Ask(request, timeout=timeout)
+
+
+def test_cancelling_ask_cancels_the_triton_request(rag: Callable[..., Any], triton: Triton) -> None:
+    _, client = rag(
+        triton={"parameters": "sampling_parameters", "extra_parameters": {"ignore_eos": True}}
+    )
+    cancelled_before = triton.metric("rag_llm_cancelled_total")
+    call = long_ask(client, timeout=120)
+    deltas = 0
+    for response in call:
+        deltas += response.WhichOneof("event") == "delta"
+        if deltas == 5:
+            break
+    assert triton.metric("rag_llm_active_requests") == 1
+    call.cancel()
+    wait_for(lambda: triton.metric("rag_llm_active_requests") == 0, timeout=10)
+    assert triton.metric("rag_llm_cancelled_total") == cancelled_before + 1
+
+
+def test_a_deadline_shorter_than_generation_is_deadline_exceeded(
+    rag: Callable[..., Any], triton: Triton
+) -> None:
+    _, client = rag(
+        triton={"parameters": "sampling_parameters", "extra_parameters": {"ignore_eos": True}}
+    )
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in long_ask(client, timeout=1.5):
+            pass
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 5
+    # Triton stopped generating for the expired call too.
+    wait_for(lambda: triton.metric("rag_llm_active_requests") == 0, timeout=10)
+
+
+def test_health_follows_model_readiness(
+    start_server: Callable[..., ServerThread], triton: Triton
+) -> None:
+    server = start_server(**triton_settings(triton.url, triton={"model": "no_such_model"}))
+    for service in ("rag.v1.RagService", "rag.v1.GenerationService"):
+        assert health(server.target, service) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert (
+        health(server.target, "rag.v1.RetrievalService") == health_pb2.HealthCheckResponse.SERVING
+    )
+    with RagClient(server.target) as client:
+        client.upsert(CORPUS)
+        events: list[Any] = []
+        with pytest.raises(RpcError) as info:
+            for event in client.ask("What is a volcano?"):
+                events.append(event)
+    assert info.value.code == "UNAVAILABLE" and "no_such_model" in info.value.message
+    # Retrieval results still reach the caller before the error.
+    assert events and isinstance(events[0], list) and events[0][0].hit.document_id == "volcano"
+
+
+def test_triton_killed_mid_run_then_back_without_restarting_rag_grpc(
+    start_server: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    own = Triton(tmp_path / "triton.log").start()
+    back = Triton(tmp_path / "triton.log", grpc_port=own.grpc_port)
+    try:
+        strict = start_server(
+            tmp_path / "strict", **triton_settings(own.url, triton={"breaker_reset_s": 0.5})
+        )
+        lenient = start_server(
+            tmp_path / "lenient", **triton_settings(own.url, fallback_to_extractive=True)
+        )
+        clients = [RagClient(s.target, timeout=30) for s in (strict, lenient)]
+        for client in clients:
+            client.upsert(CORPUS)
+            assert list(client.ask("What is a volcano?"))[-1].generator == "triton"
+        rag_service = "rag.v1.RagService"
+        own.kill()
+        started = time.monotonic()
+        with pytest.raises(RpcError) as info:
+            list(clients[0].ask("What is a volcano?"))
+        assert info.value.code == "UNAVAILABLE" and time.monotonic() - started < 3
+        wait_for(lambda: health(strict.target, rag_service) != 1)
+        # With the fallback flag, answers keep coming (extractive) and health stays up.
+        summary = list(clients[1].ask("What is a volcano?"))[-1]
+        assert summary.generator == "extractive" and summary.cited
+        assert health(lenient.target, rag_service) == health_pb2.HealthCheckResponse.SERVING
+        # Triton returns on the same port: rag-grpc recovers by itself.
+        back.start()
+        wait_for(lambda: health(strict.target, rag_service) == 1, timeout=20)
+        time.sleep(0.6)  # past the breaker's reset time
+        assert list(clients[0].ask("What is a volcano?"))[-1].generator == "triton"
+    finally:
+        own.kill()
+        back.kill()
+
+
+def test_prompt_context_is_cut_to_the_token_budget_at_a_token_boundary() -> None:
+    tokenizer_path = MODEL_DIR / "tokenizer.json"
+    builder = PromptBuilder(tokenizer_path, "{context}\nQ: {question}", budget=40)
+    passages = [Passage("a", "a#0", CORPUS[0].text), Passage("b", "b#0", CORPUS[1].text)]
+    prompt, used = builder.build("What is a volcano?", passages)
+    context = prompt.split("\nQ: ")[0]
+    assert used == 1 and context.startswith("[1] A volcano")
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    body = context[len("[1] ") :]
+    ids = tokenizer.encode(body, add_special_tokens=False).ids
+    full = tokenizer.encode(CORPUS[0].text, add_special_tokens=False).ids
+    assert len(ids) == 40 and ids == full[:40]  # whole tokens only, a prefix of the passage
+
+
+def test_circuit_breaker_opens_then_lets_one_probe_through() -> None:
+    breaker = CircuitBreaker(failures=2, reset_s=0.2)
+    breaker.failure()
+    assert breaker.allow()
+    breaker.failure()
+    assert breaker.state == "open" and not breaker.allow()
+    time.sleep(0.25)
+    assert breaker.allow() and not breaker.allow()  # one probe at a time
+    breaker.failure()  # the probe failed: open again
+    assert breaker.state == "open"
+    time.sleep(0.25)
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.state == "closed" and breaker.allow()
