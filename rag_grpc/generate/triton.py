@@ -326,26 +326,52 @@ class TritonGenerator:
             stream = client.stream_infer(requests(), stream_timeout=timeout)
         except Exception as exc:
             raise _translate(exc, self.triton) from None
+        # A reader task takes Triton's responses as they come; the caller gets
+        # everything that arrived since its last delta in one piece, so a
+        # client slower than the model gets fewer, larger messages instead of
+        # a backlog (one message per token costs ~0.2 ms of Python here).
+        queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for result, error in stream:
+                    if error is not None:
+                        raise _translate(error, self.triton)
+                    text = _text(result)
+                    if text:
+                        queue.put_nowait(text)
+                queue.put_nowait(None)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                queue.put_nowait(exc if isinstance(exc, Exception) else Unavailable(str(exc)))
+
+        reader = asyncio.create_task(read(), name="triton-stream")
         finished = False
         try:
-            while True:
-                try:
-                    result, error = await stream.__anext__()
-                except StopAsyncIteration:
-                    finished = True
-                    return
-                except Exception as exc:
-                    raise _translate(exc, self.triton) from None
-                if error is not None:
-                    raise _translate(error, self.triton)
-                text = _text(result)
-                if text:
-                    yield text
+            while not finished:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                pieces: list[str] = []
+                for item in items:
+                    if item is None:
+                        finished = True
+                    elif isinstance(item, BaseException):
+                        error = item
+                        if not isinstance(error, (_TritonUnavailable, Unavailable)):
+                            error = _translate(error, self.triton)
+                        raise error
+                    else:
+                        pieces.append(item)
+                if pieces:
+                    yield "".join(pieces)
         finally:
             if not finished:
                 # The caller went away, the deadline passed or Triton failed:
                 # cancel the stream so Triton stops generating for nobody.
                 stream.cancel()
+            reader.cancel()
 
 
 class _TritonUnavailable(Exception):
