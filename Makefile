@@ -74,6 +74,7 @@ bench: $(VENV)/.stamp-bench
 	$(BIN)/python -m bench.ann
 	$(BIN)/python -m bench.grpc_search
 	$(BIN)/python -m bench.embed
+	$(BIN)/python -m bench.ask
 
 format: install-test
 	$(BIN)/ruff format rag_grpc tests $(wildcard bench/*.py)
