@@ -252,6 +252,7 @@ class RagServer:
                     retriever=self.retriever,
                     embedder=self.embedder,
                     generator_name=generator.name if generator else "",
+                    generator_stats=self.triton.stats if self.triton is not None else None,
                     index_config=s.index,
                     executor=self.executor,
                 ),

@@ -29,7 +29,7 @@ from rag_grpc.pb import (
     rag_pb2,
     rag_service_pb2_grpc,
 )
-from tests.conftest import CORPUS, MODEL_DIR, ROOT, ServerThread, free_port
+from tests.conftest import CORPUS, MODEL_DIR, ROOT, ServerProcess, ServerThread, free_port
 
 SERVE = ROOT / "deploy" / "triton" / "serve.sh"
 TOKEN_DELAY_MS = 20  # per generated word, so a long answer takes seconds
@@ -150,6 +150,34 @@ def test_answers_stream_incrementally_and_cite_retrieved_chunks(rag: Callable[..
     assert "volcano#0" in cited and summary.cited[0] == 1
     assert summary.usage.prompt_tokens > 50 and summary.usage.completion_tokens > 10
     assert summary.timings["first_token_ms"] < summary.timings["generate_ms"]
+    # Usage and the backend's state add up in Stats.
+    from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
+
+    stub = admin_service_pb2_grpc.AdminServiceStub(client.channel)
+    generation = stub.Stats(admin_pb2.StatsRequest(), timeout=10).generation
+    assert (generation.name, generation.ready, generation.circuit) == ("triton", True, "closed")
+    assert generation.generations == 1 and generation.failures == 0
+    assert generation.prompt_tokens == summary.usage.prompt_tokens
+    assert generation.completion_tokens == summary.usage.completion_tokens
+
+
+def test_serve_flags_select_triton(
+    server_process: Callable[..., ServerProcess], triton: Triton, tmp_path: Path
+) -> None:
+    proc = server_process(
+        tmp_path / "data",
+        "--generator",
+        "triton",
+        "--triton-url",
+        triton.url,
+        "--triton-model",
+        "rag_llm",
+    )
+    with RagClient(proc.target, timeout=60) as client:
+        client.upsert(CORPUS)
+        summary = list(client.ask("What is espresso?"))[-1]
+        assert summary.generator == "triton" and summary.cited
+        assert client.stats().generator == "triton"
 
 
 def test_generate_without_streaming_uses_model_infer(

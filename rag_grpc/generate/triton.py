@@ -141,6 +141,8 @@ class TritonGenerator:
         self.breaker = CircuitBreaker(self.triton.breaker_failures, self.triton.breaker_reset_s)
         self.ready = False
         self.usage_totals = Usage()
+        self.generations = 0
+        self.failures = 0
         self._client: Any = None
 
     # -- connection and health ----------------------------------------------
@@ -188,6 +190,18 @@ class TritonGenerator:
         self.ready = ready
         return ready
 
+    def stats(self) -> dict[str, Any]:
+        """Totals since start, for AdminService.Stats."""
+        return {
+            "endpoint": f"{self.triton.url} model {self.triton.model}",
+            "ready": self.ready,
+            "circuit": self.breaker.state,
+            "generations": self.generations,
+            "failures": self.failures,
+            "prompt_tokens": self.usage_totals.prompt_tokens,
+            "completion_tokens": self.usage_totals.completion_tokens,
+        }
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
@@ -223,6 +237,7 @@ class TritonGenerator:
                 break
             except _TritonUnavailable as exc:
                 self.breaker.failure()
+                self.failures += 1
                 if pieces:
                     raise Unavailable(f"Triton failed mid-answer: {exc}") from None
                 if attempt < self.triton.retries and self.breaker.allow():
@@ -234,6 +249,7 @@ class TritonGenerator:
                 async for event in self._fall_back(prompt, passages, params, str(exc)):
                     yield event
                 return
+        self.generations += 1
         completion = "".join(pieces)
         completion_tokens = self.prompts.count(completion)
         self.usage_totals = Usage(

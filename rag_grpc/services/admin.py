@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
+from typing import Any
 
 import grpc
 
@@ -25,6 +27,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         retriever: Retriever | None,
         embedder: BatchingEmbedder | None,
         generator_name: str,
+        generator_stats: Callable[[], dict[str, Any]] | None = None,
         index_config: IndexConfig,
         executor: Executor | None,
     ) -> None:
@@ -32,6 +35,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         self.retriever = retriever
         self.embedder = embedder
         self.generator_name = generator_name
+        self.generator_stats = generator_stats
         self.index_config = index_config
         self.executor = executor
         self.started = time.monotonic()
@@ -45,6 +49,11 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             generator=self.generator_name,
             uptime_seconds=time.monotonic() - self.started,
         )
+        if self.generator_name:
+            backend = self.generator_stats() if self.generator_stats else {"ready": True}
+            response.generation.CopyFrom(
+                admin_pb2.GeneratorStats(name=self.generator_name, **backend)
+            )
         if self.retriever is not None:
             for ns in await in_thread(self.executor, self.retriever.stats):
                 response.namespaces.add(
