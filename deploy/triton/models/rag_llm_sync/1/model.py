@@ -1,0 +1,1 @@
+../../rag_llm/1/model.py
