@@ -51,8 +51,8 @@ serve: install
 	$(BIN)/rag-grpc serve --data-dir $(DATA_DIR) --seed-demo
 
 lint: install-test
-	$(BIN)/ruff check rag_grpc tests $(wildcard bench/*.py)
-	$(BIN)/ruff format --check rag_grpc tests $(wildcard bench/*.py)
+	$(BIN)/ruff check rag_grpc tests $(wildcard bench/*.py envoy/*.py)
+	$(BIN)/ruff format --check rag_grpc tests $(wildcard bench/*.py envoy/*.py)
 
 typecheck: install-test
 	$(BIN)/mypy rag_grpc
@@ -77,8 +77,8 @@ bench: $(VENV)/.stamp-bench
 	$(BIN)/python -m bench.ask
 
 format: install-test
-	$(BIN)/ruff format rag_grpc tests $(wildcard bench/*.py)
-	$(BIN)/ruff check --fix rag_grpc tests $(wildcard bench/*.py)
+	$(BIN)/ruff format rag_grpc tests $(wildcard bench/*.py envoy/*.py)
+	$(BIN)/ruff check --fix rag_grpc tests $(wildcard bench/*.py envoy/*.py)
 
 clean:
 	rm -rf $(VENV) build rag_grpc/_gen *.egg-info

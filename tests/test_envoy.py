@@ -1,0 +1,365 @@
+"""The Envoy gateway (envoy/render.py, envoy/certs.sh) with the real `envoy`
+binary in front of real rag-grpc servers: mTLS, rate limits, canary,
+blue-green, admin statistics."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rag_grpc.client import RagClient, RpcError
+from rag_grpc.documents import Document
+from tests.conftest import ROOT, ServerThread, free_port, tool
+
+RENDER = ROOT / "envoy" / "render.py"
+CERTS_SH = ROOT / "envoy" / "certs.sh"
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("certs")
+    for name in ("ours", "other"):
+        subprocess.run([str(CERTS_SH), str(base / name)], check=True, capture_output=True)
+    return {"ours": base / "ours", "other": base / "other"}
+
+
+class Envoy:
+    """envoy/render.py + the envoy binary on free ports."""
+
+    def __init__(self, workdir: Path, certs: Path, upstream: str, *extra: str) -> None:
+        self.workdir = workdir
+        self.certs = certs
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.config = workdir / "envoy.yaml"
+        self.render("--upstream", upstream, *extra)
+        self.proc = subprocess.Popen(
+            [tool("envoy"), "-c", str(self.config), "--use-dynamic-base-id", "-l", "warning"],
+            stdout=open(workdir / "envoy.log", "ab"),  # noqa: SIM115 - lives with the process
+            stderr=subprocess.STDOUT,
+        )
+        self.wait_ready()
+
+    def render(self, *args: str) -> None:
+        subprocess.run(
+            [
+                sys.executable,
+                str(RENDER),
+                "--listen-port",
+                str(self.port),
+                "--admin-port",
+                str(self.admin_port),
+                "--certs",
+                str(self.certs),
+                "--out",
+                str(self.config),
+                *args,
+            ],
+            check=True,
+            capture_output=True,
+        )
+
+    def admin(self, path: str) -> str:
+        url = f"http://127.0.0.1:{self.admin_port}{path}"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return str(reply.read().decode())
+
+    def stat(self, name: str) -> int:
+        for line in self.admin(f"/stats?filter=^{name}$").splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        return 0
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.workdir / "envoy.log").read_text()[-3000:]
+            try:
+                if self.admin("/ready").strip() == "LIVE" and self.stat(
+                    "cluster.stable.membership_healthy"
+                ):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError((self.workdir / "envoy.log").read_text()[-3000:])
+
+    def client(self, certs: Path, who: str = "client", timeout: float = 10) -> RagClient:
+        return RagClient(
+            f"localhost:{self.port}",
+            timeout=timeout,
+            root_certificates=certs / "ca.pem",
+            client_certificate=certs / f"{who}.pem",
+            client_key=certs / f"{who}.key",
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def envoy(tmp_path: Path, certs: dict[str, Path]) -> Iterator[Callable[..., Envoy]]:
+    started: list[Envoy] = []
+
+    def start(upstream: str, *extra: str) -> Envoy:
+        workdir = tmp_path / f"envoy{len(started)}"
+        workdir.mkdir()
+        proxy = Envoy(workdir, certs["ours"], upstream, *extra)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+def marked(start_server: Callable[..., ServerThread], tmp_path: Path, name: str) -> ServerThread:
+    """A rag-grpc server with a namespace named after it, so answers say who served them."""
+    server = start_server(tmp_path / name)
+    with RagClient(server.target) as client:
+        client.upsert([Document(f"{name}-doc", f"served by {name}", {})], namespace=name)
+    return server
+
+
+def served_by(client: RagClient) -> str:
+    names = {ns.name for ns in client.stats().namespaces} - {"default"}
+    assert len(names) == 1, names
+    return names.pop()
+
+
+def test_rendered_configs_validate_and_bad_arguments_are_refused(
+    tmp_path: Path, certs: dict[str, Path]
+) -> None:
+    for extra in (
+        [],
+        ["--canary", "127.0.0.1:2", "--canary-weight", "25", "--otlp", "127.0.0.1:3"],
+    ):
+        out = tmp_path / f"e{len(extra)}.yaml"
+        subprocess.run(
+            [
+                sys.executable,
+                str(RENDER),
+                "--upstream",
+                "127.0.0.1:1",
+                "--certs",
+                str(certs["ours"]),
+                "--out",
+                str(out),
+                *extra,
+            ],
+            check=True,
+            capture_output=True,
+        )
+        check = subprocess.run(
+            [tool("envoy"), "--mode", "validate", "-c", str(out)], capture_output=True, text=True
+        )
+        assert check.returncode == 0 and "OK" in check.stdout + check.stderr
+        assert out.with_name(out.name.split(".")[0] + ".cds.json").is_file()
+    bad = subprocess.run(
+        [
+            sys.executable,
+            str(RENDER),
+            "--upstream",
+            "nope",
+            "--certs",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "x.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
+    missing = subprocess.run(
+        [
+            sys.executable,
+            str(RENDER),
+            "--upstream",
+            "127.0.0.1:1",
+            "--certs",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "x.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "certs.sh" in missing.stderr
+
+
+def test_mutual_tls_admits_our_clients_only(
+    start_server: Callable[..., ServerThread],
+    envoy: Callable[..., Envoy],
+    certs: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    server = marked(start_server, tmp_path, "blue")
+    proxy = envoy(server.target)
+    with proxy.client(certs["ours"]) as client:
+        assert served_by(client) == "blue"
+        hits = client.search("served", namespace="blue")
+        assert hits and hits[0].document_id == "blue-doc"
+    # No client certificate: the handshake fails.
+    anonymous = RagClient(
+        f"localhost:{proxy.port}", timeout=5, root_certificates=certs["ours"] / "ca.pem"
+    )
+    with anonymous, pytest.raises(RpcError) as info:
+        anonymous.stats()
+    assert info.value.code == "UNAVAILABLE"
+    # A certificate from another CA: refused too.
+    stranger = RagClient(
+        f"localhost:{proxy.port}",
+        timeout=5,
+        root_certificates=certs["ours"] / "ca.pem",
+        client_certificate=certs["other"] / "client.pem",
+        client_key=certs["other"] / "client.key",
+    )
+    with stranger, pytest.raises(RpcError) as info:
+        stranger.stats()
+    assert info.value.code == "UNAVAILABLE"
+    assert proxy.stat(f"listener.127.0.0.1_{proxy.port}.ssl.fail_verify_error") >= 1
+
+
+def test_rate_limits_per_route_and_per_client(
+    start_server: Callable[..., ServerThread],
+    envoy: Callable[..., Envoy],
+    certs: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    server = marked(start_server, tmp_path, "blue")
+    proxy = envoy(
+        server.target,
+        *(
+            "--rate-limit",
+            "1",
+            "--burst",
+            "1000",
+            "--client-rate-limit",
+            "1",
+            "--client-burst",
+            "5",
+        ),
+    )
+    codes: dict[str, list[str]] = {"client": [], "client2": []}
+    for who in codes:
+        with proxy.client(certs["ours"], who) as client:
+            for _ in range(12):
+                try:
+                    client.stats()
+                    codes[who].append("OK")
+                except RpcError as exc:
+                    codes[who].append(exc.code)
+    # Each identity has its own bucket of 5; past it, RESOURCE_EXHAUSTED.
+    for who, seen in codes.items():
+        assert seen[:5] == ["OK"] * 5, (who, seen)
+        assert seen.count("RESOURCE_EXHAUSTED") >= 6, (who, seen)
+    # Health checks are exempt.
+    with grpc.secure_channel(f"localhost:{proxy.port}", channel_credentials(certs["ours"])) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for _ in range(20):
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert proxy.stat("route_rate_limit.http_local_rate_limit.rate_limited") >= 12
+    # Per-method gRPC statistics, also in Prometheus form.
+    assert proxy.stat("cluster.stable.grpc.rag.v1.AdminService.Stats.total") >= 10
+    prometheus = proxy.admin("/stats/prometheus")
+    assert "envoy_http_local_rate_limiter_http_local_rate_limit_rate_limited" in prometheus or (
+        "rate_limited" in prometheus
+    )
+
+
+def channel_credentials(certs: Path, who: str = "client") -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=(certs / "ca.pem").read_bytes(),
+        private_key=(certs / f"{who}.key").read_bytes(),
+        certificate_chain=(certs / f"{who}.pem").read_bytes(),
+    )
+
+
+def test_canary_takes_its_weight_and_the_header_override(
+    start_server: Callable[..., ServerThread],
+    envoy: Callable[..., Envoy],
+    certs: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    stable = marked(start_server, tmp_path, "stable")
+    canary = marked(start_server, tmp_path, "canary")
+    proxy = envoy(
+        stable.target,
+        *("--canary", canary.target, "--canary-weight", "10"),
+        *("--rate-limit", "100000", "--burst", "100000"),
+        *("--client-rate-limit", "100000", "--client-burst", "100000"),
+    )
+    counts = {"stable": 0, "canary": 0}
+    with proxy.client(certs["ours"]) as client:
+        for _ in range(2000):
+            counts[served_by(client)] += 1
+    share = counts["canary"] / 2000
+    assert abs(share - 0.10) <= 0.05, counts
+    channel = grpc.secure_channel(f"localhost:{proxy.port}", channel_credentials(certs["ours"]))
+    with channel:
+        from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
+
+        stub = admin_service_pb2_grpc.AdminServiceStub(channel)
+        for _ in range(20):
+            reply = stub.Stats(
+                admin_pb2.StatsRequest(), metadata=(("x-rag-canary", "always"),), timeout=5
+            )
+            assert "canary" in {ns.name for ns in reply.namespaces}
+
+
+def test_blue_green_switch_under_load_fails_no_call(
+    start_server: Callable[..., ServerThread],
+    envoy: Callable[..., Envoy],
+    certs: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    blue = marked(start_server, tmp_path, "blue")
+    green = marked(start_server, tmp_path, "green")
+    limits = ("--rate-limit", "100000", "--burst", "100000")
+    limits += ("--client-rate-limit", "100000", "--client-burst", "100000")
+    proxy = envoy(blue.target, *limits)
+    seen: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with proxy.client(certs["ours"]) as client:
+            while not stop.is_set():
+                try:
+                    seen.append(served_by(client))
+                except RpcError as exc:
+                    failures.append(f"{exc.code}: {exc.message}")
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        proxy.render("--upstream", green.target, "--clusters-only", *limits)
+        deadline = time.monotonic() + 20
+        while "green" not in seen[-20:]:
+            assert time.monotonic() < deadline, "Envoy never switched to green"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        blue.stop()  # the old colour goes away once traffic has moved
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    assert not failures, failures[:5]
+    assert seen[0] == "blue" and set(seen[-50:]) == {"green"}
+    assert proxy.proc.poll() is None  # the same Envoy throughout
