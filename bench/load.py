@@ -61,9 +61,21 @@ def start_server(
 
 
 async def _load(
-    target: str, method: str, payloads: list[bytes], seconds: float, inflight: int, out: mp.Queue
-) -> None:  # type: ignore[type-arg]
-    async with grpc.aio.insecure_channel(target) as channel:
+    target: str,
+    method: str,
+    payloads: list[bytes],
+    seconds: float,
+    inflight: int,
+    out: mp.Queue,  # type: ignore[type-arg]
+    tls: tuple[str, str, str] | None = None,
+) -> None:
+    if tls is None:
+        channel = grpc.aio.insecure_channel(target)
+    else:
+        ca, cert, key = (Path(p).read_bytes() for p in tls)
+        credentials = grpc.ssl_channel_credentials(ca, key, cert)
+        channel = grpc.aio.secure_channel(target, credentials)
+    async with channel:
         call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
         latencies: list[float] = []
         stop_at = time.perf_counter() + seconds
@@ -81,9 +93,15 @@ async def _load(
 
 
 def _process(
-    target: str, method: str, payloads: list[bytes], seconds: float, inflight: int, out: mp.Queue
-) -> None:  # type: ignore[type-arg]
-    asyncio.run(_load(target, method, payloads, seconds, inflight, out))
+    target: str,
+    method: str,
+    payloads: list[bytes],
+    seconds: float,
+    inflight: int,
+    out: mp.Queue,  # type: ignore[type-arg]
+    tls: tuple[str, str, str] | None = None,
+) -> None:
+    asyncio.run(_load(target, method, payloads, seconds, inflight, out, tls))
 
 
 def run_load(
@@ -95,8 +113,10 @@ def run_load(
     procs: int,
     inflight: int,
     seconds: float,
+    tls: tuple[str, str, str] | None = None,
 ) -> list[object]:
-    """[label, calls, RPC/s, p50 ms, p99 ms] of `procs` x `inflight` calls for `seconds`."""
+    """[label, calls, RPC/s, p50 ms, p99 ms] of `procs` x `inflight` calls for `seconds`
+    (tls: CA, client certificate and key files for a TLS target)."""
     # Spawned, not forked: a forked child inherits the parent's gRPC state
     # and can hang before its first call.
     ctx = mp.get_context("spawn")
@@ -104,7 +124,7 @@ def run_load(
     workers = [
         ctx.Process(
             target=_process,
-            args=(target, method, payloads[p:] + payloads[:p], seconds, inflight, out),
+            args=(target, method, payloads[p:] + payloads[:p], seconds, inflight, out, tls),
         )
         for p in range(procs)
     ]

@@ -196,12 +196,15 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _configure_logging(settings: Settings) -> None:
-    fmt = (
-        '{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":"%(message)s"}'
+    from rag_grpc.telemetry import JsonFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter()
         if settings.logging.json_format
-        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
-    logging.basicConfig(level=settings.logging.level, format=fmt, stream=sys.stderr)
+    logging.basicConfig(level=settings.logging.level, handlers=[handler])
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -45,6 +45,9 @@ class ServerConfig(_Section):
     # When set, every rag.v1 call must carry `authorization: Bearer <token>`
     # (health and reflection stay open for probes); remote calls send it too.
     auth_token: SecretStr | None = None
+    # Addresses of the gateway (Envoy) whose x-forwarded-client-cert header
+    # is believed; from anyone else the header is ignored.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 class IndexConfig(_Section):
@@ -236,6 +239,21 @@ class RemoteConfig(_Section):
     health_probe_interval_s: float = Field(2.0, gt=0)
 
 
+class TelemetryConfig(_Section):
+    """OpenTelemetry traces and metrics."""
+
+    # OTLP/gRPC collector for traces and metrics, e.g. "127.0.0.1:4317".
+    otlp_endpoint: str | None = None
+    otlp_insecure: bool = True
+    # Prometheus scrape endpoint (/metrics); None: off, 0: any free port.
+    prometheus_port: int | None = Field(None, ge=0, le=65535)
+    prometheus_host: str = "127.0.0.1"
+    trace_sample_ratio: float = Field(1.0, ge=0.0, le=1.0)
+    export_interval_s: float = Field(5.0, gt=0)
+    # A search "succeeds" when its best hit scores at least this (cosine).
+    relevance_threshold: float = Field(0.3, ge=-1.0, le=1.0)
+
+
 class LoggingConfig(_Section):
     """Logging."""
 
@@ -266,6 +284,7 @@ class Settings(BaseSettings):
     generation: GenerationConfig = GenerationConfig()
     remote: RemoteConfig = RemoteConfig()
     logging: LoggingConfig = LoggingConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
 
     @field_validator("services", mode="before")
     @classmethod

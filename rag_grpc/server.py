@@ -14,7 +14,9 @@ import grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.metrics import Observation
 
+from rag_grpc import telemetry
 from rag_grpc.config import Settings
 from rag_grpc.documents import Document
 from rag_grpc.embed.batcher import BatchingEmbedder
@@ -46,6 +48,7 @@ from rag_grpc.services.rag import RagServicer
 from rag_grpc.services.remote import RemoteGenerator, RemoteSearch
 from rag_grpc.services.retrieval import RetrievalServicer
 from rag_grpc.store.sqlite import DocumentStore
+from rag_grpc.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,7 @@ class RagServer:
         self._remotes: list[_RemoteDependency] = []
         self._probe_task: asyncio.Task[None] | None = None
         self.triton: TritonGenerator | None = None
+        self.telemetry: Telemetry | None = None
         self._triton_task: asyncio.Task[None] | None = None
 
     # -- assembly ----------------------------------------------------------
@@ -195,11 +199,15 @@ class RagServer:
     async def start(self) -> int:
         """Build everything, bind the port, start serving; return the bound port."""
         s = self.settings
+        self.telemetry = Telemetry(s.telemetry)
+        telemetry.install(self.telemetry)
         await asyncio.get_running_loop().run_in_executor(self.executor, self._build_core)
+        self._register_gauges()
         server = grpc.aio.server(
             interceptors=[
                 ServiceInterceptor(
-                    s.server.auth_token.get_secret_value() if s.server.auth_token else None
+                    s.server.auth_token.get_secret_value() if s.server.auth_token else None,
+                    trusted_proxies=s.server.trusted_proxies,
                 )
             ],
             options=[
@@ -285,6 +293,38 @@ class RagServer:
         log.info("rag-grpc serving %s on %s:%d", ", ".join(s.services), s.host, self.port)
         return self.port
 
+    def _register_gauges(self) -> None:
+        """Observable metrics read at collection time."""
+        t = self.telemetry
+        assert t is not None
+        embedder, retriever = self.embedder, self.retriever
+        if embedder is not None:
+            t.observe(
+                "rag_embed_cache_hit_ratio",
+                "Embedding cache hits / lookups since start",
+                lambda: [Observation(embedder.stats().cache.hit_ratio)],
+            )
+            t.observe(
+                "rag_embed_queue_texts",
+                "Texts waiting for the embedding model",
+                lambda: [Observation(embedder.stats().queued_texts)],
+            )
+        if retriever is not None:
+            t.observe(
+                "rag_index_vectors",
+                "Live vectors per namespace index",
+                lambda: [
+                    Observation(size, {"namespace": name})
+                    for name, size in retriever.index_sizes().items()
+                ],
+            )
+
+        def lag() -> list[Observation]:
+            queue = self.job_queue
+            return [Observation(queue.pending_count())] if queue is not None else []
+
+        t.observe("rag_ingestion_pending_jobs", "Ingestion jobs not finished yet", lag)
+
     async def _seed(self) -> None:
         assert self.ingestion is not None and self.store is not None
         if self.seed_documents and not any(c.documents for c in self.store.counts()):
@@ -366,6 +406,10 @@ class RagServer:
             self.job_queue.close()
         if self.store is not None:
             self.store.close()
+        if self.telemetry is not None:
+            if telemetry.current() is self.telemetry:
+                telemetry.install(None)
+            self.telemetry.shutdown()
         log.info("rag-grpc stopped")
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rag_grpc import telemetry
 from rag_grpc.embed.cache import CacheStats, EmbeddingCache, text_key
 from rag_grpc.embed.encoder import EmbedOutput, OnnxEncoder
 from rag_grpc.errors import ResourceExhausted
@@ -145,6 +146,7 @@ class BatchingEmbedder:
 
     def _embed_batch(self, batch: list[_Request], size: int) -> None:
         texts = [t for request in batch for t in request.texts]
+        telemetry.record("batch_size", size)
         try:
             out = self.encoder.embed(texts)
         except Exception as exc:  # every waiting caller gets the error

@@ -12,6 +12,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from rag_grpc import telemetry
 from rag_grpc.config import LimitsConfig
 from rag_grpc.deadlines import in_thread
 from rag_grpc.documents import Hit, SearchResult
@@ -102,9 +103,10 @@ class RagPipeline:
         if not 1 <= k <= self.limits.max_ask_k:
             raise InvalidArgument(f"k must be between 1 and {self.limits.max_ask_k}, got {k}")
         started = time.perf_counter()
-        result = await self.search.search(
-            SearchQuery(namespace=namespace, text=question, k=k, filter=filter)
-        )
+        with telemetry.span("retrieve", k=k):
+            result = await self.search.search(
+                SearchQuery(namespace=namespace, text=question, k=k, filter=filter)
+            )
         retrieved = time.perf_counter()
         yield Citations(result.hits)
         passages: Sequence[Passage] = [
@@ -113,13 +115,22 @@ class RagPipeline:
         first_token: float | None = None
         finished: Finished | None = None
         if passages:
-            async for event in self.generator.generate(question, passages, params):
-                if isinstance(event, Delta):
-                    if first_token is None:
-                        first_token = time.perf_counter()
-                    yield event
-                else:
-                    finished = event
+            span = telemetry.start_current("generate", generator=self.generator.name)
+            try:
+                async for event in self.generator.generate(question, passages, params):
+                    if isinstance(event, Delta):
+                        if first_token is None:
+                            first_token = time.perf_counter()
+                        yield event
+                    else:
+                        finished = event
+                        telemetry.usage(
+                            event.usage.prompt_tokens,
+                            event.usage.completion_tokens,
+                            event.generator,
+                        )
+            finally:
+                span.end()
         else:
             answer = "No passages in this namespace match the question."
             first_token = time.perf_counter()

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from rag_grpc import deadlines
+from rag_grpc import deadlines, telemetry
 from rag_grpc.config import GenerationConfig, TritonConfig
 from rag_grpc.errors import Cancelled, DeadlineExceeded, InvalidArgument, Unavailable
 from rag_grpc.generate.base import (
@@ -310,12 +310,40 @@ class TritonGenerator:
     async def _call(
         self, prompt: str, max_tokens: int, params: GenerationParams
     ) -> AsyncIterator[str]:
-        """Text pieces from Triton; errors become our error types."""
+        """Text pieces from Triton in a client span whose context travels in
+        the call's metadata; errors become our error types."""
+        from opentelemetry import trace
+
+        rpc = "ModelStreamInfer" if self.triton.streaming else "ModelInfer"
+        span = telemetry.tracer().start_span(
+            f"triton {rpc}",
+            kind=trace.SpanKind.CLIENT,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": "inference.GRPCInferenceService",
+                "rpc.method": rpc,
+                "server.address": self.triton.url,
+                "triton.model": self.triton.model,
+            },
+        )
+        try:
+            async for piece in self._call_in_span(prompt, max_tokens, params, span):
+                yield piece
+        except BaseException as exc:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
+            raise
+        finally:
+            span.end()
+
+    async def _call_in_span(
+        self, prompt: str, max_tokens: int, params: GenerationParams, span: Any
+    ) -> AsyncIterator[str]:
         deadlines.check("generation")
         timeout = deadlines.remaining(self.triton.timeout_s)
         client = self.client()
         inputs = self._inputs(prompt, max_tokens, params)
         request_id = uuid.uuid4().hex
+        headers = telemetry.inject(span)
         if not self.triton.streaming:
             try:
                 result = await client.infer(
@@ -324,6 +352,7 @@ class TritonGenerator:
                     model_version=self.triton.model_version,
                     request_id=request_id,
                     client_timeout=timeout,
+                    headers=headers,
                 )
             except Exception as exc:
                 raise _translate(exc, self.triton) from None
@@ -339,7 +368,7 @@ class TritonGenerator:
             }
 
         try:
-            stream = client.stream_infer(requests(), stream_timeout=timeout)
+            stream = client.stream_infer(requests(), stream_timeout=timeout, headers=headers)
         except Exception as exc:
             raise _translate(exc, self.triton) from None
         # A reader task takes Triton's responses as they come; the caller gets

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rag_grpc import deadlines
+from rag_grpc import deadlines, telemetry
 from rag_grpc.config import IndexConfig, LimitsConfig
 from rag_grpc.documents import (
     Document,
@@ -296,9 +296,10 @@ class Retriever:
         vectors = np.zeros((len(queries), self.embedder.dimension), dtype=np.float32)
         text_rows = [i for i, q in enumerate(queries) if q.vector is None]
         if text_rows:
-            vectors[text_rows] = self.embedder.embed(
-                [queries[i].text or "" for i in text_rows]
-            ).vectors
+            with telemetry.span("embed", texts=len(text_rows)):
+                vectors[text_rows] = self.embedder.embed(
+                    [queries[i].text or "" for i in text_rows]
+                ).vectors
         for i, q in enumerate(queries):
             if q.vector is not None:
                 vectors[i] = _unit(np.asarray(q.vector, dtype=np.float32))
@@ -313,13 +314,17 @@ class Retriever:
         results: list[SearchResult | None] = [None] * len(queries)
         for (namespace, flt, k, ef), rows in groups.items():
             t0 = time.perf_counter()
-            generation = self.store.generation(namespace)
-            allowed = self.store.labels_matching(namespace, flt) if flt is not None else None
-            labels, distances = self._indexes[namespace].search(vectors[rows], k, ef, allowed)
+            with telemetry.span("store.filter", namespace=namespace, filtered=flt is not None):
+                generation = self.store.generation(namespace)
+                allowed = self.store.labels_matching(namespace, flt) if flt is not None else None
+            with telemetry.span("index.search", namespace=namespace, queries=len(rows), k=k):
+                labels, distances = self._indexes[namespace].search(vectors[rows], k, ef, allowed)
             search_ms = (time.perf_counter() - t0) * 1000 / len(rows)
             for row, row_labels, row_distances in zip(rows, labels, distances, strict=True):
                 # Inner-product distance is 1 - cosine similarity for unit vectors.
-                hits = self._hydrate(row_labels, 1.0 - row_distances)
+                with telemetry.span("store.read", namespace=namespace):
+                    hits = self._hydrate(row_labels, 1.0 - row_distances)
+                _record_outcome(hits)
                 timings = SearchTimings(
                     embed_ms=embed_ms / len(queries),
                     search_ms=search_ms,
@@ -349,6 +354,10 @@ class Retriever:
 
     # -- stats -------------------------------------------------------------
 
+    def index_sizes(self) -> dict[str, int]:
+        """Live vectors per loaded namespace index (no store access)."""
+        return {name: len(index) for name, index in list(self._indexes.items())}
+
     def stats(self) -> list[NamespaceStats]:
         """Sizes per namespace."""
         return [
@@ -366,3 +375,15 @@ class Retriever:
 def _unit(vector: np.ndarray) -> np.ndarray:
     norm = float(np.linalg.norm(vector))
     return vector / norm if norm > 0 else vector
+
+
+def _record_outcome(hits: list[Hit]) -> None:
+    """Query success rate and score distribution for the metrics."""
+    t = telemetry.current()
+    if t is None:
+        return
+    top = hits[0].score if hits else None
+    success = top is not None and top >= t.config.relevance_threshold
+    telemetry.record("searches", 1, outcome="success" if success else "miss")
+    if top is not None:
+        telemetry.record("scores", top)

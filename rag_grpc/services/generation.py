@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from rag_grpc import telemetry
 from rag_grpc.generate.base import Delta, Generator
 from rag_grpc.pb import generation_pb2, generation_service_pb2_grpc
 from rag_grpc.services import convert
@@ -22,12 +23,20 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         passages = [convert.passage_from_pb(p) for p in request.context]
         params = convert.params_from_pb(request.parameters)
-        async for event in self.generator.generate(request.prompt, passages, params):
-            if isinstance(event, Delta):
-                yield generation_pb2.GenerateResponse(delta=event.text)
-            else:
+        span = telemetry.start_current("generate", generator=self.generator.name)
+        try:
+            async for event in self.generator.generate(request.prompt, passages, params):
+                if isinstance(event, Delta):
+                    yield generation_pb2.GenerateResponse(delta=event.text)
+                    continue
+                span.end()
+                telemetry.usage(
+                    event.usage.prompt_tokens, event.usage.completion_tokens, event.generator
+                )
                 yield generation_pb2.GenerateResponse(
                     summary=convert.summary_to_pb(
                         event.generator, event.finish_reason, event.usage, event.cited_passages
                     )
                 )
+        finally:
+            span.end()

@@ -1,6 +1,9 @@
 """Cross-cutting concerns of every RPC, in one server interceptor: requests
 that do not decode, deadlines already expired, core errors mapped to gRPC
-status codes, and one log line per call."""
+status codes, the server span (continuing the caller's W3C trace), RPC
+metrics, and one structured log line per call with method, status, latency,
+trace id and client identity (from x-forwarded-client-cert, trusted only
+from the configured gateway addresses)."""
 
 from __future__ import annotations
 
@@ -12,8 +15,10 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
-from rag_grpc import errors
+from rag_grpc import errors, telemetry
 from rag_grpc.deadlines import enter_call
 
 log = logging.getLogger("rag_grpc.rpc")
@@ -80,8 +85,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every unary and server-streaming handler; checks the bearer
     token of rag.v1 calls when one is configured."""
 
-    def __init__(self, auth_token: str | None = None) -> None:
+    def __init__(
+        self, auth_token: str | None = None, trusted_proxies: tuple[str, ...] = ()
+    ) -> None:
         self._expected = f"Bearer {auth_token}".encode() if auth_token else None
+        self._trusted = frozenset(trusted_proxies)
 
     async def intercept_service(
         self,
@@ -92,20 +100,23 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or handler.request_streaming:
             return handler
+        metadata: dict[str, str] = {}
+        for key, value in handler_call_details.invocation_metadata or ():
+            metadata[key] = value.decode("latin-1") if isinstance(value, bytes) else str(value)
         if self._expected is not None and method.startswith("/rag.v1."):
-            metadata = dict(handler_call_details.invocation_metadata or ())
-            given = metadata.get("authorization", "")
-            given_bytes = given.encode() if isinstance(given, str) else given
-            if not hmac.compare_digest(given_bytes, self._expected):
+            given = metadata.get("authorization", "").encode("latin-1")
+            if not hmac.compare_digest(given, self._expected):
                 return _unauthenticated(handler, method)
         decode = _safe(handler.request_deserializer, method)
+        observe = _Observer(method, metadata, self._trusted)
         if handler.unary_unary is not None:
             return handler._replace(  # type: ignore[attr-defined]
-                request_deserializer=decode, unary_unary=_wrap_unary(handler.unary_unary, method)
+                request_deserializer=decode,
+                unary_unary=_wrap_unary(handler.unary_unary, method, observe),
             )
         return handler._replace(  # type: ignore[attr-defined]
             request_deserializer=decode,
-            unary_stream=_wrap_stream(handler.unary_stream, method),  # type: ignore[arg-type]
+            unary_stream=_wrap_stream(handler.unary_stream, method, observe),  # type: ignore[arg-type]
         )
 
 
@@ -125,14 +136,103 @@ def _unauthenticated(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMet
     return handler._replace(unary_stream=refuse_stream)  # type: ignore[attr-defined]
 
 
-def _log_call(method: str, started: float, code: str) -> None:
-    log.info("rpc %s %s %.2fms", method, code, (time.perf_counter() - started) * 1000)
+class _Observer:
+    """One call's span, metrics and log line."""
+
+    def __init__(self, method: str, metadata: dict[str, str], trusted: frozenset[str]) -> None:
+        self.method = method
+        self.metadata = metadata
+        self.trusted = trusted
+
+    def client_identity(self, context: grpc.aio.ServicerContext) -> str:
+        """The gateway's x-forwarded-client-cert identity, if the peer is a trusted gateway."""
+        header = self.metadata.get("x-forwarded-client-cert")
+        if not header or not self.trusted:
+            return ""
+        peer = context.peer() or ""
+        # "ipv4:127.0.0.1:5000" / "ipv6:[::1]:5000"
+        host = peer.split(":", 1)[-1].rsplit(":", 1)[0].strip("[]")
+        if host not in self.trusted:
+            return ""
+        return xfcc_identity(header)
+
+    def start(self) -> Any:
+        parent = telemetry.extract(self.metadata)
+        span = telemetry.tracer().start_span(
+            self.method.lstrip("/"),
+            context=parent,
+            kind=trace.SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.method": self.method},
+        )
+        # Each call runs in its own task and context, so the span stays
+        # current for the rest of the call without a reset.
+        otel_context.attach(trace.set_span_in_context(span, parent))
+        telemetry.record("rpc_in_flight", 1, method=self.method)
+        return span
+
+    def finish(
+        self, span: Any, started: float, code: str, context: grpc.aio.ServicerContext
+    ) -> None:
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        client = self.client_identity(context)
+        attributes = {"method": self.method, "code": code}
+        telemetry.record("rpc_in_flight", -1, method=self.method)
+        telemetry.record("rpc_calls", 1, **attributes)
+        telemetry.record("rpc_duration", elapsed_ms, **attributes)
+        span.set_attribute("rpc.grpc.status_code", code)
+        if client:
+            span.set_attribute("client.identity", client)
+        if code != "OK":
+            span.set_status(trace.Status(trace.StatusCode.ERROR, code))
+        trace_id = telemetry.trace_id()
+        span.end()
+        log.info(
+            "rpc %s %s %.2fms",
+            self.method,
+            code,
+            elapsed_ms,
+            extra={
+                "method": self.method,
+                "code": code,
+                "latency_ms": round(elapsed_ms, 3),
+                "trace_id": trace_id,
+                "client": client,
+            },
+        )
 
 
-def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Any]:
+def xfcc_identity(header: str) -> str:
+    """The client identity in an x-forwarded-client-cert value: URI SAN, else
+    DNS SAN, else the subject (the last element is the nearest hop)."""
+    element = header.split(",")[-1] if header.count('"') % 2 == 0 else header
+    fields: dict[str, str] = {}
+    for part in _split_xfcc(element):
+        key, _, value = part.partition("=")
+        fields.setdefault(key.strip(), value.strip().strip('"'))
+    return fields.get("URI") or fields.get("DNS") or fields.get("Subject", "")
+
+
+def _split_xfcc(element: str) -> list[str]:
+    parts, current, quoted = [], "", False
+    for char in element:
+        if char == '"':
+            quoted = not quoted
+        if char == ";" and not quoted:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return parts
+
+
+def _wrap_unary(
+    behavior: Callable[..., Awaitable[Any]], method: str, observe: _Observer
+) -> Callable[..., Any]:
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
         code = "OK"
+        span = observe.start()
         try:
             await _precheck(request, context)
             return await behavior(request, context)
@@ -140,21 +240,24 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callabl
             code = status_of(exc).name
             await _abort_for(exc, context, method)
         except grpc.aio.AbortError:
-            code = "ABORTED_BY_HANDLER"
+            code = _aborted_code(context)
             raise
         except Exception as exc:
             code = "INTERNAL"
             await _abort_for(exc, context, method)
         finally:
-            _log_call(method, started, code)
+            observe.finish(span, started, code, context)
 
     return unary
 
 
-def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., Any]:
+def _wrap_stream(
+    behavior: Callable[..., AsyncIterator[Any]], method: str, observe: _Observer
+) -> Callable[..., Any]:
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         started = time.perf_counter()
         code = "OK"
+        span = observe.start()
         try:
             await _precheck(request, context)
             async for item in behavior(request, context):
@@ -163,12 +266,17 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Ca
             code = status_of(exc).name
             await _abort_for(exc, context, method)
         except grpc.aio.AbortError:
-            code = "ABORTED_BY_HANDLER"
+            code = _aborted_code(context)
             raise
         except Exception as exc:
             code = "INTERNAL"
             await _abort_for(exc, context, method)
         finally:
-            _log_call(method, started, code)
+            observe.finish(span, started, code, context)
 
     return stream
+
+
+def _aborted_code(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "ABORTED_BY_HANDLER"

@@ -1,0 +1,232 @@
+"""OpenTelemetry for rag-grpc: traces (continuing the caller's W3C trace,
+exported over OTLP), metrics (OTLP and a Prometheus scrape endpoint) and the
+trace context handed on to Triton.
+
+One `Telemetry` object per server, made from the config; the core reaches the
+tracer and instruments through module functions, which do nothing until a
+server installs its Telemetry.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import propagate, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+from rag_grpc import __version__
+from rag_grpc.config import TelemetryConfig
+
+log = logging.getLogger(__name__)
+
+_NOOP_TRACER = trace.NoOpTracer()
+
+
+@dataclass
+class Instruments:
+    """The metric instruments the servicers and the core record into."""
+
+    rpc_duration: Any
+    rpc_calls: Any
+    rpc_in_flight: Any
+    batch_size: Any
+    tokens: Any
+    searches: Any
+    scores: Any
+
+
+class Telemetry:
+    """Tracer and meter providers, exporters and the instruments."""
+
+    def __init__(self, config: TelemetryConfig, service_name: str = "rag-grpc") -> None:
+        self.config = config
+        resource = Resource.create({"service.name": service_name, "service.version": __version__})
+        sampler = ParentBased(TraceIdRatioBased(config.trace_sample_ratio))
+        self.tracer_provider = TracerProvider(resource=resource, sampler=sampler)
+        readers: list[MetricReader] = []
+        if config.otlp_endpoint:
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            self.tracer_provider.add_span_processor(
+                BatchSpanProcessor(
+                    OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=config.otlp_insecure),
+                    schedule_delay_millis=int(config.export_interval_s * 1000),
+                )
+            )
+            readers.append(
+                PeriodicExportingMetricReader(
+                    OTLPMetricExporter(
+                        endpoint=config.otlp_endpoint, insecure=config.otlp_insecure
+                    ),
+                    export_interval_millis=int(config.export_interval_s * 1000),
+                )
+            )
+        self.prometheus_port = 0
+        if config.prometheus_port is not None:
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+            from prometheus_client import REGISTRY, start_http_server
+
+            readers.append(PrometheusMetricReader())
+            server, _ = start_http_server(
+                config.prometheus_port, addr=config.prometheus_host, registry=REGISTRY
+            )
+            self.prometheus_port = int(server.server_port)
+            self._prometheus_server = server
+        self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        self.tracer = self.tracer_provider.get_tracer("rag_grpc", __version__)
+        meter = self.meter_provider.get_meter("rag_grpc", __version__)
+        self.meter = meter
+        self.instruments = Instruments(
+            rpc_duration=meter.create_histogram(
+                "rag_rpc_duration", unit="ms", description="RPC latency by method and status code"
+            ),
+            rpc_calls=meter.create_counter(
+                "rag_rpc_calls", description="RPCs by method and status code"
+            ),
+            rpc_in_flight=meter.create_up_down_counter(
+                "rag_rpc_in_flight", description="RPCs being served now"
+            ),
+            batch_size=meter.create_histogram(
+                "rag_embed_batch_size", description="Texts per embedding model call"
+            ),
+            tokens=meter.create_counter(
+                "rag_generation_tokens", description="Generation tokens by direction (in, out)"
+            ),
+            searches=meter.create_counter(
+                "rag_searches",
+                description="Searches by outcome: success when a hit scores above the "
+                "relevance threshold",
+            ),
+            scores=meter.create_histogram(
+                "rag_search_top_score", description="Score of the best hit of each search"
+            ),
+        )
+
+    def observe(
+        self, name: str, description: str, read: Callable[[], Sequence[Observation]]
+    ) -> None:
+        """An observable gauge read at collection time (queue depths, sizes, ratios)."""
+
+        def callback(options: CallbackOptions) -> Iterator[Observation]:
+            try:
+                yield from read()
+            except Exception:  # a gauge must never break collection
+                log.debug("gauge %s failed", name, exc_info=True)
+
+        self.meter.create_observable_gauge(name, callbacks=[callback], description=description)
+
+    def shutdown(self) -> None:
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+        server = getattr(self, "_prometheus_server", None)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, the fields a
+    call's log line carries (method, code, latency_ms, trace_id, client) and
+    the trace id of the current span. Callers never log document text,
+    prompts or secrets at INFO."""
+
+    FIELDS = ("method", "code", "latency_ms", "trace_id", "client")
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for field in self.FIELDS:
+            value = getattr(record, field, None)
+            if value not in (None, ""):
+                entry[field] = value
+        if "trace_id" not in entry and (current_trace := trace_id()):
+            entry["trace_id"] = current_trace
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+_current: Telemetry | None = None
+
+
+def install(telemetry: Telemetry | None) -> None:
+    """Make `telemetry` the one the core records into (None: off)."""
+    global _current
+    _current = telemetry
+
+
+def current() -> Telemetry | None:
+    return _current
+
+
+def tracer() -> trace.Tracer:
+    return _current.tracer if _current is not None else _NOOP_TRACER
+
+
+@contextmanager
+def span(name: str, **attributes: Any) -> Iterator[trace.Span]:
+    """A child span of the current one (a no-op without telemetry)."""
+    with tracer().start_as_current_span(name, attributes=attributes) as current_span:
+        yield current_span
+
+
+def start_current(name: str, kind: Any = None, **attributes: Any) -> trace.Span:
+    """Start a child span and make it current for the rest of this task (no
+    reset: each RPC runs in its own task). End it with span.end()."""
+    from opentelemetry import context as otel_context
+
+    started = tracer().start_span(name, kind=kind or trace.SpanKind.INTERNAL, attributes=attributes)
+    otel_context.attach(trace.set_span_in_context(started))
+    return started
+
+
+def usage(prompt_tokens: int, completion_tokens: int, generator: str) -> None:
+    """Token counts of one generation, into the metrics."""
+    record("tokens", prompt_tokens, direction="in", generator=generator)
+    record("tokens", completion_tokens, direction="out", generator=generator)
+
+
+def record(what: str, value: float, **attributes: Any) -> None:
+    """Add to a counter or histogram by its field name in Instruments."""
+    if _current is None:
+        return
+    instrument = getattr(_current.instruments, what)
+    if hasattr(instrument, "record"):
+        instrument.record(value, attributes)
+    else:
+        instrument.add(value, attributes)
+
+
+def extract(metadata: Mapping[str, str]) -> Any:
+    """The caller's trace context from gRPC metadata (W3C traceparent)."""
+    return propagate.extract(dict(metadata))
+
+
+def inject(span: trace.Span | None = None) -> dict[str, str]:
+    """Headers carrying the trace context (of `span`, else the current one) downstream."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=trace.set_span_in_context(span) if span else None)
+    return carrier
+
+
+def trace_id() -> str:
+    """The current trace id in hex, or '' outside a sampled span."""
+    context = trace.get_current_span().get_span_context()
+    return f"{context.trace_id:032x}" if context.is_valid else ""
