@@ -203,21 +203,22 @@ class _Observer:
 
 def xfcc_identity(header: str) -> str:
     """The client identity in an x-forwarded-client-cert value: URI SAN, else
-    DNS SAN, else the subject (the last element is the nearest hop)."""
-    element = header.split(",")[-1] if header.count('"') % 2 == 0 else header
+    DNS SAN, else the subject (of the last element: the nearest hop)."""
+    element = _split_quoted(header, ",")[-1]
     fields: dict[str, str] = {}
-    for part in _split_xfcc(element):
+    for part in _split_quoted(element, ";"):
         key, _, value = part.partition("=")
         fields.setdefault(key.strip(), value.strip().strip('"'))
     return fields.get("URI") or fields.get("DNS") or fields.get("Subject", "")
 
 
-def _split_xfcc(element: str) -> list[str]:
+def _split_quoted(text: str, separator: str) -> list[str]:
+    """Split on separator outside double quotes."""
     parts, current, quoted = [], "", False
-    for char in element:
+    for char in text:
         if char == '"':
             quoted = not quoted
-        if char == ";" and not quoted:
+        if char == separator and not quoted:
             parts.append(current)
             current = ""
         else:

@@ -1,0 +1,225 @@
+"""Observability end to end: one trace across Envoy, rag-grpc and the Triton
+call (spans captured by an OTLP receiver run here), the Prometheus endpoint,
+and the structured log line of each call."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.metrics.v1 import (
+    metrics_service_pb2,
+    metrics_service_pb2_grpc,
+)
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from rag_grpc.client import RagClient
+from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
+from tests.conftest import CORPUS, ServerProcess, ServerThread, free_port
+from tests.test_envoy import CERTS_SH, Envoy
+from tests.test_triton import Triton
+
+
+class OtlpReceiver(
+    trace_service_pb2_grpc.TraceServiceServicer, metrics_service_pb2_grpc.MetricsServiceServicer
+):
+    """A minimal OTLP/gRPC collector that keeps every span it is sent."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.spans: list[tuple[str, Any]] = []  # (service.name, span)
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(self, self.server)
+        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        self.server.start()
+
+    def Export(self, request: Any, context: Any) -> Any:
+        if isinstance(request, metrics_service_pb2.ExportMetricsServiceRequest):
+            return metrics_service_pb2.ExportMetricsServiceResponse()
+        for resource_spans in request.resource_spans:
+            service = next(
+                (
+                    a.value.string_value
+                    for a in resource_spans.resource.attributes
+                    if a.key == "service.name"
+                ),
+                "",
+            )
+            for scope in resource_spans.scope_spans:
+                for span in scope.spans:
+                    self.spans.append((service, span))
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def by_trace(self) -> dict[str, list[tuple[str, str]]]:
+        out: dict[str, list[tuple[str, str]]] = {}
+        for service, span in list(self.spans):
+            out.setdefault(span.trace_id.hex(), []).append((service, span.name))
+        return out
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    collector = OtlpReceiver()
+    yield collector
+    collector.server.stop(0)
+
+
+def test_one_trace_covers_envoy_rag_grpc_and_the_triton_call(
+    start_server: Callable[..., ServerThread], receiver: OtlpReceiver, tmp_path: Path
+) -> None:
+    import subprocess
+
+    subprocess.run([str(CERTS_SH), str(tmp_path / "certs")], check=True, capture_output=True)
+    triton = Triton(tmp_path / "triton.log").start()
+    try:
+        server = start_server(
+            telemetry={"otlp_endpoint": f"127.0.0.1:{receiver.port}", "export_interval_s": 0.2},
+            generation={
+                "generator": "triton",
+                "triton": {"url": triton.url, "probe_interval_s": 0.5},
+            },
+        )
+        (tmp_path / "envoy").mkdir()
+        proxy = Envoy(
+            tmp_path / "envoy",
+            tmp_path / "certs",
+            server.target,
+            *("--otlp", f"127.0.0.1:{receiver.port}"),
+        )
+        try:
+            with RagClient(server.target) as direct:
+                direct.upsert(CORPUS)
+            with proxy.client(tmp_path / "certs", timeout=60) as client:
+                summary = list(client.ask("What is a volcano?"))[-1]
+            assert summary.generator == "triton"
+
+            def complete() -> list[tuple[str, str]] | None:
+                for spans in receiver.by_trace().values():
+                    services = {service for service, _ in spans}
+                    names = {name for _, name in spans}
+                    if {"rag-grpc-gateway", "rag-grpc"} <= services and (
+                        "triton ModelStreamInfer" in names
+                    ):
+                        return spans
+                return None
+
+            deadline = time.monotonic() + 30
+            while (spans := complete()) is None:
+                assert time.monotonic() < deadline, receiver.by_trace()
+                time.sleep(0.3)
+        finally:
+            proxy.stop()
+    finally:
+        triton.kill()
+    names = {name for _, name in spans}
+    assert {"rag.v1.RagService/Ask", "retrieve", "embed", "index.search", "generate"} <= names
+    assert any(service == "rag-grpc-gateway" for service, _ in spans)
+
+
+def test_prometheus_endpoint_serves_metrics_that_move(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    server = start_server(telemetry={"prometheus_port": 0, "relevance_threshold": 0.2})
+    port = server.server.telemetry.prometheus_port  # type: ignore[union-attr]
+    assert port > 0
+
+    def scrape() -> str:
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return str(reply.read().decode())
+
+    def value(text: str, pattern: str) -> float:
+        total = 0.0
+        for line in text.splitlines():
+            if re.match(pattern, line):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    with RagClient(server.target) as client:
+        client.upsert(CORPUS)
+        before = scrape()
+        for _ in range(3):
+            client.search("an active volcano in Sicily")  # repeats hit the embedding cache
+        client.search("zzzz qqqq xxxx")
+        list(client.ask("How is espresso brewed?"))
+    after = scrape()
+    search_calls = r'^rag_rpc_calls_total\{.*method="/rag.v1.RetrievalService/Search".*\}'
+    assert value(after, search_calls) - value(before, search_calls) == 4
+    assert value(after, r'^rag_rpc_calls_total\{.*code="OK"') > value(
+        before, r"^rag_rpc_calls_total"
+    )
+    assert value(after, r"^rag_rpc_duration_milliseconds_count") > 0
+    assert value(after, r'^rag_searches_total\{.*outcome="success"') >= 3
+    assert value(after, r"^rag_search_top_score_count") >= 4
+    assert 0 < value(after, r"^rag_embed_cache_hit_ratio") < 1
+    assert value(after, r"^rag_index_vectors") == len(CORPUS)
+    assert value(after, r"^rag_embed_batch_size_count") >= 1
+    assert value(after, r'^rag_generation_tokens_total\{.*direction="out"') > 0
+    assert value(after, r"^rag_rpc_in_flight") >= 0
+    assert "rag_ingestion_pending_jobs" in after and "rag_embed_queue_texts" in after
+
+
+def test_log_lines_are_json_with_trace_and_gateway_identity(tmp_path: Path) -> None:
+    config = tmp_path / "rag.toml"
+    config.write_text('[logging]\njson_format = true\n[server]\ntrusted_proxies = ["127.0.0.1"]\n')
+    proc = ServerProcess(tmp_path / "data", "--config", str(config))
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    metadata = (
+        ("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),
+        (
+            "x-forwarded-client-cert",
+            'Hash=abc;Subject="O=rag-grpc test,CN=alice";URI=spiffe://rag-grpc.test/client/alice',
+        ),
+    )
+    try:
+        with grpc.insecure_channel(proc.target) as channel:
+            stub = admin_service_pb2_grpc.AdminServiceStub(channel)
+            stub.Stats(admin_pb2.StatsRequest(), metadata=metadata, timeout=10)
+        with RagClient(proc.target) as client:
+            client.upsert(CORPUS[:1])
+    finally:
+        proc.stop()
+    lines = [json.loads(line) for line in proc.log.read_text().splitlines() if line.startswith("{")]
+    stats = [e for e in lines if e.get("method") == "/rag.v1.AdminService/Stats"]
+    assert stats, lines[-5:]
+    entry = stats[0]
+    assert entry["trace_id"] == trace_id and entry["code"] == "OK" and entry["latency_ms"] > 0
+    assert entry["client"] == "spiffe://rag-grpc.test/client/alice"
+    assert entry["level"] == "INFO" and entry["logger"] == "rag_grpc.rpc"
+    # Document text never reaches the log at INFO.
+    assert "volcano" not in proc.log.read_text().lower()
+
+
+def test_client_identity_is_ignored_from_untrusted_peers(
+    start_server: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = start_server(server={"trusted_proxies": ["10.9.9.9"]})
+    with caplog.at_level("INFO", logger="rag_grpc.rpc"), grpc.insecure_channel(server.target) as ch:
+        stub = admin_service_pb2_grpc.AdminServiceStub(ch)
+        xfcc = (("x-forwarded-client-cert", "URI=spiffe://forged/identity"),)
+        stub.Stats(admin_pb2.StatsRequest(), metadata=xfcc, timeout=10)
+    records = [
+        r for r in caplog.records if getattr(r, "method", "") == "/rag.v1.AdminService/Stats"
+    ]
+    assert records and getattr(records[0], "client", None) == ""
+
+
+def test_xfcc_identity_takes_the_nearest_hop() -> None:
+    from rag_grpc.services.interceptors import xfcc_identity
+
+    two_hops = (
+        'By=spiffe://a;Hash=1;Subject="O=x,CN=far";URI=spiffe://far,'
+        'By=spiffe://b;Hash=2;Subject="O=y,CN=near";DNS=near.example'
+    )
+    assert xfcc_identity(two_hops) == "near.example"
+    assert xfcc_identity('Hash=3;Subject="CN=only, O=z"') == "CN=only, O=z"
+    assert xfcc_identity("") == ""
