@@ -4,6 +4,7 @@ blue-green, admin statistics."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -363,3 +364,51 @@ def test_blue_green_switch_under_load_fails_no_call(
     assert not failures, failures[:5]
     assert seen[0] == "blue" and set(seen[-50:]) == {"green"}
     assert proxy.proc.poll() is None  # the same Envoy throughout
+
+
+def test_a_node_grpc_js_client_works_through_the_gateway(
+    start_server: Callable[..., ServerThread],
+    envoy: Callable[..., Envoy],
+    certs: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    node_dir = ROOT / "tests" / "node"
+    npm = tool_or_system("npm")
+    if not (node_dir / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=node_dir, check=True)
+    server = start_server(tmp_path / "data")
+    with RagClient(server.target) as direct:
+        direct.upsert(
+            [
+                Document("chess", "Chess pieces: a king, a queen, rooks, bishops and knights.", {}),
+                Document("tea", "Green tea is steeped briefly in water below boiling.", {}),
+            ]
+        )
+    proxy = envoy(server.target)
+    run = subprocess.run(
+        [
+            tool_or_system("node"),
+            str(node_dir / "client.js"),
+            f"localhost:{proxy.port}",
+            str(certs["ours"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    stats, search, missing = (json.loads(line) for line in run.stdout.splitlines())
+    assert (
+        stats["response"]["version"] and "rag.v1.RetrievalService" in stats["response"]["services"]
+    )
+    hits = search["response"]["hits"]
+    assert hits[0]["document_id"] == "chess" and hits[0]["score"] > hits[-1]["score"]
+    assert missing["code"] == "NOT_FOUND" and "no-such-namespace" in missing["message"]
+
+
+def tool_or_system(name: str) -> str:
+    import shutil
+
+    path = shutil.which(name)
+    assert path, f"{name} is not installed (Node.js 18+ with npm is needed for this test)"
+    return path
