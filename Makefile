@@ -75,6 +75,7 @@ bench: $(VENV)/.stamp-bench
 	$(BIN)/python -m bench.grpc_search
 	$(BIN)/python -m bench.embed
 	$(BIN)/python -m bench.ask
+	$(BIN)/python -m bench.gateway
 
 format: install-test
 	$(BIN)/ruff format rag_grpc tests $(wildcard bench/*.py envoy/*.py)
