@@ -199,7 +199,8 @@ def routes(args: argparse.Namespace) -> list[dict[str, Any]]:
             ]
         }
     ]
-    grpc = {"grpc": {}}
+    # gRPC only, unless JSON clients come in through the transcoder.
+    grpc: dict[str, Any] = {} if args.transcode else {"grpc": {}}
     out: list[dict[str, Any]] = [
         {
             # Health checks: never rate limited, never retried.
@@ -261,6 +262,36 @@ def routes(args: argparse.Namespace) -> list[dict[str, Any]]:
 RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
 
 
+def transcoder(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """JSON over HTTP/1.1 or 2 in, gRPC upstream: `curl -d '{...}' .../rag.v1.X/Method`."""
+    if args.transcode is None:
+        return []
+    return [
+        {
+            "name": "envoy.filters.http.grpc_json_transcoder",
+            "typed_config": {
+                "@type": TYPE
+                + "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+                "proto_descriptor": str(args.transcode.resolve()),
+                "services": SERVICES,
+                "auto_mapping": True,
+                "convert_grpc_status": True,
+                "print_options": {
+                    "add_whitespace": False,
+                    "always_print_primitive_fields": True,
+                    "preserve_proto_field_names": True,
+                },
+            },
+        }
+    ]
+
+
+SERVICES = [
+    f"rag.v1.{name}Service"
+    for name in ("Retrieval", "Embedding", "Generation", "Rag", "Ingestion", "Admin")
+]
+
+
 def bootstrap(args: argparse.Namespace, cds_path: Path) -> dict[str, Any]:
     certs = args.certs.resolve()
     tls = {
@@ -273,7 +304,8 @@ def bootstrap(args: argparse.Namespace, cds_path: Path) -> dict[str, Any]:
                     "tls_minimum_protocol_version": "TLSv1_2",
                     "tls_maximum_protocol_version": "TLSv1_3",
                 },
-                "alpn_protocols": ["h2"],
+                # HTTP/1.1 too when JSON clients (curl) are let in.
+                "alpn_protocols": ["h2", "http/1.1"] if args.transcode else ["h2"],
                 "tls_certificates": [
                     {
                         "certificate_chain": {"filename": str(certs / "server.pem")},
@@ -310,6 +342,7 @@ def bootstrap(args: argparse.Namespace, cds_path: Path) -> dict[str, Any]:
                     "emit_filter_state": True,
                 },
             },
+            *transcoder(args),
             {
                 # Off here; each route turns on its own buckets.
                 "name": RATE_LIMIT_FILTER,
@@ -427,6 +460,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--certs", type=Path, required=True, help="directory made by envoy/certs.sh"
     )
+    parser.add_argument(
+        "--transcode",
+        type=Path,
+        metavar="DESCRIPTOR_SET",
+        help="gRPC-JSON transcoding (POST /rag.v1.<Service>/<Method> with a JSON body) from "
+        "this descriptor set; make it with `rag-grpc descriptor --out FILE`",
+    )
     parser.add_argument("--out", type=Path, required=True, help="bootstrap file to write")
     parser.add_argument(
         "--clusters-only",
@@ -443,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         or args.client_burst < 1
     ):
         parser.error("rate limits must be positive")
+    if args.transcode is not None and not args.transcode.is_file():
+        parser.error(f"{args.transcode} is missing; make it with `rag-grpc descriptor --out FILE`")
     for name in ("ca.pem", "server.pem", "server.key"):
         if not (args.certs / name).is_file():
             parser.error(

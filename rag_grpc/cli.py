@@ -104,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     model_list.set_defaults(func=_model_list)
     verify.set_defaults(func=_model_verify)
 
+    descriptor = sub.add_parser(
+        "descriptor", help="write the rag.v1 FileDescriptorSet (for Envoy's JSON transcoder)"
+    )
+    descriptor.add_argument("--out", type=Path, required=True)
+    descriptor.set_defaults(func=_descriptor)
+
     def client_command(name: str, help: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help)
         cmd.add_argument(
@@ -219,6 +225,14 @@ def _serve(args: argparse.Namespace) -> int:
         asyncio.run(serve(settings, seed))
     except ModelFilesError as exc:
         raise UsageError(str(exc)) from None
+    return 0
+
+
+def _descriptor(args: argparse.Namespace) -> int:
+    from rag_grpc.pb import descriptor_set
+
+    args.out.write_bytes(descriptor_set())
+    print(f"wrote {args.out}")
     return 0
 
 

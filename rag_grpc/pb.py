@@ -50,3 +50,25 @@ __all__ = [
     "retrieval_pb2",
     "retrieval_service_pb2_grpc",
 ]
+
+
+def descriptor_set() -> bytes:
+    """A serialized FileDescriptorSet of every rag.v1 file and its imports
+    (for Envoy's gRPC-JSON transcoder and other tools)."""
+    from google.protobuf import descriptor_pb2
+
+    files: dict[str, descriptor_pb2.FileDescriptorProto] = {}
+
+    def add(descriptor: object) -> None:
+        name = descriptor.name  # type: ignore[attr-defined]
+        if name in files:
+            return
+        for dependency in descriptor.dependencies:  # type: ignore[attr-defined]
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        descriptor.CopyToProto(proto)  # type: ignore[attr-defined]
+        files[name] = proto
+
+    for module in SERVICE_FILES:
+        add(module.DESCRIPTOR)
+    return descriptor_pb2.FileDescriptorSet(file=list(files.values())).SerializeToString()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -412,3 +413,43 @@ def tool_or_system(name: str) -> str:
     path = shutil.which(name)
     assert path, f"{name} is not installed (Node.js 18+ with npm is needed for this test)"
     return path
+
+
+def test_json_transcoding_lets_plain_https_clients_search(
+    start_server: Callable[..., ServerThread],
+    envoy: Callable[..., Envoy],
+    certs: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    import ssl
+
+    descriptor = tmp_path / "rag.pb"
+    subprocess.run([tool("rag-grpc"), "descriptor", "--out", str(descriptor)], check=True)
+    server = marked(start_server, tmp_path, "blue")
+    proxy = envoy(server.target, "--transcode", str(descriptor))
+    context = ssl.create_default_context(cafile=str(certs["ours"] / "ca.pem"))
+    context.load_cert_chain(certs["ours"] / "client.pem", certs["ours"] / "client.key")
+
+    def post(method: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+        request = urllib.request.Request(
+            f"https://localhost:{proxy.port}/rag.v1.{method}",
+            data=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=10) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
+
+    status, found = post(
+        "RetrievalService/Search", {"namespace": "blue", "text": "who served this", "k": 1}
+    )
+    assert status == 200, found
+    hits = found["hits"]
+    assert isinstance(hits, list) and hits[0]["document_id"] == "blue-doc"
+    status, error = post("RetrievalService/Search", {"namespace": "nope", "text": "x"})
+    assert status == 404 and "nope" in str(error.get("message"))
+    # gRPC clients still work on the same listener.
+    with proxy.client(certs["ours"]) as client:
+        assert served_by(client) == "blue"
