@@ -104,6 +104,14 @@ def _parser() -> argparse.ArgumentParser:
     model_list.set_defaults(func=_model_list)
     verify.set_defaults(func=_model_verify)
 
+    restore = sub.add_parser("restore", help="restore a backup archive into an empty data dir")
+    restore.add_argument("archive", type=Path)
+    restore.add_argument("--data-dir", type=Path, required=True)
+    restore.add_argument(
+        "--key-file", type=Path, help="the archive's key (default $RAG_GRPC_BACKUP_KEY_FILE)"
+    )
+    restore.set_defaults(func=_restore)
+
     descriptor = sub.add_parser(
         "descriptor", help="write the rag.v1 FileDescriptorSet (for Envoy's JSON transcoder)"
     )
@@ -163,6 +171,15 @@ def _parser() -> argparse.ArgumentParser:
     embed.add_argument("texts", nargs="*", help="texts to embed")
     embed.add_argument("--file", type=Path, help="embed each line of this file instead")
     embed.set_defaults(func=_embed)
+
+    backup = client_command("backup", "write a consistent backup archive of a running server")
+    backup.add_argument("--out", type=Path, required=True, help="archive file to write")
+    backup.add_argument(
+        "--unencrypted",
+        action="store_true",
+        help="accept an unencrypted archive when the server has no backup key",
+    )
+    backup.set_defaults(func=_backup)
 
     stats = client_command("stats", "sizes, models and version of a server")
     stats.add_argument("--json", action="store_true")
@@ -225,6 +242,25 @@ def _serve(args: argparse.Namespace) -> int:
         asyncio.run(serve(settings, seed))
     except ModelFilesError as exc:
         raise UsageError(str(exc)) from None
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from rag_grpc.backup import BackupError, FileKeyProvider, default_key_provider, restore
+
+    provider = FileKeyProvider(args.key_file) if args.key_file else default_key_provider()
+    try:
+        blob = args.archive.read_bytes()
+        manifest = restore(blob, args.data_dir, provider.key())
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.archive}: {exc}") from None
+    except BackupError as exc:
+        raise UsageError(str(exc)) from None
+    files = manifest["files"]
+    assert isinstance(files, dict)
+    print(
+        f"restored {len(files)} files into {args.data_dir} (generations {manifest['generations']})"
+    )
     return 0
 
 
@@ -342,6 +378,36 @@ def _model_verify(args: argparse.Namespace) -> int:
 
 
 # -- client side -----------------------------------------------------------
+
+
+def _backup(args: argparse.Namespace) -> int:
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256()
+    size = 0
+    last = None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with _client(args) as client:
+        fd, tmp = tempfile.mkstemp(prefix=f".{args.out.name}.", dir=args.out.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                for chunk in client.snapshot(unencrypted=args.unencrypted):
+                    if chunk.data:
+                        fh.write(chunk.data)
+                        digest.update(chunk.data)
+                        size += len(chunk.data)
+                    if chunk.sha256:
+                        last = chunk
+            if last is None or last.sha256 != digest.hexdigest() or last.total_bytes != size:
+                raise UsageError("the archive arrived incomplete or damaged; try again")
+            os.replace(tmp, args.out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    kind = "encrypted (AES-256-GCM)" if last.encrypted else "UNENCRYPTED"
+    print(f"wrote {args.out}: {size} bytes, {kind}, sha256 {last.sha256}")
+    return 0
 
 
 def _client(args: argparse.Namespace) -> Any:

@@ -325,6 +325,14 @@ class RagClient:
         except grpc.RpcError as exc:
             raise _rpc_error(exc) from None
 
+    def snapshot(self, *, unencrypted: bool = False) -> Iterator[admin_pb2.SnapshotChunk]:
+        """The server's backup archive, in chunks (the last carries size and sha256)."""
+        request = admin_pb2.SnapshotRequest(unencrypted=unencrypted)
+        try:
+            yield from self._admin.Snapshot(request, timeout=self.timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc) from None
+
     def stats(self) -> Stats:
         """Sizes, models and version of the server."""
         response = self._call(self._admin.Stats, admin_pb2.StatsRequest())

@@ -285,6 +285,9 @@ class Settings(BaseSettings):
     remote: RemoteConfig = RemoteConfig()
     logging: LoggingConfig = LoggingConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    # 32 random bytes that encrypt backup archives (AES-256-GCM); the
+    # environment variable RAG_GRPC_BACKUP_KEY_FILE sets it too.
+    backup_key_file: Path | None = None
 
     @field_validator("services", mode="before")
     @classmethod

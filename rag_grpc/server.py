@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.metrics import Observation
 
 from rag_grpc import telemetry
+from rag_grpc.backup import default_key_provider
 from rag_grpc.config import Settings
 from rag_grpc.documents import Document
 from rag_grpc.embed.batcher import BatchingEmbedder
@@ -263,6 +264,7 @@ class RagServer:
                     generator_stats=self.triton.stats if self.triton is not None else None,
                     index_config=s.index,
                     executor=self.executor,
+                    backup_key=default_key_provider(s.backup_key_file),
                 ),
                 server,
             )

@@ -150,6 +150,34 @@ class Retriever:
                 }
                 meta_path.write_text(json.dumps(meta))
 
+    def snapshot(self, out_dir: Path) -> tuple[dict[str, Path], dict[str, int]]:
+        """Copy the database and every index into out_dir at one point in time
+        (all namespaces' write locks held; searches go on). Returns the files
+        (archive name -> path) and each namespace's generation."""
+        namespaces = sorted(set(self._indexes) | set(self.store.namespaces()))
+        locks = [self._write_lock(ns) for ns in namespaces]
+        for lock in locks:
+            lock.acquire()
+        try:
+            self.store.backup_to(out_dir / "rag.sqlite3")
+            generations = {ns: self.store.generation(ns) for ns in namespaces}
+            index_dir = out_dir / "index"
+            index_dir.mkdir()
+            for namespace, index in self._indexes.items():
+                path = index_dir / f"{namespace}.hnsw"
+                index.save(path)
+                meta = {"generation": generations[namespace], "dimension": self.embedder.dimension}
+                (index_dir / f"{namespace}.json").write_text(json.dumps(meta))
+        finally:
+            for lock in locks:
+                lock.release()
+        files = {
+            str(path.relative_to(out_dir)): path
+            for path in sorted(out_dir.rglob("*"))
+            if path.is_file()
+        }
+        return files, generations
+
     def _write_lock(self, namespace: str) -> threading.Lock:
         with self._locks_guard:
             return self._write_locks.setdefault(namespace, threading.Lock())

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from rag_grpc import __version__
+from rag_grpc.backup import (
+    BackupError,
+    KeyProvider,
+    default_key_provider,
+    make_archive,
+    seal,
+    sha256_bytes,
+)
 from rag_grpc.config import IndexConfig
 from rag_grpc.deadlines import in_thread
 from rag_grpc.embed.batcher import BatchingEmbedder
+from rag_grpc.errors import FailedPrecondition
 from rag_grpc.index.retriever import Retriever
 from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
 
@@ -30,7 +41,9 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         generator_stats: Callable[[], dict[str, Any]] | None = None,
         index_config: IndexConfig,
         executor: Executor | None,
+        backup_key: KeyProvider | None = None,
     ) -> None:
+        self.backup_key = backup_key or default_key_provider()
         self.services = services
         self.retriever = retriever
         self.embedder = embedder
@@ -91,3 +104,32 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
                 batched_texts=stats.texts,
             )
         return response
+
+    async def Snapshot(
+        self, request: admin_pb2.SnapshotRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[admin_pb2.SnapshotChunk]:
+        if self.retriever is None:
+            raise FailedPrecondition("this process holds no data (it does not run retrieval)")
+        try:
+            key = self.backup_key.key()
+        except BackupError as exc:
+            raise FailedPrecondition(str(exc)) from None
+        if key is None and not request.unencrypted:
+            raise FailedPrecondition(
+                "no backup key is configured on the server: set RAG_GRPC_BACKUP_KEY_FILE (or "
+                "backup_key_file) to a file of 32 random bytes, or ask for an unencrypted "
+                "archive (rag-grpc backup --unencrypted)"
+            )
+        blob = await in_thread(self.executor, _snapshot, self.retriever, key)
+        chunk = 1 << 20
+        for start in range(0, len(blob), chunk):
+            yield admin_pb2.SnapshotChunk(data=blob[start : start + chunk])
+        yield admin_pb2.SnapshotChunk(
+            total_bytes=len(blob), sha256=sha256_bytes(blob), encrypted=key is not None
+        )
+
+
+def _snapshot(retriever: Retriever, key: bytes | None) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="rag-snapshot-") as tmp:
+        files, generations = retriever.snapshot(Path(tmp))
+        return seal(make_archive(files, generations), key)

@@ -142,6 +142,17 @@ class DocumentStore:
             self._local.conn = conn
         return conn
 
+    def backup_to(self, target: Path) -> None:
+        """A consistent copy of the whole database through SQLite's online
+        backup API (readers and writers carry on meanwhile)."""
+        source = self._connect()
+        destination = sqlite3.connect(target)
+        try:
+            source.backup(destination)
+        finally:
+            destination.close()
+            source.close()
+
     def close(self) -> None:
         """Close the writer connection (readers close with their threads)."""
         self._writer.close()
