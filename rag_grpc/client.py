@@ -178,7 +178,12 @@ class RagClient:
         )
         response = self._call(self._retrieval.Upsert, request)
         assert isinstance(response, retrieval_pb2.UpsertResponse)
-        return WriteResult(response.upserted, response.chunks, response.index_generation)
+        return WriteResult(
+            response.upserted,
+            response.chunks,
+            response.index_generation,
+            unchanged=response.unchanged,
+        )
 
     def delete(self, ids: Sequence[str], namespace: str = "") -> WriteResult:
         """Delete documents by id."""

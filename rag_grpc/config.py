@@ -61,6 +61,9 @@ class IndexConfig(_Section):
     # those vectors exactly instead of walking the graph (switch-over point
     # measured by bench/ann.py, see bench/RESULTS.md).
     exact_scan_threshold: int = Field(DEFAULT_EXACT_THRESHOLD, ge=0)
+    # Search results cached per namespace generation (0 turns it off); a
+    # write bumps the generation, so the cache never serves stale results.
+    result_cache_entries: int = Field(10_000, ge=0)
 
 
 class EmbeddingConfig(_Section):

@@ -67,6 +67,8 @@ class WriteResult:
     chunks: int
     index_generation: int
     not_found_ids: tuple[str, ...] = ()
+    # Upsert: documents already stored exactly so, skipped without work.
+    unchanged: int = 0
 
 
 def chunk_id(document_id: str, seq: int) -> str:

@@ -10,9 +10,11 @@ import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -81,6 +83,11 @@ class Retriever:
         self.index_config = index_config
         self.limits = limits
         self._indexes: dict[str, VectorIndex] = {}
+        self._results: ResultCache | None = (
+            ResultCache(index_config.result_cache_entries)
+            if index_config.result_cache_entries
+            else None
+        )
         # One writer per namespace keeps store generation and index in step.
         self._write_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -224,6 +231,12 @@ class Retriever:
                 f"{self.limits.max_documents_per_upsert} per call (use IngestionService for more)"
             )
         self.validate_documents(documents)
+        # Re-submitting what is already stored does no work (no embedding, no
+        # write, no new generation): idempotent by document id and content.
+        same = self.store.unchanged(namespace, documents)
+        documents = [d for d in documents if d.id not in same]
+        if not documents:
+            return WriteResult(0, 0, self.store.generation(namespace), unchanged=len(same))
         spans = [(doc.id, self.chunker.split(doc.text)) for doc in documents]
         texts = [span.text for _, doc_spans in spans for span in doc_spans]
         vectors = self.embedder.embed(texts).vectors
@@ -241,7 +254,7 @@ class Retriever:
                 index = self._indexes[namespace] = self._new_index(len(chunks))
             index.delete(outcome.removed_labels)
             index.add(vectors, outcome.added_labels)
-        return WriteResult(len(documents), len(chunks), outcome.generation)
+        return WriteResult(len(documents), len(chunks), outcome.generation, unchanged=len(same))
 
     def delete(self, namespace: str, doc_ids: Sequence[str]) -> WriteResult:
         """Delete documents by id; unknown ids are reported, not errors."""
@@ -321,6 +334,44 @@ class Retriever:
             )
         started = time.perf_counter()
         plans = [self._validate_query(q) for q in queries]
+        if self._results is None:
+            return self._search(queries, plans, started)
+        # Results are cached under the namespace's generation, which every
+        # write bumps: the next Search after a write, from any client, misses
+        # the cache and sees the write (read-your-writes).
+        keys = [self._result_key(q, ns, k) for q, (ns, k) in zip(queries, plans, strict=True)]
+        found: list[SearchResult | None] = [self._results.get(key) for key in keys]
+        missing = [i for i, result in enumerate(found) if result is None]
+        if missing:
+            busy = {ns for ns, _ in plans if self._write_lock(ns).locked()}
+            computed = self._search(
+                [queries[i] for i in missing], [plans[i] for i in missing], started
+            )
+            for i, result in zip(missing, computed, strict=True):
+                found[i] = result
+                namespace = plans[i][0]
+                # Only results known to match their generation are kept: no
+                # write was running, before or after.
+                if (
+                    namespace not in busy
+                    and not self._write_lock(namespace).locked()
+                    and self.store.generation(namespace) == keys[i][1]
+                ):
+                    self._results.put(keys[i], result)
+        return [r for r in found if r is not None]
+
+    def _result_key(self, query: SearchQuery, namespace: str, k: int) -> tuple[Any, ...]:
+        what = (
+            ("text", query.text)
+            if query.vector is None
+            else ("vector", np.asarray(query.vector, dtype=np.float32).tobytes())
+        )
+        ef = max(query.ef or self.index_config.ef_search, k)
+        return (namespace, self.store.generation(namespace), what, query.filter, k, ef)
+
+    def _search(
+        self, queries: Sequence[SearchQuery], plans: list[tuple[str, int]], started: float
+    ) -> list[SearchResult]:
         vectors = np.zeros((len(queries), self.embedder.dimension), dtype=np.float32)
         text_rows = [i for i, q in enumerate(queries) if q.vector is None]
         if text_rows:
@@ -415,3 +466,31 @@ def _record_outcome(hits: list[Hit]) -> None:
     telemetry.record("searches", 1, outcome="success" if success else "miss")
     if top is not None:
         telemetry.record("scores", top)
+
+
+class ResultCache:
+    """A thread-safe LRU of search results, bounded in entries."""
+
+    def __init__(self, entries: int) -> None:
+        self.entries = entries
+        self._items: OrderedDict[tuple[Any, ...], SearchResult] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[Any, ...]) -> SearchResult | None:
+        with self._lock:
+            result = self._items.get(key)
+            if result is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return result
+
+    def put(self, key: tuple[Any, ...], result: SearchResult) -> None:
+        with self._lock:
+            self._items[key] = result
+            self._items.move_to_end(key)
+            while len(self._items) > self.entries:
+                self._items.popitem(last=False)

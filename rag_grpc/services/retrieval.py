@@ -26,6 +26,7 @@ class RetrievalServicer(retrieval_service_pb2_grpc.RetrievalServiceServicer):
         result = await in_thread(self.executor, self.retriever.upsert, request.namespace, documents)
         return retrieval_pb2.UpsertResponse(
             upserted=result.documents,
+            unchanged=result.unchanged,
             chunks=result.chunks,
             index_generation=result.index_generation,
         )

@@ -142,6 +142,26 @@ class DocumentStore:
             self._local.conn = conn
         return conn
 
+    def unchanged(self, namespace: str, documents: Sequence[Document]) -> set[str]:
+        """Ids of the documents stored with exactly this text and metadata."""
+        if not documents:
+            return set()
+        wanted = {d.id: d for d in documents}
+        ids = list(wanted)
+        same: set[str] = set()
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            rows = self._reader().execute(
+                f"SELECT doc_id, text, metadata FROM documents WHERE namespace = ? "
+                f"AND doc_id IN ({','.join('?' * len(part))})",
+                (namespace, *part),
+            )
+            for doc_id, text, metadata in rows:
+                doc = wanted[doc_id]
+                if text == doc.text and json.loads(metadata) == doc.metadata:
+                    same.add(doc_id)
+        return same
+
     def backup_to(self, target: Path) -> None:
         """A consistent copy of the whole database through SQLite's online
         backup API (readers and writers carry on meanwhile)."""
