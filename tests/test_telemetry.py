@@ -148,8 +148,10 @@ def test_prometheus_endpoint_serves_metrics_that_move(
         client.upsert(CORPUS)
         before = scrape()
         for _ in range(3):
-            client.search("an active volcano in Sicily")  # repeats hit the embedding cache
+            client.search("an active volcano in Sicily")  # repeats come from the result cache
         client.search("zzzz qqqq xxxx")
+        for _ in range(2):
+            client.embed(["espresso crema"])  # the second is an embedding cache hit
         list(client.ask("How is espresso brewed?"))
     after = scrape()
     search_calls = r'^rag_rpc_calls_total\{.*method="/rag.v1.RetrievalService/Search".*\}'

@@ -335,7 +335,10 @@ class Retriever:
         started = time.perf_counter()
         plans = [self._validate_query(q) for q in queries]
         if self._results is None:
-            return self._search(queries, plans, started)
+            results = self._search(queries, plans, started)
+            for result in results:
+                _record_outcome(result.hits)
+            return results
         # Results are cached under the namespace's generation, which every
         # write bumps: the next Search after a write, from any client, misses
         # the cache and sees the write (read-your-writes).
@@ -358,7 +361,10 @@ class Retriever:
                     and self.store.generation(namespace) == keys[i][1]
                 ):
                     self._results.put(keys[i], result)
-        return [r for r in found if r is not None]
+        results = [r for r in found if r is not None]
+        for result in results:
+            _record_outcome(result.hits)
+        return results
 
     def _result_key(self, query: SearchQuery, namespace: str, k: int) -> tuple[Any, ...]:
         what = (
@@ -403,7 +409,6 @@ class Retriever:
                 # Inner-product distance is 1 - cosine similarity for unit vectors.
                 with telemetry.span("store.read", namespace=namespace):
                     hits = self._hydrate(row_labels, 1.0 - row_distances)
-                _record_outcome(hits)
                 timings = SearchTimings(
                     embed_ms=embed_ms / len(queries),
                     search_ms=search_ms,
