@@ -163,8 +163,15 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("--json", action="store_true", help="print one JSON array of documents")
     get.set_defaults(func=_get)
 
-    delete = client_command("delete", "delete documents by id")
-    delete.add_argument("ids", nargs="+")
+    delete = client_command("delete", "delete documents by id and/or metadata filter")
+    delete.add_argument("ids", nargs="*")
+    delete.add_argument("--filter", help="metadata filter as proto JSON (as for search)")
+    delete.add_argument(
+        "--forget",
+        action="store_true",
+        help="right to erasure: also scrub the content from the files, indexes and caches "
+        "so no later backup holds it, and write an audit record",
+    )
     delete.set_defaults(func=_delete)
 
     embed = client_command("embed", "embed texts; prints one JSON array of floats per line")
@@ -527,9 +534,12 @@ def _get(args: argparse.Namespace) -> int:
 
 
 def _delete(args: argparse.Namespace) -> int:
+    if not args.ids and not args.filter:
+        raise UsageError("give document ids, --filter, or both")
+    flt = _parse_filter(args.filter) if args.filter else None
     with _client(args) as client:
-        result = client.delete(args.ids, namespace=args.namespace)
-    print(f"deleted {result.documents} document(s)")
+        result = client.delete(args.ids, namespace=args.namespace, filter=flt, forget=args.forget)
+    print(f"{'forgot' if args.forget else 'deleted'} {result.documents} document(s)")
     for doc_id in result.not_found_ids:
         print(f"rag-grpc: not found: {doc_id}", file=sys.stderr)
     return 1 if result.not_found_ids else 0

@@ -185,9 +185,18 @@ class RagClient:
             unchanged=response.unchanged,
         )
 
-    def delete(self, ids: Sequence[str], namespace: str = "") -> WriteResult:
-        """Delete documents by id."""
-        request = retrieval_pb2.DeleteRequest(namespace=namespace, ids=list(ids))
+    def delete(
+        self,
+        ids: Sequence[str] = (),
+        namespace: str = "",
+        *,
+        filter: Filter | None = None,
+        forget: bool = False,
+    ) -> WriteResult:
+        """Delete documents by id and/or filter; forget erases them for good."""
+        request = retrieval_pb2.DeleteRequest(namespace=namespace, ids=list(ids), forget=forget)
+        if filter is not None:
+            request.filter.CopyFrom(convert.filter_to_pb(filter))
         response = self._call(self._retrieval.Delete, request)
         assert isinstance(response, retrieval_pb2.DeleteResponse)
         return WriteResult(

@@ -182,7 +182,7 @@ def test_already_expired_deadline(unchanged: RagClient) -> None:
 def test_empty_requests(unchanged: RagClient) -> None:
     expect("INVALID_ARGUMENT", lambda: unchanged.upsert([]), "at least one document")
     expect("INVALID_ARGUMENT", lambda: unchanged.get([]), "at least one")
-    expect("INVALID_ARGUMENT", lambda: unchanged.delete([]), "at least one")
+    expect("INVALID_ARGUMENT", lambda: unchanged.delete([]), "ids or a filter")
     expect("INVALID_ARGUMENT", lambda: unchanged.embed([]), "at least one")
     expect("INVALID_ARGUMENT", lambda: unchanged.embed(["fine", ""]), "text 1 is empty")
     expect("NOT_FOUND", lambda: unchanged.embed(["x"], model_id="no-such-model"), "not loaded")

@@ -62,3 +62,43 @@ def test_cached_results_never_hide_a_write_from_any_client(
     # With the cache off, the same answers.
     plain = start_server(tmp_path / "plain", index={"result_cache_entries": 0})
     assert plain.server.retriever._results is None  # type: ignore[union-attr]
+
+
+def test_delete_by_filter_and_forget_leave_nothing_behind(
+    start_server: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    from rag_grpc.backup import unseal, verified_members
+    from rag_grpc.documents import Document
+    from rag_grpc.filters import Equals
+    from rag_grpc.native import VectorIndex
+
+    data = tmp_path / "data"
+    server = start_server(data)
+    secret = "zebra sapphire 7731 is the vault phrase"
+    with RagClient(server.target) as client:
+        client.upsert(CORPUS)
+        # Delete by filter: every "games" document goes, the rest stay.
+        gone = client.delete(filter=Equals("topic", "games"))
+        assert gone.documents == 1
+        assert all(h.document_id != "chess" for h in client.search("chess board game", k=5))
+        assert client.get(["chess"])[1] == ["chess"]
+        client.upsert([Document("secret", secret, {"owner": "mallory"})])
+        assert client.search("vault phrase", k=1)[0].document_id == "secret"  # now cached
+        label = server.server.store.labels("default").max()  # type: ignore[union-attr]
+        forgotten = client.delete(["secret"], forget=True)
+        assert forgotten.documents == 1
+        assert all(h.document_id != "secret" for h in client.search("vault phrase", k=5))
+        snapshot = b"".join(c.data for c in client.snapshot(unencrypted=True))
+    # Not in the database file, its WAL, the saved index or a later snapshot.
+    for path in data.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    _, members = verified_members(unseal(snapshot, None))
+    assert all(secret.encode() not in blob for blob in members.values())
+    index = VectorIndex.load(data / "index" / "default.hnsw")
+    assert label not in set(index.labels().tolist()) and len(index) == len(CORPUS) - 1
+    # Who, what and when are on record; the content is not.
+    (entry,) = server.server.store.audit_log()  # type: ignore[union-attr]
+    assert entry["action"] == "forget" and entry["doc_ids"] == ["secret"]
+    assert "127.0.0.1" in str(entry["actor"]) and entry["at"]
+    assert secret not in str(entry)

@@ -185,6 +185,22 @@ class Retriever:
         }
         return files, generations
 
+    def _erase_from_index(self, namespace: str) -> None:
+        """Rebuild the namespace's index from the store and save it over the
+        old files, so deleted vectors (hnswlib only marks them) are gone."""
+        live = self.store.labels(namespace)
+        index = self._new_index(len(live))
+        for labels, vectors in self.store.iter_vectors(namespace):
+            index.add(vectors, labels)
+        self._indexes[namespace] = index
+        path, meta_path = self._index_paths(namespace)
+        index.save(path)
+        meta = {
+            "generation": self.store.generation(namespace),
+            "dimension": self.embedder.dimension,
+        }
+        meta_path.write_text(json.dumps(meta))
+
     def _write_lock(self, namespace: str) -> threading.Lock:
         with self._locks_guard:
             return self._write_locks.setdefault(namespace, threading.Lock())
@@ -256,14 +272,37 @@ class Retriever:
             index.add(vectors, outcome.added_labels)
         return WriteResult(len(documents), len(chunks), outcome.generation, unchanged=len(same))
 
-    def delete(self, namespace: str, doc_ids: Sequence[str]) -> WriteResult:
-        """Delete documents by id; unknown ids are reported, not errors."""
+    def delete(
+        self,
+        namespace: str,
+        doc_ids: Sequence[str],
+        *,
+        filter: Filter | None = None,
+        forget: bool = False,
+        actor: str = "",
+    ) -> WriteResult:
+        """Delete documents by id and/or metadata filter; unknown ids are
+        reported, not errors. forget erases them for good (see DeleteRequest)."""
         namespace = self._existing_namespace(namespace)
-        self._check_ids(doc_ids)
+        if not doc_ids and filter is None:
+            raise InvalidArgument("give document ids or a filter to delete by")
+        if doc_ids:
+            self._check_ids(doc_ids)
+        if filter is not None:
+            validate_filter(filter)
         with self._write_lock(namespace):
             deadlines.check("deleting the documents")
-            deleted, labels, generation = self.store.delete_documents(namespace, doc_ids)
+            ids = list(doc_ids)
+            if filter is not None:
+                ids += [i for i in self.store.doc_ids_matching(namespace, filter) if i not in ids]
+            deleted, labels, generation = self.store.delete_documents(namespace, ids, erase=forget)
             self._indexes[namespace].delete(labels)
+            if forget:
+                self._erase_from_index(namespace)
+                if self._results is not None:
+                    self._results.drop_namespace(namespace)
+                self.store.record_audit(actor or "unknown", "forget", namespace, deleted)
+        doc_ids = ids
         missing = tuple(i for i in dict.fromkeys(doc_ids) if i not in set(deleted))
         return WriteResult(len(deleted), len(labels), generation, missing)
 
@@ -492,6 +531,12 @@ class ResultCache:
             self._items.move_to_end(key)
             self.hits += 1
             return result
+
+    def drop_namespace(self, namespace: str) -> None:
+        """Forget every cached result of a namespace (their hits hold text)."""
+        with self._lock:
+            for key in [k for k in self._items if k[0] == namespace]:
+                del self._items[key]
 
     def put(self, key: tuple[Any, ...], result: SearchResult) -> None:
         with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import Executor
 
 import grpc
@@ -35,7 +36,17 @@ class RetrievalServicer(retrieval_service_pb2_grpc.RetrievalServiceServicer):
         self, request: retrieval_pb2.DeleteRequest, context: grpc.aio.ServicerContext
     ) -> retrieval_pb2.DeleteResponse:
         result = await in_thread(
-            self.executor, self.retriever.delete, request.namespace, list(request.ids)
+            self.executor,
+            functools.partial(
+                self.retriever.delete,
+                request.namespace,
+                list(request.ids),
+                filter=convert.filter_from_pb(request.filter)
+                if request.HasField("filter")
+                else None,
+                forget=request.forget,
+                actor=context.peer() or "",
+            ),
         )
         return retrieval_pb2.DeleteResponse(
             deleted=result.documents,

@@ -25,6 +25,14 @@ from rag_grpc.filters import And, AnyOf, Equals, Filter, Or, Range
 CHUNK_CACHE_SIZE = 65_536
 
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    doc_ids TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS namespaces (
     name TEXT PRIMARY KEY,
     generation INTEGER NOT NULL DEFAULT 0,
@@ -233,11 +241,17 @@ class DocumentStore:
         )
 
     def delete_documents(
-        self, namespace: str, doc_ids: Sequence[str]
+        self, namespace: str, doc_ids: Sequence[str], *, erase: bool = False
     ) -> tuple[list[str], np.ndarray, int]:
-        """Delete documents; return (deleted ids, removed chunk labels, generation)."""
+        """Delete documents; return (deleted ids, removed chunk labels, generation).
+
+        With erase, SQLite overwrites the freed pages with zeros and the WAL
+        is checkpointed and truncated, so the content is gone from the files.
+        """
         with self._write_lock:
             conn = self._writer
+            if erase:
+                conn.execute("PRAGMA secure_delete=ON")
             conn.execute("BEGIN IMMEDIATE")
             try:
                 present = self._existing_ids(conn, namespace, doc_ids)
@@ -249,8 +263,50 @@ class DocumentStore:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+            finally:
+                if erase:
+                    conn.execute("PRAGMA secure_delete=OFF")
+            if erase:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._forget_chunks(removed)
         return present, np.asarray(removed, dtype=np.uint64), generation
+
+    def doc_ids_matching(self, namespace: str, flt: Filter) -> list[str]:
+        """Ids of the documents whose metadata matches the filter."""
+        labels = self.labels_matching(namespace, flt)
+        found: set[str] = set()
+        ids = [int(x) for x in labels.tolist()]
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            rows = self._reader().execute(
+                f"SELECT DISTINCT doc_id FROM chunks WHERE rowid IN ({','.join('?' * len(part))})",
+                part,
+            )
+            found.update(row[0] for row in rows)
+        return sorted(found)
+
+    def record_audit(self, actor: str, action: str, namespace: str, doc_ids: Sequence[str]) -> None:
+        """Who did what to which ids, when (never document content)."""
+        with self._write_lock:
+            self._writer.execute(
+                "INSERT INTO audit (at, actor, action, namespace, doc_ids) VALUES (?, ?, ?, ?, ?)",
+                (time.time(), actor, action, namespace, json.dumps(list(doc_ids))),
+            )
+
+    def audit_log(self) -> list[dict[str, object]]:
+        rows = self._reader().execute(
+            "SELECT at, actor, action, namespace, doc_ids FROM audit ORDER BY id"
+        )
+        return [
+            {
+                "at": at,
+                "actor": actor,
+                "action": action,
+                "namespace": ns,
+                "doc_ids": json.loads(ids),
+            }
+            for at, actor, action, ns, ids in rows
+        ]
 
     @staticmethod
     def _delete_docs(conn: sqlite3.Connection, namespace: str, doc_ids: Sequence[str]) -> list[int]:
