@@ -242,6 +242,22 @@ class RemoteConfig(_Section):
     health_probe_interval_s: float = Field(2.0, gt=0)
 
 
+class RetentionConfig(_Section):
+    """Time to live of documents, per namespace; a background sweeper deletes
+    documents not written for longer (no entry: kept for ever)."""
+
+    ttl_s: dict[str, float] = Field(default_factory=dict)
+    sweep_interval_s: float = Field(60.0, gt=0)
+
+    @field_validator("ttl_s")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        for namespace, ttl in value.items():
+            if ttl <= 0:
+                raise ValueError(f"retention.ttl_s[{namespace!r}] must be positive, got {ttl}")
+        return value
+
+
 class TelemetryConfig(_Section):
     """OpenTelemetry traces and metrics."""
 
@@ -288,6 +304,7 @@ class Settings(BaseSettings):
     remote: RemoteConfig = RemoteConfig()
     logging: LoggingConfig = LoggingConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    retention: RetentionConfig = RetentionConfig()
     # 32 random bytes that encrypt backup archives (AES-256-GCM); the
     # environment variable RAG_GRPC_BACKUP_KEY_FILE sets it too.
     backup_key_file: Path | None = None

@@ -101,6 +101,7 @@ class RagServer:
         self.triton: TritonGenerator | None = None
         self.telemetry: Telemetry | None = None
         self._triton_task: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     # -- assembly ----------------------------------------------------------
 
@@ -289,6 +290,8 @@ class RagServer:
             await self._seed()
         if self._remotes:
             self._probe_task = asyncio.create_task(self._probe_remotes(), name="remote-probe")
+        if self.retriever is not None and s.retention.ttl_s:
+            self._sweeper = asyncio.create_task(self._sweep(), name="retention")
         if self.triton is not None:
             await self._apply_triton_health(await self.triton.probe())
             self._triton_task = asyncio.create_task(self._probe_triton(), name="triton-probe")
@@ -360,6 +363,20 @@ class RagServer:
                     await self.health.set(SERVICE_NAMES[dependent], status)
             await asyncio.sleep(interval)
 
+    async def _sweep(self) -> None:
+        """Enforce each namespace's time to live."""
+        retention = self.settings.retention
+        assert self.retriever is not None
+        while True:
+            await asyncio.sleep(retention.sweep_interval_s)
+            for namespace, ttl in retention.ttl_s.items():
+                try:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self.executor, self.retriever.sweep_expired, namespace, ttl
+                    )
+                except Exception:  # the sweeper must outlive one bad pass
+                    log.exception("retention sweep of %s failed", namespace)
+
     async def _probe_triton(self) -> None:
         """Follow Triton's server and model readiness in our health status."""
         assert self.triton is not None
@@ -388,6 +405,8 @@ class RagServer:
             self._probe_task.cancel()
         if self._triton_task:
             self._triton_task.cancel()
+        if self._sweeper:
+            self._sweeper.cancel()
         if self.server is not None:
             await self.server.stop(grace)
         if self.ingestion is not None:

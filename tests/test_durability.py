@@ -102,3 +102,32 @@ def test_delete_by_filter_and_forget_leave_nothing_behind(
     assert entry["action"] == "forget" and entry["doc_ids"] == ["secret"]
     assert "127.0.0.1" in str(entry["actor"]) and entry["at"]
     assert secret not in str(entry)
+
+
+def test_retention_sweeper_deletes_expired_documents_per_namespace(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    import time
+
+    from rag_grpc.documents import Document
+
+    server = start_server(retention={"ttl_s": {"ephemeral": 1.0}, "sweep_interval_s": 0.2})
+    with RagClient(server.target) as client:
+        client.upsert([Document("note", "a short-lived note about tides", {})], "ephemeral")
+        client.upsert(CORPUS[:1])
+        assert client.get(["note"], namespace="ephemeral")[0]
+        deadline = time.monotonic() + 15
+        while client.get(["note"], namespace="ephemeral")[0]:
+            assert time.monotonic() < deadline, "the sweeper never removed the expired note"
+            time.sleep(0.2)
+        assert not client.search("tides", namespace="ephemeral", k=1)
+        assert client.get([CORPUS[0].id])[0]  # namespaces without a TTL keep everything
+
+
+def test_a_non_positive_ttl_is_refused_at_start() -> None:
+    import pytest
+
+    from rag_grpc.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match=r"retention\.ttl_s\['logs'\] must be positive"):
+        load_settings(None, retention={"ttl_s": {"logs": 0}})

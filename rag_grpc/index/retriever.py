@@ -185,6 +185,17 @@ class Retriever:
         }
         return files, generations
 
+    def sweep_expired(self, namespace: str, ttl_s: float) -> int:
+        """Delete the namespace's documents not written for ttl_s; return how many."""
+        if not self.store.has_namespace(namespace):
+            return 0
+        expired = self.store.expired_ids(namespace, time.time() - ttl_s)
+        if not expired:
+            return 0
+        result = self.delete(namespace, expired)
+        log.info("retention: deleted %d expired documents from %s", result.documents, namespace)
+        return result.documents
+
     def _erase_from_index(self, namespace: str) -> None:
         """Rebuild the namespace's index from the store and save it over the
         old files, so deleted vectors (hnswlib only marks them) are gone."""

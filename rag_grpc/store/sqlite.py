@@ -285,6 +285,14 @@ class DocumentStore:
             found.update(row[0] for row in rows)
         return sorted(found)
 
+    def expired_ids(self, namespace: str, before: float) -> list[str]:
+        """Documents of the namespace last written before this time."""
+        rows = self._reader().execute(
+            "SELECT doc_id FROM documents WHERE namespace = ? AND updated_at < ? LIMIT 10000",
+            (namespace, before),
+        )
+        return [row[0] for row in rows]
+
     def record_audit(self, actor: str, action: str, namespace: str, doc_ids: Sequence[str]) -> None:
         """Who did what to which ids, when (never document content)."""
         with self._write_lock:
