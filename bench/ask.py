@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -38,35 +35,7 @@ from rag_grpc.generate.triton import PromptBuilder
 from rag_grpc.pb import common_pb2, generation_pb2, generation_service_pb2_grpc
 
 ROOT = BENCH_DIR.parent
-SERVE = ROOT / "deploy" / "triton" / "serve.sh"
 TOKENIZER = ROOT / "models" / "all-MiniLM-L6-v2" / "tokenizer.json"
-
-
-def start_triton(
-    ports: tuple[int, int, int], delay_ms: float, log: Path
-) -> subprocess.Popen[bytes]:
-    grpc_port, http_port, metrics_port = ports
-    proc = subprocess.Popen(
-        [
-            str(SERVE),
-            *("--grpc-port", str(grpc_port), "--http-port", str(http_port)),
-            *("--metrics-port", str(metrics_port)),
-        ],
-        stdout=open(log, "wb"),  # noqa: SIM115 - lives as long as the process
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "RAG_LLM_TOKEN_DELAY_MS": str(delay_ms)},
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            url = f"http://127.0.0.1:{http_port}/v2/health/ready"
-            with urllib.request.urlopen(url, timeout=1) as reply:
-                if reply.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(log.read_text()[-2000:])
 
 
 async def triton_stats(url: str, model: str) -> tuple[int, int]:
@@ -150,11 +119,11 @@ def main() -> None:
     from pydoc_data.topics import topics
 
     from tests.conftest import free_port
+    from tests.test_triton import Triton
 
     work = Path(tempfile.mkdtemp(prefix="rag-ask-bench-"))
-    ports = (free_port(), free_port(), free_port())
-    triton = start_triton(ports, args.token_delay_ms, work / "triton.log")
-    triton_url = f"127.0.0.1:{ports[0]}"
+    triton = Triton(work / "triton.log", token_delay_ms=args.token_delay_ms).start(timeout=600)
+    triton_url = triton.url
     port = free_port()
     server = start_server(
         work / "data",
@@ -214,7 +183,7 @@ def main() -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
-        os.killpg(triton.pid, signal.SIGKILL)
+        triton.kill()
         shutil.rmtree(work, ignore_errors=True)
     totals = [a[0] for a in asks]
     ttft = [a[1] for a in asks]

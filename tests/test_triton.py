@@ -38,7 +38,10 @@ TOKEN_DELAY_MS = 20  # per generated word, so a long answer takes seconds
 class Triton:
     """deploy/triton/serve.sh as a child process on free ports."""
 
-    def __init__(self, log: Path, grpc_port: int | None = None) -> None:
+    def __init__(
+        self, log: Path, grpc_port: int | None = None, token_delay_ms: float = TOKEN_DELAY_MS
+    ) -> None:
+        self.token_delay_ms = token_delay_ms
         self.grpc_port = grpc_port or free_port()
         self.http_port = free_port()
         self.metrics_port = free_port()
@@ -50,7 +53,7 @@ class Triton:
         return f"127.0.0.1:{self.grpc_port}"
 
     def start(self, timeout: float = 280) -> Triton:
-        env = {**os.environ, "RAG_LLM_TOKEN_DELAY_MS": str(TOKEN_DELAY_MS)}
+        env = {**os.environ, "RAG_LLM_TOKEN_DELAY_MS": str(self.token_delay_ms)}
         ports = ["--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port)]
         self.proc = subprocess.Popen(
             [str(SERVE), *ports, "--metrics-port", str(self.metrics_port)],
