@@ -168,7 +168,7 @@ def test_acknowledged_writes_survive_kill_9_at_random_moments(
                     doc_id = f"r{round_}-w{worker}-{i}"
                     text = f"record {doc_id}: the {rng.choice(['red', 'blue', 'green'])} lighthouse"
                     try:
-                        client.upsert([Document(doc_id, text, {"round": round_})])
+                        client.upsert([Document(doc_id, text, {"round": round_, "id": doc_id})])
                     except RpcError:
                         return  # the server died under us: this write was not acknowledged
                     with lock:
@@ -195,6 +195,10 @@ def test_acknowledged_writes_survive_kill_9_at_random_moments(
         (stats,) = client.stats().namespaces
         # Nothing half written: every stored document has its chunk and vector.
         assert stats.documents == stats.chunks == stats.vectors >= len(ids)
-        probe = rng.choice(ids)
-        assert any(h.document_id == probe for h in client.search(f"record {probe}", k=5))
+        # Each one is in the index: a search restricted to it finds its vector.
+        from rag_grpc.filters import Equals
+
+        for probe in rng.sample(ids, 5):
+            hits = client.search("a lighthouse", k=1, filter=Equals("id", probe))
+            assert [h.document_id for h in hits] == [probe]
     assert len(ids) > 40, "too few writes to mean anything"
