@@ -453,3 +453,45 @@ def test_json_transcoding_lets_plain_https_clients_search(
     # gRPC clients still work on the same listener.
     with proxy.client(certs["ours"]) as client:
         assert served_by(client) == "blue"
+
+
+def test_grpcurl_lists_and_calls_through_the_gateway(
+    start_server: Callable[..., ServerThread],
+    envoy: Callable[..., Envoy],
+    certs: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    server = marked(start_server, tmp_path, "blue")
+    proxy = envoy(server.target)
+    ours = certs["ours"]
+    tls = ["-cacert", str(ours / "ca.pem"), "-cert", str(ours / "client.pem")]
+    tls += ["-key", str(ours / "client.key"), f"localhost:{proxy.port}"]
+    listed = subprocess.run(
+        [tool("grpcurl"), *tls, "list"], capture_output=True, text=True, timeout=30
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "rag.v1.RetrievalService" in listed.stdout.split()
+    search = subprocess.run(
+        [
+            tool("grpcurl"),
+            "-d",
+            '{"namespace": "blue", "text": "served", "k": 1}',
+            *tls,
+            "rag.v1.RetrievalService/Search",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert search.returncode == 0, search.stderr
+    hit = json.loads(search.stdout)["hits"][0]
+    assert hit.get("documentId", hit.get("document_id")) == "blue-doc"
+    # Without a client certificate grpcurl is turned away too.
+    refused = subprocess.run(
+        [tool("grpcurl"), "-connect-timeout", "3", "-cacert", str(ours / "ca.pem")]
+        + [f"localhost:{proxy.port}", "list"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode != 0
