@@ -488,7 +488,15 @@ def test_grpcurl_lists_and_calls_through_the_gateway(
     assert hit.get("documentId", hit.get("document_id")) == "blue-doc"
     # Without a client certificate grpcurl is turned away too.
     refused = subprocess.run(
-        [tool("grpcurl"), "-connect-timeout", "3", "-cacert", str(ours / "ca.pem"), f"localhost:{proxy.port}", "list"],
+        [
+            tool("grpcurl"),
+            "-connect-timeout",
+            "3",
+            "-cacert",
+            str(ours / "ca.pem"),
+            f"localhost:{proxy.port}",
+            "list",
+        ],
         capture_output=True,
         text=True,
         timeout=30,
