@@ -4,7 +4,6 @@ with AES-256-GCM, and refused clearly when tampered, truncated or wrongly keyed.
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -14,19 +13,10 @@ import pytest
 from rag_grpc.backup import BackupError, is_encrypted, restore, unseal, verified_members
 from rag_grpc.client import RagClient
 from rag_grpc.documents import Document
-from tests.conftest import CORPUS, ServerThread, tool
+from tests.conftest import CORPUS, ServerThread
+from tests.test_cli import cli
 
 QUERIES = ["an erupting mountain", "a game with a king and a queen", "making coffee"]
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [tool("rag-grpc"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
 
 
 @pytest.fixture

@@ -24,6 +24,9 @@ from tests.conftest import ROOT, ServerThread, free_port, tool
 
 RENDER = ROOT / "envoy" / "render.py"
 CERTS_SH = ROOT / "envoy" / "certs.sh"
+# Rate limits set out of the way, for tests about something else.
+NO_LIMITS = ("--rate-limit", "100000", "--burst", "100000")
+NO_LIMITS += ("--client-rate-limit", "100000", "--client-burst", "100000")
 
 
 @pytest.fixture(scope="module")
@@ -301,8 +304,7 @@ def test_canary_takes_its_weight_and_the_header_override(
     proxy = envoy(
         stable.target,
         *("--canary", canary.target, "--canary-weight", "10"),
-        *("--rate-limit", "100000", "--burst", "100000"),
-        *("--client-rate-limit", "100000", "--client-burst", "100000"),
+        *NO_LIMITS,
     )
     counts = {"stable": 0, "canary": 0}
     with proxy.client(certs["ours"]) as client:
@@ -330,8 +332,7 @@ def test_blue_green_switch_under_load_fails_no_call(
 ) -> None:
     blue = marked(start_server, tmp_path, "blue")
     green = marked(start_server, tmp_path, "green")
-    limits = ("--rate-limit", "100000", "--burst", "100000")
-    limits += ("--client-rate-limit", "100000", "--client-burst", "100000")
+    limits = NO_LIMITS
     proxy = envoy(blue.target, *limits)
     seen: list[str] = []
     failures: list[str] = []
