@@ -200,6 +200,12 @@ class TritonConfig(_Section):
     breaker_reset_s: float = Field(5.0, gt=0)
     # How often Triton's server and model readiness is checked for health.
     probe_interval_s: float = Field(2.0, gt=0)
+    # After a delta is sent, text arriving within this many milliseconds goes
+    # out as one message (like vLLM's stream interval). The first delta and
+    # the end of the answer are never held back; a model slower than this
+    # (any real LLM: 10-50 ms a token) is forwarded token by token. 0 sends
+    # each piece as soon as the client has taken the last one.
+    stream_interval_ms: float = Field(5.0, ge=0, le=1000)
 
 
 class GenerationConfig(_Section):

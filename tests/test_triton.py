@@ -164,6 +164,32 @@ def test_answers_stream_incrementally_and_cite_retrieved_chunks(rag: Callable[..
     assert generation.completion_tokens == summary.usage.completion_tokens
 
 
+def test_stream_interval_merges_fast_tokens_without_changing_the_answer(
+    rag: Callable[..., Any],
+) -> None:
+    """Text arriving within stream_interval_ms of the last delta goes out as
+    one message; the first delta is not held back and the answer is the same."""
+
+    def deltas(interval_ms: float) -> tuple[list[str], float, float]:
+        _, client = rag(triton={"stream_interval_ms": interval_ms})
+        started = time.monotonic()
+        pieces: list[str] = []
+        first = 0.0
+        for event in client.ask("What comes out of a volcano when it erupts?", k=3):
+            if isinstance(event, str):
+                first = first or time.monotonic() - started
+                pieces.append(event)
+        return pieces, first, time.monotonic() - started
+
+    word_by_word, _, _ = deltas(0)
+    merged, first, total = deltas(5 * TOKEN_DELAY_MS)
+    assert "".join(merged) == "".join(word_by_word)
+    # One message per word at 0; about one per five words at 5 words' time.
+    assert len(word_by_word) > 10
+    assert 1 < len(merged) <= len(word_by_word) // 3
+    assert first < total / 3
+
+
 def test_serve_flags_select_triton(
     server_process: Callable[..., ServerProcess], triton: Triton, tmp_path: Path
 ) -> None:
