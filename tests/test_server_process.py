@@ -140,6 +140,35 @@ def test_index_is_rebuilt_from_the_store_after_a_crash(
     restarted.stop()
 
 
+def test_a_saved_index_catches_up_with_newer_rows_and_a_damaged_one_is_rebuilt(
+    server_process: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    proc = server_process(data_dir)
+    with RagClient(proc.target) as client:
+        client.upsert(CORPUS[:3])
+    assert proc.stop(timeout=30) == 0  # saves the index with its last label
+    proc = server_process(data_dir, port=proc.port)
+    with RagClient(proc.target) as client:
+        client.upsert(CORPUS[3:])
+        client.delete(["chess"])
+    proc.stop(sig=9)  # the saved index is now behind the store
+    restarted = server_process(data_dir, port=proc.port)
+    with RagClient(restarted.target) as client:
+        assert client.search("espresso coffee", k=1)[0].document_id == "espresso"
+        assert "chess" not in {h.document_id for h in client.search("chess openings", k=20)}
+        assert client.stats().namespaces[0].vectors == len(CORPUS) - 1  # a chunk each
+    log = restarted.log.read_text()
+    assert f"{len(CORPUS) - 3} newer vectors applied" in log and "rebuilt index" not in log
+    restarted.stop(sig=9)
+    (data_dir / "index" / "default.hnsw").write_bytes(b"not an index")
+    again = server_process(data_dir, port=proc.port)
+    with RagClient(again.target) as client:
+        assert client.search("lava", k=1)[0].document_id == "volcano"
+    assert "rebuilding index default" in again.log.read_text()
+    again.stop()
+
+
 def test_microservices_split_and_dependency_health(
     server_process: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:

@@ -112,24 +112,29 @@ class Retriever:
         return self.index_dir / f"{namespace}.hnsw", self.index_dir / f"{namespace}.json"
 
     def _open_index(self, namespace: str) -> VectorIndex:
-        """Load the saved index if it matches the store's generation and
-        labels, else rebuild it from the store."""
+        """Load the saved index and bring it up to date from the store (rows
+        newer than the last label it applied, minus deleted ones); rebuild it
+        from the store when it is missing, damaged or does not match."""
         path, meta_path = self._index_paths(namespace)
         generation = self.store.generation(namespace)
         live = self.store.labels(namespace)
         if path.exists() and meta_path.exists():
             try:
                 meta = json.loads(meta_path.read_text())
-                if meta.get("generation") != generation:
-                    raise ValueError(
-                        f"saved at generation {meta.get('generation')}, store at {generation}"
-                    )
+                if "last_label" not in meta:
+                    raise ValueError("saved without its last applied label")
                 index = VectorIndex.load(path, self.index_config.exact_scan_threshold)
                 if index.dim != self.embedder.dimension:
                     raise ValueError(f"dimension {index.dim}, model has {self.embedder.dimension}")
-                if not np.array_equal(np.sort(index.labels()), np.sort(live)):
-                    raise ValueError("its labels differ from the store's chunks")
-                log.info("loaded index %s at generation %d", namespace, generation)
+                added = self._catch_up(namespace, index, int(meta["last_label"]), live)
+                log.info(
+                    "loaded index %s saved at generation %s, %d newer vectors applied; "
+                    "store at generation %d",
+                    namespace,
+                    meta.get("generation"),
+                    added,
+                    generation,
+                )
                 return index
             except (ValueError, OSError) as exc:
                 log.warning("rebuilding index %s: %s", namespace, exc)
@@ -145,17 +150,40 @@ class Retriever:
         )
         return index
 
+    def _catch_up(self, namespace: str, index: VectorIndex, last: int, live: np.ndarray) -> int:
+        """Apply the store's changes since the index was saved: labels are never
+        reused, so rows above its last label are new and labels it has that the
+        store lacks were deleted. Raises ValueError when the result is not the store."""
+        have = index.labels()
+        gone = np.setdiff1d(have, live, assume_unique=True)
+        if len(gone):
+            index.delete(gone)
+        added = 0
+        for labels, vectors in self.store.iter_vectors(namespace, after=last):
+            index.add(vectors, labels)
+            added += len(labels)
+        if not np.array_equal(np.sort(index.labels()), np.sort(live)):
+            raise ValueError("its labels differ from the store's chunks after catching up")
+        return added
+
     def save_indexes(self) -> None:
-        """Persist every namespace's index with the generation it reflects."""
+        """Persist every namespace's index with the last label it applied."""
         for namespace in list(self._indexes):
             with self._write_lock(namespace):
                 path, meta_path = self._index_paths(namespace)
-                self._indexes[namespace].save(path)
-                meta = {
-                    "generation": self.store.generation(namespace),
-                    "dimension": self.embedder.dimension,
-                }
+                index = self._indexes[namespace]
+                index.save(path)
+                meta = self._index_meta(index, self.store.generation(namespace))
                 meta_path.write_text(json.dumps(meta))
+
+    def _index_meta(self, index: VectorIndex, generation: int) -> dict[str, int]:
+        labels = index.labels()
+        return {
+            "generation": generation,
+            # Rows above this label are newer than the saved index.
+            "last_label": int(labels.max()) if len(labels) else 0,
+            "dimension": self.embedder.dimension,
+        }
 
     def snapshot(self, out_dir: Path) -> tuple[dict[str, Path], dict[str, int]]:
         """Copy the database and every index into out_dir at one point in time
@@ -173,8 +201,9 @@ class Retriever:
             for namespace, index in self._indexes.items():
                 path = index_dir / f"{namespace}.hnsw"
                 index.save(path)
-                meta = {"generation": generations[namespace], "dimension": self.embedder.dimension}
-                (index_dir / f"{namespace}.json").write_text(json.dumps(meta))
+                (index_dir / f"{namespace}.json").write_text(
+                    json.dumps(self._index_meta(index, generations[namespace]))
+                )
         finally:
             for lock in locks:
                 lock.release()

@@ -33,6 +33,12 @@ CREATE TABLE IF NOT EXISTS audit (
     namespace TEXT NOT NULL,
     doc_ids TEXT NOT NULL
 );
+-- How far this store has applied each write log it follows (NATS JetStream
+-- stream sequence), committed with the writes themselves.
+CREATE TABLE IF NOT EXISTS log_positions (
+    log TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS namespaces (
     name TEXT PRIMARY KEY,
     generation INTEGER NOT NULL DEFAULT 0,
@@ -188,9 +194,15 @@ class DocumentStore:
     # -- writes ------------------------------------------------------------
 
     def replace_documents(
-        self, namespace: str, documents: Sequence[Document], chunks: Sequence[NewChunk]
+        self,
+        namespace: str,
+        documents: Sequence[Document],
+        chunks: Sequence[NewChunk],
+        *,
+        position: tuple[str, int] | None = None,
     ) -> ReplaceOutcome:
-        """Atomically replace the given documents (and all their chunks)."""
+        """Atomically replace the given documents (and all their chunks);
+        position (log, sequence) is recorded in the same transaction."""
         now = time.time()
         with self._write_lock:
             conn = self._writer
@@ -231,6 +243,8 @@ class DocumentStore:
                     )
                     added.append(cur.lastrowid)
                 generation = self._bump(conn, namespace)
+                if position is not None:
+                    self._set_position(conn, *position)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -241,7 +255,12 @@ class DocumentStore:
         )
 
     def delete_documents(
-        self, namespace: str, doc_ids: Sequence[str], *, erase: bool = False
+        self,
+        namespace: str,
+        doc_ids: Sequence[str],
+        *,
+        erase: bool = False,
+        position: tuple[str, int] | None = None,
     ) -> tuple[list[str], np.ndarray, int]:
         """Delete documents; return (deleted ids, removed chunk labels, generation).
 
@@ -259,6 +278,8 @@ class DocumentStore:
                 generation = (
                     self._bump(conn, namespace) if present else self._generation(conn, namespace)
                 )
+                if position is not None:
+                    self._set_position(conn, *position)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -337,6 +358,26 @@ class DocumentStore:
                 "DELETE FROM documents WHERE namespace = ? AND doc_id = ?", (namespace, doc_id)
             )
         return removed
+
+    @staticmethod
+    def _set_position(conn: sqlite3.Connection, log: str, seq: int) -> None:
+        conn.execute(
+            "INSERT INTO log_positions (log, seq) VALUES (?, ?) "
+            "ON CONFLICT (log) DO UPDATE SET seq = MAX(seq, excluded.seq)",
+            (log, seq),
+        )
+
+    def set_position(self, log: str, seq: int) -> None:
+        """Record that the log is applied up to seq (an entry that changed nothing)."""
+        with self._write_lock:
+            self._set_position(self._writer, log, seq)
+
+    def position(self, log: str) -> int:
+        """The last sequence of the log applied here (0: none)."""
+        row = (
+            self._reader().execute("SELECT seq FROM log_positions WHERE log = ?", (log,)).fetchone()
+        )
+        return int(row[0]) if row else 0
 
     @staticmethod
     def _bump(conn: sqlite3.Connection, namespace: str) -> int:
@@ -461,11 +502,13 @@ class DocumentStore:
         return np.fromiter((r[0] for r in rows), dtype=np.uint64)
 
     def iter_vectors(
-        self, namespace: str, batch_size: int = 4096
+        self, namespace: str, batch_size: int = 4096, *, after: int = 0
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """All (labels, vectors) of a namespace, in batches, for rebuilding its index."""
+        """(labels, vectors) of a namespace with labels above after, in batches:
+        all of them to rebuild its index, the newer rows to bring a saved one up to date."""
         cursor = self._reader().execute(
-            "SELECT label, vector FROM chunks WHERE namespace = ? ORDER BY label", (namespace,)
+            "SELECT label, vector FROM chunks WHERE namespace = ? AND label > ? ORDER BY label",
+            (namespace, after),
         )
         while rows := cursor.fetchmany(batch_size):
             labels = np.fromiter((r[0] for r in rows), dtype=np.uint64, count=len(rows))
