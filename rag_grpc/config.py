@@ -239,6 +239,34 @@ class GenerationConfig(_Section):
         return value
 
 
+class IngestionConfig(_Section):
+    """Where ingestion jobs queue: the SQLite database in the data dir, or
+    NATS JetStream shared by several workers and retrieval replicas."""
+
+    queue: Literal["sqlite", "nats"] = "sqlite"
+    nats_url: str = "nats://127.0.0.1:4222"
+    # Names of the JetStream streams and bucket: <prefix>_JOBS, <prefix>_WRITES
+    # and <prefix>_STATUS (subjects <prefix>.jobs, <prefix>.writes, lower case).
+    nats_prefix: str = Field("RAG", pattern=r"^[A-Z][A-Z0-9_]{0,31}$")
+    # JetStream replicas of the streams (3 on a three-node NATS cluster).
+    nats_replicas: int = Field(1, ge=1, le=5)
+    # This process takes documents from the queue (chunks and embeds them).
+    worker: bool = True
+    # This process applies the write log to its store and index (a replica).
+    apply: bool = True
+    # Documents fetched and embedded together by a worker.
+    batch_documents: int = Field(32, ge=1, le=1024)
+    # A document not acknowledged in this time goes to another worker, at
+    # most max_deliver times; then it fails with its error.
+    ack_wait_s: float = Field(60.0, gt=0)
+    max_deliver: int = Field(5, ge=1, le=100)
+    # Documents queued and not yet processed, past which Submit is refused.
+    max_pending_documents: int = Field(200_000, ge=1)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    # How long Upsert/Delete wait for this replica to apply their write.
+    apply_timeout_s: float = Field(30.0, gt=0)
+
+
 class RemoteConfig(_Section):
     """Addresses of remote services; unset means in-process."""
 
@@ -308,6 +336,7 @@ class Settings(BaseSettings):
     limits: LimitsConfig = LimitsConfig()
     generation: GenerationConfig = GenerationConfig()
     remote: RemoteConfig = RemoteConfig()
+    ingestion: IngestionConfig = IngestionConfig()
     logging: LoggingConfig = LoggingConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     retention: RetentionConfig = RetentionConfig()

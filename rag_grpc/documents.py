@@ -28,6 +28,8 @@ class Document:
     id: str
     text: str
     metadata: Metadata = field(default_factory=dict)
+    # MIME type of text: "" or text/plain, or text/markdown (not stored).
+    content_type: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)

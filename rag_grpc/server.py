@@ -31,6 +31,7 @@ from rag_grpc.generate.pipeline import LocalSearch, RagPipeline, SearchBackend
 from rag_grpc.generate.triton import TritonGenerator
 from rag_grpc.index.retriever import Retriever
 from rag_grpc.ingest.jobs import IngestionManager, JobQueue
+from rag_grpc.ingest.nats_log import NatsIngestion
 from rag_grpc.pb import (
     SERVICE_FILES,
     admin_service_pb2_grpc,
@@ -94,8 +95,9 @@ class RagServer:
         self.retriever: Retriever | None = None
         self.encoder: OnnxEncoder | None = None
         self.embedder: BatchingEmbedder | None = None
-        self.ingestion: IngestionManager | None = None
+        self.ingestion: IngestionManager | NatsIngestion | None = None
         self.job_queue: JobQueue | None = None
+        self.nats: NatsIngestion | None = None
         self._remotes: list[_RemoteDependency] = []
         self._probe_task: asyncio.Task[None] | None = None
         self.triton: TritonGenerator | None = None
@@ -138,6 +140,15 @@ class RagServer:
             self.retriever = Retriever(
                 self.store, self.embedder, chunker, s.data_dir / "index", s.index, s.limits
             )
+            if s.ingestion.queue == "nats":
+                # Every process with a store follows the shared write log.
+                self.nats = NatsIngestion(
+                    s.ingestion,
+                    self.retriever,
+                    self.executor,
+                    s.limits,
+                    worker="ingestion" in wanted,
+                )
 
     def _generator(self) -> Generator:
         s = self.settings
@@ -228,7 +239,7 @@ class RagServer:
         if "retrieval" in s.services:
             assert self.retriever is not None
             retrieval_service_pb2_grpc.add_RetrievalServiceServicer_to_server(
-                RetrievalServicer(self.retriever, self.executor), server
+                RetrievalServicer(self.retriever, self.executor, self.nats), server
             )
         if "embedding" in s.services:
             assert self.embedder is not None
@@ -248,10 +259,13 @@ class RagServer:
             rag_service_pb2_grpc.add_RagServiceServicer_to_server(RagServicer(pipeline), server)
         if "ingestion" in s.services:
             assert self.retriever is not None
-            self.job_queue = JobQueue(s.data_dir / "rag.sqlite3")
-            self.ingestion = IngestionManager(
-                self.job_queue, self.retriever, self.executor, s.limits
-            )
+            if self.nats is not None:
+                self.ingestion = self.nats
+            else:
+                self.job_queue = JobQueue(s.data_dir / "rag.sqlite3")
+                self.ingestion = IngestionManager(
+                    self.job_queue, self.retriever, self.executor, s.limits
+                )
             ingestion_service_pb2_grpc.add_IngestionServiceServicer_to_server(
                 IngestionServicer(self.ingestion), server
             )
@@ -285,8 +299,11 @@ class RagServer:
         for name in served:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        if self.ingestion is not None:
+        if self.nats is not None:
+            self.nats.start()
+        elif self.ingestion is not None:
             self.ingestion.start()
+        if self.ingestion is not None:
             await self._seed()
         if self._remotes:
             self._probe_task = asyncio.create_task(self._probe_remotes(), name="remote-probe")
@@ -325,6 +342,8 @@ class RagServer:
             )
 
         def lag() -> list[Observation]:
+            if self.nats is not None:
+                return [Observation(self.nats.pending_documents)]
             queue = self.job_queue
             return [Observation(queue.pending_count())] if queue is not None else []
 
@@ -411,6 +430,8 @@ class RagServer:
             await self.server.stop(grace)
         if self.ingestion is not None:
             await self.ingestion.stop()
+        if self.nats is not None and self.nats is not self.ingestion:
+            await self.nats.stop()
         for remote in self._remotes:
             await remote.channel.close(None)
         if self.triton is not None:

@@ -12,7 +12,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,10 @@ from rag_grpc.native import MISSING_LABEL, VectorIndex
 from rag_grpc.store.sqlite import DocumentStore, NewChunk
 
 log = logging.getLogger(__name__)
+
+
+# Document text formats taken as they are (no conversion from other formats).
+SUPPORTED_CONTENT_TYPES = frozenset({"", "text/plain", "text/markdown"})
 
 
 @dataclass(frozen=True)
@@ -260,7 +264,13 @@ class Retriever:
             self.validate_document(doc)
 
     def validate_document(self, doc: Document) -> None:
-        """Size, text and metadata checks for one document."""
+        """Content type, size, text and metadata checks for one document."""
+        kind = doc.content_type.split(";", 1)[0].strip().lower()
+        if kind not in SUPPORTED_CONTENT_TYPES:
+            raise InvalidArgument(
+                f"document {doc.id!r} has content type {doc.content_type!r}; send text as "
+                "text/plain or text/markdown (convert other formats before ingesting)"
+            )
         size = len(doc.text.encode("utf-8", errors="surrogatepass"))
         if size > self.limits.max_document_bytes:
             raise InvalidArgument(
@@ -293,6 +303,12 @@ class Retriever:
         documents = [d for d in documents if d.id not in same]
         if not documents:
             return WriteResult(0, 0, self.store.generation(namespace), unchanged=len(same))
+        chunks = self.prepare(documents)
+        result = self.apply_upsert(namespace, documents, chunks)
+        return replace(result, unchanged=result.unchanged + len(same))
+
+    def prepare(self, documents: Sequence[Document]) -> list[NewChunk]:
+        """Chunk and embed documents (the expensive half of a write)."""
         spans = [(doc.id, self.chunker.split(doc.text)) for doc in documents]
         texts = [span.text for _, doc_spans in spans for span in doc_spans]
         vectors = self.embedder.embed(texts).vectors
@@ -302,14 +318,37 @@ class Retriever:
             for seq, span in enumerate(doc_spans):
                 chunks.append(NewChunk(doc_id, seq, span.text, vectors[row]))
                 row += 1
+        return chunks
+
+    def apply_upsert(
+        self,
+        namespace: str,
+        documents: Sequence[Document],
+        chunks: Sequence[NewChunk],
+        position: tuple[str, int] | None = None,
+    ) -> WriteResult:
+        """Store prepared documents and their chunks (the cheap half of a write).
+
+        position (log, sequence) is committed with the write; documents stored
+        with the same content already are skipped, so a log entry applied
+        twice changes nothing."""
         with self._write_lock(namespace):
             deadlines.check("storing the documents")
-            outcome = self.store.replace_documents(namespace, documents, chunks)
+            same = self.store.unchanged(namespace, documents) if position else set()
+            if same:
+                documents = [d for d in documents if d.id not in same]
+                chunks = [c for c in chunks if c.doc_id not in same]
+            if not documents:
+                if position is not None:
+                    self.store.set_position(*position)
+                return WriteResult(0, 0, self.store.generation(namespace), unchanged=len(same))
+            outcome = self.store.replace_documents(namespace, documents, chunks, position=position)
             index = self._indexes.get(namespace)
             if index is None:
                 index = self._indexes[namespace] = self._new_index(len(chunks))
             index.delete(outcome.removed_labels)
-            index.add(vectors, outcome.added_labels)
+            if chunks:
+                index.add(np.stack([c.vector for c in chunks]), outcome.added_labels)
         return WriteResult(len(documents), len(chunks), outcome.generation, unchanged=len(same))
 
     def delete(
@@ -320,9 +359,14 @@ class Retriever:
         filter: Filter | None = None,
         forget: bool = False,
         actor: str = "",
+        position: tuple[str, int] | None = None,
     ) -> WriteResult:
         """Delete documents by id and/or metadata filter; unknown ids are
-        reported, not errors. forget erases them for good (see DeleteRequest)."""
+        reported, not errors. forget erases them for good (see DeleteRequest).
+        position (log, sequence) is committed with the deletion."""
+        if position is not None and not self.store.has_namespace(resolve_namespace(namespace)):
+            self.store.set_position(*position)
+            return WriteResult(0, 0, 0, tuple(doc_ids))
         namespace = self._existing_namespace(namespace)
         if not doc_ids and filter is None:
             raise InvalidArgument("give document ids or a filter to delete by")
@@ -335,7 +379,9 @@ class Retriever:
             ids = list(doc_ids)
             if filter is not None:
                 ids += [i for i in self.store.doc_ids_matching(namespace, filter) if i not in ids]
-            deleted, labels, generation = self.store.delete_documents(namespace, ids, erase=forget)
+            deleted, labels, generation = self.store.delete_documents(
+                namespace, ids, erase=forget, position=position
+            )
             self._indexes[namespace].delete(labels)
             if forget:
                 self._erase_from_index(namespace)

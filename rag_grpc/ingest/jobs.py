@@ -105,7 +105,13 @@ class JobQueue:
         job_id = uuid.uuid4().hex
         now = time.time()
         rows = [
-            (job_id, seq, json.dumps({"id": d.id, "text": d.text, "metadata": d.metadata}))
+            (
+                job_id,
+                seq,
+                json.dumps(
+                    {"id": d.id, "text": d.text, "metadata": d.metadata, "type": d.content_type}
+                ),
+            )
             for seq, d in enumerate(documents)
         ]
         with self._lock:
@@ -180,7 +186,7 @@ class JobQueue:
                 (job_id, start, count),
             ).fetchall()
         docs = [json.loads(r[0]) for r in rows]
-        return [Document(d["id"], d["text"], d["metadata"]) for d in docs]
+        return [Document(d["id"], d["text"], d["metadata"], d.get("type", "")) for d in docs]
 
     def record(self, status: JobStatus) -> None:
         """Commit a job's progress; a finished job's documents are dropped."""

@@ -59,12 +59,12 @@ def fill_metadata(
 
 def document_from_pb(doc: common_pb2.Document) -> Document:
     """A core Document from its message."""
-    return Document(doc.id, doc.text, metadata_from_pb(doc.metadata))
+    return Document(doc.id, doc.text, metadata_from_pb(doc.metadata), doc.content_type)
 
 
 def document_to_pb(doc: Document) -> common_pb2.Document:
     """A Document message."""
-    message = common_pb2.Document(id=doc.id, text=doc.text)
+    message = common_pb2.Document(id=doc.id, text=doc.text, content_type=doc.content_type)
     fill_metadata(message.metadata, doc.metadata)
     return message
 

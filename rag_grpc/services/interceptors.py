@@ -7,6 +7,7 @@ from the configured gateway addresses)."""
 
 from __future__ import annotations
 
+import contextvars
 import hmac
 import logging
 import time
@@ -20,6 +21,10 @@ from opentelemetry import trace
 
 from rag_grpc import errors, telemetry
 from rag_grpc.deadlines import enter_call
+
+# The calling client's identity (from a trusted gateway's
+# x-forwarded-client-cert), for the handlers: "" when unknown.
+CLIENT: contextvars.ContextVar[str] = contextvars.ContextVar("rag_client", default="")
 
 log = logging.getLogger("rag_grpc.rpc")
 
@@ -234,6 +239,7 @@ def _wrap_unary(
         started = time.perf_counter()
         code = "OK"
         span = observe.start()
+        CLIENT.set(observe.client_identity(context))
         try:
             await _precheck(request, context)
             return await behavior(request, context)
@@ -259,6 +265,7 @@ def _wrap_stream(
         started = time.perf_counter()
         code = "OK"
         span = observe.start()
+        CLIENT.set(observe.client_identity(context))
         try:
             await _precheck(request, context)
             async for item in behavior(request, context):

@@ -9,22 +9,38 @@ import grpc
 
 from rag_grpc.deadlines import in_thread
 from rag_grpc.index.retriever import Retriever
+from rag_grpc.ingest.nats_log import NatsIngestion
 from rag_grpc.pb import retrieval_pb2, retrieval_service_pb2_grpc
 from rag_grpc.services import convert
+from rag_grpc.services.interceptors import CLIENT
+
+
+def actor(context: grpc.aio.ServicerContext) -> str:
+    """Who asked, for the audit log: the gateway's client identity, else the peer."""
+    return CLIENT.get() or f"peer {context.peer() or 'unknown'}"
 
 
 class RetrievalServicer(retrieval_service_pb2_grpc.RetrievalServiceServicer):
     """Upsert, Delete, Get, Search, SearchBatch."""
 
-    def __init__(self, retriever: Retriever, executor: Executor | None) -> None:
+    def __init__(
+        self, retriever: Retriever, executor: Executor | None, log: NatsIngestion | None = None
+    ) -> None:
         self.retriever = retriever
         self.executor = executor
+        # Writes go through the shared log when there is one, so every replica applies them.
+        self.log = log
 
     async def Upsert(
         self, request: retrieval_pb2.UpsertRequest, context: grpc.aio.ServicerContext
     ) -> retrieval_pb2.UpsertResponse:
         documents = [convert.document_from_pb(d) for d in request.documents]
-        result = await in_thread(self.executor, self.retriever.upsert, request.namespace, documents)
+        if self.log is not None:
+            result = await self.log.upsert(request.namespace, documents)
+        else:
+            result = await in_thread(
+                self.executor, self.retriever.upsert, request.namespace, documents
+            )
         return retrieval_pb2.UpsertResponse(
             upserted=result.documents,
             unchanged=result.unchanged,
@@ -35,19 +51,27 @@ class RetrievalServicer(retrieval_service_pb2_grpc.RetrievalServiceServicer):
     async def Delete(
         self, request: retrieval_pb2.DeleteRequest, context: grpc.aio.ServicerContext
     ) -> retrieval_pb2.DeleteResponse:
-        result = await in_thread(
-            self.executor,
-            functools.partial(
-                self.retriever.delete,
+        flt = convert.filter_from_pb(request.filter) if request.HasField("filter") else None
+        if self.log is not None:
+            result = await self.log.delete(
                 request.namespace,
                 list(request.ids),
-                filter=convert.filter_from_pb(request.filter)
-                if request.HasField("filter")
-                else None,
+                filter=flt,
                 forget=request.forget,
-                actor=context.peer() or "",
-            ),
-        )
+                actor=actor(context),
+            )
+        else:
+            result = await in_thread(
+                self.executor,
+                functools.partial(
+                    self.retriever.delete,
+                    request.namespace,
+                    list(request.ids),
+                    filter=flt,
+                    forget=request.forget,
+                    actor=actor(context),
+                ),
+            )
         return retrieval_pb2.DeleteResponse(
             deleted=result.documents,
             not_found_ids=list(result.not_found_ids),

