@@ -168,6 +168,8 @@ def main() -> None:
             "RAG_GRPC_GENERATION__GENERATOR": "triton",
             "RAG_GRPC_GENERATION__TRITON__URL": triton.url,
             "RAG_GRPC_EMBEDDING__CACHE_BYTES": "0",
+            # Every Ask goes to Triton: the rounds repeat questions.
+            "RAG_GRPC_GENERATION__ANSWER_CACHE_ENTRIES": "0",
         },
     )
     names = sorted(topics)

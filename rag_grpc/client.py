@@ -62,6 +62,8 @@ class AskSummary:
     finish_reason: str
     cited: tuple[int, ...]
     timings: dict[str, float]
+    # Replayed from the server's answer cache.
+    cached: bool = False
 
 
 AskEvent = list[AskCitation] | str | AskSummary
@@ -309,6 +311,7 @@ class RagClient:
                             "first_token_ms": t.first_token_ms,
                             "total_ms": t.total_ms,
                         },
+                        s.cached,
                     )
         except grpc.RpcError as exc:
             raise _rpc_error(exc) from None

@@ -223,6 +223,9 @@ class GenerationConfig(_Section):
     # to its budget (default: the embedding model's).
     tokenizer_path: Path | None = None
     context_token_budget: int = Field(1500, ge=16, le=1_000_000)
+    # Finished answers kept by (question, parameters, passages, index
+    # generation); a write to the namespace retires them. 0 turns it off.
+    answer_cache_entries: int = Field(1024, ge=0)
     # The prompt: {context} is the numbered passages, {question} the question.
     prompt_template: str = (
         "Answer the question using only the numbered context passages below. "

@@ -27,7 +27,7 @@ from rag_grpc.embed.encoder import OnnxEncoder
 from rag_grpc.embed.loader import load_encoder
 from rag_grpc.generate.base import Generator
 from rag_grpc.generate.extractive import ExtractiveGenerator
-from rag_grpc.generate.pipeline import LocalSearch, RagPipeline, SearchBackend
+from rag_grpc.generate.pipeline import AnswerCache, LocalSearch, RagPipeline, SearchBackend
 from rag_grpc.generate.triton import TritonGenerator
 from rag_grpc.index.retriever import Retriever
 from rag_grpc.ingest.jobs import IngestionManager, JobQueue
@@ -255,7 +255,13 @@ class RagServer:
             )
         if "rag" in s.services:
             assert generator is not None
-            pipeline = RagPipeline(self._search_backend(), generator, s.limits)
+            answers = s.generation.answer_cache_entries
+            pipeline = RagPipeline(
+                self._search_backend(),
+                generator,
+                s.limits,
+                AnswerCache(answers) if answers else None,
+            )
             rag_service_pb2_grpc.add_RagServiceServicer_to_server(RagServicer(pipeline), server)
         if "ingestion" in s.services:
             assert self.retriever is not None

@@ -43,6 +43,7 @@ class Instruments:
     tokens: Any
     searches: Any
     scores: Any
+    answers: Any
 
 
 class Telemetry:
@@ -110,6 +111,9 @@ class Telemetry:
             ),
             scores=meter.create_histogram(
                 "rag_search_top_score", description="Score of the best hit of each search"
+            ),
+            answers=meter.create_counter(
+                "rag_answer_cache", description="Ask answers by answer cache outcome (hit, miss)"
             ),
         )
 

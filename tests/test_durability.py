@@ -66,6 +66,39 @@ def test_cached_results_never_hide_a_write_from_any_client(
     assert plain.server.retriever._results is None  # type: ignore[union-attr]
 
 
+def test_answer_cache_replays_an_answer_until_a_write_retires_it(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    from rag_grpc.documents import Document
+    from rag_grpc.generate.base import GenerationParams
+
+    def ask(client: RagClient, question: str, **params: Any) -> tuple[str, Any]:
+        events = list(client.ask(question, k=3, params=GenerationParams(**params)))
+        return "".join(e for e in events if isinstance(e, str)), events[-1]
+
+    server = start_server()
+    with RagClient(server.target) as writer, RagClient(server.target) as reader:
+        writer.upsert(CORPUS)
+        question = "What flows out of a volcano?"
+        first, summary = ask(reader, question)
+        assert not summary.cached and first
+        again, summary = ask(writer, question)  # another client, same question
+        assert summary.cached and again == first
+        assert summary.cited and summary.usage.completion_tokens > 0
+        # Different parameters are a different answer.
+        assert not ask(reader, question, max_tokens=8)[1].cached
+        # A write to the namespace retires every cached answer at once.
+        writer.upsert([Document("lava", "Lava flows out of a volcano as molten rock.", {})])
+        fresh, summary = ask(reader, question)
+        assert not summary.cached and "molten rock" in fresh  # the new passage is used
+        assert ask(reader, question)[1].cached
+        writer.delete(["lava"])
+        assert not ask(reader, question)[1].cached
+        # Sampled answers are never replayed.
+        assert not ask(reader, question, temperature=0.7)[1].cached
+        assert not ask(reader, question, temperature=0.7)[1].cached
+
+
 def test_delete_by_filter_and_forget_leave_nothing_behind(
     start_server: Callable[..., ServerThread], tmp_path: Path
 ) -> None:

@@ -6,11 +6,13 @@ generator in this process or behind remote gRPC services.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from rag_grpc import telemetry
 from rag_grpc.config import LimitsConfig
@@ -74,18 +76,77 @@ class AskFinished:
     finished: Finished
     timings: AskTimings
     cited: tuple[int, ...] = field(default_factory=tuple)
+    # The answer came from the answer cache (same question, passages and generation).
+    cached: bool = False
 
 
 AskEvent = Citations | Delta | AskFinished
 
 
+@dataclass(frozen=True)
+class CachedAnswer:
+    """A finished answer, replayed for the same question over the same passages."""
+
+    text: str
+    finished: Finished
+    cited: tuple[int, ...]
+
+
+class AnswerCache:
+    """Answers by (question, parameters, namespace, passages, index generation).
+
+    The key holds the generation the retrieval read, so any write to the
+    namespace makes every older entry unreachable: the next Ask after a
+    write generates afresh (read-your-writes). Sampled answers (temperature
+    above 0) are not cached.
+    """
+
+    def __init__(self, entries: int) -> None:
+        self.entries = entries
+        self._items: OrderedDict[tuple[Any, ...], CachedAnswer] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(
+        question: str, namespace: str, params: GenerationParams, result: SearchResult
+    ) -> tuple[Any, ...]:
+        passages = tuple((h.chunk_id, round(h.score, 6)) for h in result.hits)
+        return (question, namespace, params, passages, result.index_generation)
+
+    def get(self, key: tuple[Any, ...]) -> CachedAnswer | None:
+        with self._lock:
+            answer = self._items.get(key)
+            if answer is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return answer
+
+    def put(self, key: tuple[Any, ...], answer: CachedAnswer) -> None:
+        with self._lock:
+            self._items[key] = answer
+            self._items.move_to_end(key)
+            while len(self._items) > self.entries:
+                self._items.popitem(last=False)
+
+
 class RagPipeline:
     """Ask = search for passages, stream them as citations, then stream the answer."""
 
-    def __init__(self, search: SearchBackend, generator: Generator, limits: LimitsConfig) -> None:
+    def __init__(
+        self,
+        search: SearchBackend,
+        generator: Generator,
+        limits: LimitsConfig,
+        answers: AnswerCache | None = None,
+    ) -> None:
         self.search = search
         self.generator = generator
         self.limits = limits
+        self.answers = answers
 
     async def ask(
         self,
@@ -114,13 +175,23 @@ class RagPipeline:
         ]
         first_token: float | None = None
         finished: Finished | None = None
-        if passages:
+        cache = self.answers if self.answers is not None and not params.temperature else None
+        key = AnswerCache.key(question, namespace, params, result) if cache else ()
+        cached = cache.get(key) if cache is not None and passages else None
+        if cached is not None:
+            first_token = time.perf_counter()
+            yield Delta(cached.text)
+            finished = cached.finished
+            telemetry.record("answers", 1, outcome="hit")
+        elif passages:
             span = telemetry.start_current("generate", generator=self.generator.name)
+            pieces: list[str] = []
             try:
                 async for event in self.generator.generate(question, passages, params):
                     if isinstance(event, Delta):
                         if first_token is None:
                             first_token = time.perf_counter()
+                        pieces.append(event.text)
                         yield event
                     else:
                         finished = event
@@ -131,6 +202,9 @@ class RagPipeline:
                         )
             finally:
                 span.end()
+            if cache is not None and finished is not None and finished.finish_reason != "error":
+                cache.put(key, CachedAnswer("".join(pieces), finished, finished.cited_passages))
+                telemetry.record("answers", 1, outcome="miss")
         else:
             answer = "No passages in this namespace match the question."
             first_token = time.perf_counter()
@@ -145,4 +219,4 @@ class RagPipeline:
             first_token_ms=((first_token or done) - retrieved) * 1000,
             total_ms=(done - started) * 1000,
         )
-        yield AskFinished(finished, timings, finished.cited_passages)
+        yield AskFinished(finished, timings, finished.cited_passages, cached=cached is not None)

@@ -26,6 +26,7 @@ from rag_grpc.config import LimitsConfig
 from rag_grpc.documents import Document, resolve_namespace, validate_document_id
 from rag_grpc.errors import InvalidArgument, NotFound, RagError, ResourceExhausted
 from rag_grpc.index.retriever import Retriever
+from rag_grpc.store.sqlite import NewChunk
 
 log = logging.getLogger(__name__)
 
@@ -321,27 +322,47 @@ class IngestionManager:
             await self._notify()
 
     async def _run_job(self, job: JobStatus) -> None:
+        """Batches in order, two at a time: while one batch is written (SQLite
+        commit, index insert, progress), the next is read and embedded."""
         loop = asyncio.get_running_loop()
         status = job
-        while status.processed < status.total:
-            batch = await loop.run_in_executor(
-                self.executor, self.queue.documents, job.job_id, status.processed, BATCH_DOCUMENTS
-            )
-            if not batch:
-                break
-            chunks, errors = await loop.run_in_executor(
-                self.executor, self._store_batch, job.namespace, batch
-            )
-            status = replace(
-                status,
-                processed=status.processed + len(batch),
-                failed=status.failed + len(errors),
-                chunks=status.chunks + chunks,
-                errors=status.errors + tuple(errors),
-                updated_at=time.time(),
-            )
-            await loop.run_in_executor(self.executor, self.queue.record, status)
-            await self._notify()
+        prepared: asyncio.Future[_Prepared | None] | None = asyncio.ensure_future(
+            self._prepare(job, status.processed)
+        )
+        try:
+            while prepared is not None:
+                batch = await prepared
+                if batch is None:
+                    break
+                following = status.processed + len(batch.documents)
+                prepared = (
+                    asyncio.ensure_future(self._prepare(job, following))
+                    if following < status.total
+                    else None
+                )
+                chunks = 0
+                if batch.fresh:
+                    result = await loop.run_in_executor(
+                        self.executor,
+                        self.retriever.apply_upsert,
+                        job.namespace,
+                        batch.fresh,
+                        batch.chunks,
+                    )
+                    chunks = result.chunks
+                status = replace(
+                    status,
+                    processed=following,
+                    failed=status.failed + len(batch.errors),
+                    chunks=status.chunks + chunks,
+                    errors=status.errors + tuple(batch.errors),
+                    updated_at=time.time(),
+                )
+                await loop.run_in_executor(self.executor, self.queue.record, status)
+                await self._notify()
+        finally:
+            if prepared is not None:
+                prepared.cancel()
         status = replace(status, state=JobState.SUCCEEDED, updated_at=time.time())
         await loop.run_in_executor(self.executor, self.queue.record, status)
         log.info(
@@ -352,18 +373,38 @@ class IngestionManager:
             status.chunks,
         )
 
-    def _store_batch(
-        self, namespace: str, batch: list[Document]
-    ) -> tuple[int, list[tuple[str, str]]]:
-        """Upsert the valid documents of a batch; report the invalid ones."""
+    async def _prepare(self, job: JobStatus, start: int) -> _Prepared | None:
+        loop = asyncio.get_running_loop()
+        documents = await loop.run_in_executor(
+            self.executor, self.queue.documents, job.job_id, start, BATCH_DOCUMENTS
+        )
+        if not documents:
+            return None
+        return await loop.run_in_executor(
+            self.executor, self._prepare_batch, job.namespace, documents
+        )
+
+    def _prepare_batch(self, namespace: str, documents: list[Document]) -> _Prepared:
+        """Validate a batch, leave out what is stored already, chunk and embed the rest."""
         errors: list[tuple[str, str]] = []
         valid = []
-        for doc in batch:
+        for doc in documents:
             try:
                 self.retriever.validate_document(doc)
                 valid.append(doc)
             except RagError as exc:
                 errors.append((doc.id, str(exc)))
-        if not valid:
-            return 0, errors
-        return self.retriever.upsert(namespace, valid).chunks, errors
+        same = self.retriever.store.unchanged(namespace, valid) if valid else set()
+        fresh = [d for d in valid if d.id not in same]
+        chunks = self.retriever.prepare(fresh) if fresh else []
+        return _Prepared(documents, fresh, chunks, errors)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A batch read from the job, validated and embedded, ready to write."""
+
+    documents: list[Document]
+    fresh: list[Document]
+    chunks: list[NewChunk]
+    errors: list[tuple[str, str]]

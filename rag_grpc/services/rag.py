@@ -59,5 +59,6 @@ class RagServicer(rag_service_pb2_grpc.RagServiceServicer):
                         generator=event.finished.generator,
                         finish_reason=event.finished.finish_reason,
                         cited=list(event.cited),
+                        cached=event.cached,
                     )
                 )
