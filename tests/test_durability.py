@@ -139,6 +139,25 @@ def test_delete_by_filter_and_forget_leave_nothing_behind(
     assert secret not in str(entry)
 
 
+def test_forget_through_the_gateway_is_audited_under_the_client_identity(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    from rag_grpc.pb import retrieval_pb2, retrieval_service_pb2_grpc
+
+    server = start_server(server={"trusted_proxies": ["127.0.0.1"]})
+    identity = "spiffe://rag-grpc.test/client/alice"
+    xfcc = (("x-forwarded-client-cert", f"Hash=abc;URI={identity}"),)
+    with RagClient(server.target) as client:
+        client.upsert(CORPUS)
+        stub = retrieval_service_pb2_grpc.RetrievalServiceStub(client.channel)
+        request = retrieval_pb2.DeleteRequest(ids=["chess"], forget=True)
+        assert stub.Delete(request, metadata=xfcc, timeout=10).deleted == 1
+        client.delete(["gil"], forget=True)  # straight, not through a gateway
+    actors = [e["actor"] for e in server.server.store.audit_log()]  # type: ignore[union-attr]
+    assert actors[0] == identity
+    assert actors[1].startswith("peer ipv4:127.0.0.1:")
+
+
 def test_retention_sweeper_deletes_expired_documents_per_namespace(
     start_server: Callable[..., ServerThread],
 ) -> None:
