@@ -118,6 +118,11 @@ def test_workers_share_the_queue_and_replicas_converge(
             wait_for(lambda client=client: counts(client) == {"default": (60, 60)})
         queries = ["hot lava", "coffee", "chess openings", "sea level"]
         assert answers(ca, queries) == answers(cb, queries) == answers(cc, queries)
+        # Both workers took batches from the shared queue; the search-only replica none.
+        assert a.server.nats is not None and b.server.nats is not None
+        assert c.server.nats is not None and c.server.nats.worked == 0
+        assert a.server.nats.worked > 0 and b.server.nats.worked > 0
+        assert a.server.nats.worked + b.server.nats.worked >= 60
 
         # Upsert and Delete through any replica reach all of them, in the same order.
         result = cb.upsert(CORPUS)

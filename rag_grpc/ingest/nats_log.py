@@ -165,6 +165,8 @@ class NatsIngestion:
         self._results: dict[int, WriteResult] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.pending_documents = 0
+        # Documents this process's worker has taken from the queue and finished.
+        self.worked = 0
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -439,6 +441,7 @@ class NatsIngestion:
         await self._count(job_id, items, chunks, errors)
         for msg, _ in items:
             await msg.ack()
+        self.worked += len(items)
 
     async def _set_running(self, job_id: str) -> None:
         for _ in range(10):
