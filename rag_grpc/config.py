@@ -247,6 +247,7 @@ class IngestionConfig(_Section):
     NATS JetStream shared by several workers and retrieval replicas."""
 
     queue: Literal["sqlite", "nats"] = "sqlite"
+    # One URL, or the nodes of a cluster separated by commas.
     nats_url: str = "nats://127.0.0.1:4222"
     # Names of the JetStream streams and bucket: <prefix>_JOBS, <prefix>_WRITES
     # and <prefix>_STATUS (subjects <prefix>.jobs, <prefix>.writes, lower case).

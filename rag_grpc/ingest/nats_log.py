@@ -201,7 +201,8 @@ class NatsIngestion:
 
     async def _connect(self) -> None:
         self.nc = await nats.connect(
-            servers=[self.config.nats_url],
+            # Several URLs (comma-separated): the nodes of a NATS cluster.
+            servers=[url.strip() for url in self.config.nats_url.split(",") if url.strip()],
             connect_timeout=self.config.connect_timeout_s,
             allow_reconnect=True,
             max_reconnect_attempts=-1,
