@@ -315,3 +315,38 @@ def run_on(server: ServerThread, coroutine: Any) -> Any:
     import asyncio
 
     return asyncio.run_coroutine_threadsafe(coroutine, server.loop).result(30)
+
+
+def test_a_new_replica_starts_from_a_backup_and_the_log_position_it_holds(
+    start_server: Callable[..., ServerThread], nats_server: Nats, tmp_path: Path
+) -> None:
+    from rag_grpc.backup import restore
+
+    settings = on_nats(nats_server.url)
+    a = start_server(tmp_path / "a", **settings)
+    log = a.server.nats
+    assert log is not None
+    with RagClient(a.target) as ca:
+        wait_for(lambda: log.connected.is_set())
+        list(ca.watch_job(ca.submit(documents(12)), timeout=120))
+        wait_for(lambda: counts(ca) == {"default": (12, 12)})
+        archive = b"".join(c.data for c in ca.snapshot(unencrypted=True))
+        position = log.applied
+        assert position > 0
+        # Written after the backup: the new replica must take these from the log.
+        list(ca.watch_job(ca.submit(documents(5, "late")), timeout=120))
+        ca.delete(["doc-0"])
+        wait_for(lambda: counts(ca) == {"default": (16, 16)})
+    restore(archive, tmp_path / "c", None)
+    c = start_server(tmp_path / "c", services=["retrieval", "admin"], **settings)
+    replica = c.server.nats
+    assert replica is not None and c.server.store is not None
+    # It starts from the backup's position, not from the start of the log.
+    wait_for(lambda: replica.connected.is_set())
+    assert replica.resumed_from == position
+    with RagClient(c.target) as cc:
+        wait_for(lambda: counts(cc) == {"default": (16, 16)})
+        assert cc.get(["doc-0"]) == ([], ["doc-0"])
+    wait_for(lambda: replica.applied == log.applied)
+    assert replica.resumed_from == position
+    assert c.server.store.position(replica.log_name) == log.applied > position

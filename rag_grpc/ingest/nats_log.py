@@ -161,6 +161,8 @@ class NatsIngestion:
         self.kv: Any = None
         self.connected = asyncio.Event()
         self.applied = 0
+        # The log position this process found in its store at start.
+        self.resumed_from = 0
         self._applied_changed = asyncio.Condition()
         self._results: dict[int, WriteResult] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -237,6 +239,8 @@ class NatsIngestion:
                 bucket=self.status_bucket, history=1, replicas=replicas
             )
         self.applied = await self._in_thread(self.retriever.store.position, self.log_name)
+        self.resumed_from = self.applied
+        log.info("following %s from sequence %d", self.writes_stream, self.applied + 1)
         self.connected.set()
 
     async def _ensure_stream(self, config: api.StreamConfig) -> None:
