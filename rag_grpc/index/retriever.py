@@ -251,6 +251,17 @@ class Retriever:
 
     # -- writes ------------------------------------------------------------
 
+    def validate_upsert(self, documents: Sequence[Document]) -> None:
+        """An Upsert call as a whole: 1 to max_documents_per_upsert valid documents."""
+        if not documents:
+            raise InvalidArgument("upsert needs at least one document")
+        if len(documents) > self.limits.max_documents_per_upsert:
+            raise InvalidArgument(
+                f"upsert has {len(documents)} documents; at most "
+                f"{self.limits.max_documents_per_upsert} per call (use IngestionService for more)"
+            )
+        self.validate_documents(documents)
+
     def validate_documents(self, documents: Sequence[Document]) -> None:
         """Raise InvalidArgument for the first document that cannot be stored."""
         seen: set[str] = set()
@@ -289,14 +300,7 @@ class Retriever:
     def upsert(self, namespace: str, documents: Sequence[Document]) -> WriteResult:
         """Store documents, replacing any with the same id; all or nothing."""
         namespace = resolve_namespace(namespace)
-        if not documents:
-            raise InvalidArgument("upsert needs at least one document")
-        if len(documents) > self.limits.max_documents_per_upsert:
-            raise InvalidArgument(
-                f"upsert has {len(documents)} documents; at most "
-                f"{self.limits.max_documents_per_upsert} per call (use IngestionService for more)"
-            )
-        self.validate_documents(documents)
+        self.validate_upsert(documents)
         # Re-submitting what is already stored does no work (no embedding, no
         # write, no new generation): idempotent by document id and content.
         same = self.store.unchanged(namespace, documents)

@@ -57,6 +57,24 @@ CREATE TABLE IF NOT EXISTS job_documents (
 BATCH_DOCUMENTS = 128
 
 
+def validate_job(documents: Sequence[Document], limits: LimitsConfig) -> None:
+    """The shape of a job as a whole: 1 to max_job_documents documents, valid
+    and distinct ids. Each document's own checks come later, one by one."""
+    if not documents:
+        raise InvalidArgument("submit needs at least one document")
+    if len(documents) > limits.max_job_documents:
+        raise InvalidArgument(
+            f"job has {len(documents)} documents; at most {limits.max_job_documents} "
+            "per job (split it into several jobs)"
+        )
+    seen: set[str] = set()
+    for doc in documents:
+        validate_document_id(doc.id)
+        if doc.id in seen:
+            raise InvalidArgument(f"document id {doc.id!r} appears more than once in the job")
+        seen.add(doc.id)
+
+
 class JobState(Enum):
     """Lifecycle of a job."""
 
@@ -250,19 +268,7 @@ class IngestionManager:
     async def submit(self, namespace: str, documents: Sequence[Document]) -> str:
         """Validate the request's shape, persist the job, wake the worker."""
         namespace = resolve_namespace(namespace)
-        if not documents:
-            raise InvalidArgument("submit needs at least one document")
-        if len(documents) > self.limits.max_job_documents:
-            raise InvalidArgument(
-                f"job has {len(documents)} documents; at most {self.limits.max_job_documents} "
-                "per job (split it into several jobs)"
-            )
-        seen: set[str] = set()
-        for doc in documents:
-            validate_document_id(doc.id)
-            if doc.id in seen:
-                raise InvalidArgument(f"document id {doc.id!r} appears more than once in the job")
-            seen.add(doc.id)
+        validate_job(documents, self.limits)
         loop = asyncio.get_running_loop()
         pending = await loop.run_in_executor(self.executor, self.queue.pending_count)
         if pending >= self.limits.max_pending_jobs:

@@ -40,7 +40,7 @@ from nats.js import api
 
 from rag_grpc import deadlines
 from rag_grpc.config import IngestionConfig, LimitsConfig
-from rag_grpc.documents import Document, WriteResult, resolve_namespace, validate_document_id
+from rag_grpc.documents import Document, WriteResult, resolve_namespace
 from rag_grpc.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -51,7 +51,7 @@ from rag_grpc.errors import (
 )
 from rag_grpc.filters import Filter, validate_filter
 from rag_grpc.index.retriever import Retriever
-from rag_grpc.ingest.jobs import JobState, JobStatus
+from rag_grpc.ingest.jobs import JobState, JobStatus, validate_job
 from rag_grpc.store.sqlite import NewChunk
 
 log = logging.getLogger(__name__)
@@ -274,19 +274,7 @@ class NatsIngestion:
     async def submit(self, namespace: str, documents: Sequence[Document]) -> str:
         """Queue the documents as one job; returns its id once NATS has them all."""
         namespace = resolve_namespace(namespace)
-        if not documents:
-            raise InvalidArgument("submit needs at least one document")
-        if len(documents) > self.limits.max_job_documents:
-            raise InvalidArgument(
-                f"job has {len(documents)} documents; at most {self.limits.max_job_documents} "
-                "per job (split it into several jobs)"
-            )
-        seen: set[str] = set()
-        for doc in documents:
-            validate_document_id(doc.id)
-            if doc.id in seen:
-                raise InvalidArgument(f"document id {doc.id!r} appears more than once in the job")
-            seen.add(doc.id)
+        validate_job(documents, self.limits)
         await self._ready()
         info = await self._nats("reading the job queue", self.js.stream_info(self.jobs_stream))
         self.pending_documents = int(info.state.messages)
@@ -449,11 +437,22 @@ class NatsIngestion:
         self.worked += len(items)
 
     async def _set_running(self, job_id: str) -> None:
-        for _ in range(10):
-            status, revision = await self._load(job_id)
+        def running(status: _Status) -> bool:
             if status.state != "QUEUED":
+                return False
+            status.state = "RUNNING"
+            return True
+
+        await self._update(job_id, running)
+
+    async def _update(self, job_id: str, change: Callable[[_Status], bool]) -> None:
+        """Change a job's status by compare-and-set on the bucket, retried when
+        another worker changed it first; change returns False to leave it."""
+        while True:
+            status, revision = await self._load(job_id)
+            if not change(status):
                 return
-            status.state, status.updated_at = "RUNNING", time.time()
+            status.updated_at = time.time()
             try:
                 await self.kv.update(job_id, self._dump(status), last=revision)
                 return
@@ -517,36 +516,26 @@ class NatsIngestion:
         chunks: int,
         errors: list[tuple[str, str]],
     ) -> None:
-        """Add a batch to its job's status once (compare-and-set on the bucket)."""
+        """Add a batch to its job's status once."""
         seqs = [b["seq"] for _, b in items]
-        while True:
-            status, revision = await self._load(job_id)
+
+        def count(status: _Status) -> bool:
             new = [s for s in seqs if not status.has(s)]
             if not new:
-                return
+                return False  # counted already (a redelivered batch)
             status.mark(new)
             status.processed += len(new)
             status.failed += len(errors)
             status.chunks += chunks
             room = MAX_ERRORS - len(status.errors)
             status.errors += [[i, m] for i, m in errors[: max(0, room)]]
-            status.updated_at = time.time()
             if status.processed >= status.total:
                 status.state = "SUCCEEDED"
-                log.info(
-                    "ingestion job %s done: %d documents, %d failed, %d chunks",
-                    job_id,
-                    status.processed,
-                    status.failed,
-                    status.chunks,
-                )
             elif status.state == "QUEUED":
                 status.state = "RUNNING"
-            try:
-                await self.kv.update(job_id, self._dump(status), last=revision)
-                return
-            except nats.js.errors.KeyWrongLastSequenceError:
-                continue  # another worker counted a batch of the same job first
+            return True
+
+        await self._update(job_id, count)
 
     # -- replicas ------------------------------------------------------------
 
@@ -623,14 +612,7 @@ class NatsIngestion:
     async def upsert(self, namespace: str, documents: Sequence[Document]) -> WriteResult:
         """Prepare here, publish to the log, return once applied here."""
         namespace = resolve_namespace(namespace)
-        if not documents:
-            raise InvalidArgument("upsert needs at least one document")
-        if len(documents) > self.limits.max_documents_per_upsert:
-            raise InvalidArgument(
-                f"upsert has {len(documents)} documents; at most "
-                f"{self.limits.max_documents_per_upsert} per call (use IngestionService for more)"
-            )
-        self.retriever.validate_documents(documents)
+        self.retriever.validate_upsert(documents)
         await self._ready()
         same = await self._in_thread(self.retriever.store.unchanged, namespace, documents)
         fresh = [d for d in documents if d.id not in same]
