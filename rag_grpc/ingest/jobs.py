@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -73,6 +73,22 @@ def validate_job(documents: Sequence[Document], limits: LimitsConfig) -> None:
         if doc.id in seen:
             raise InvalidArgument(f"document id {doc.id!r} appears more than once in the job")
         seen.add(doc.id)
+
+
+async def watch_job(
+    get: Callable[[str], Awaitable[JobStatus]], job_id: str, wait: Callable[[], Awaitable[None]]
+) -> AsyncIterator[JobStatus]:
+    """A job's status now and after every change (checked after each wait()),
+    until it is done."""
+    last: JobStatus | None = None
+    while True:
+        status = await get(job_id)
+        if status != last:
+            yield status
+            last = status
+        if status.state.done:
+            return
+        await wait()
 
 
 class JobState(Enum):
@@ -287,20 +303,16 @@ class IngestionManager:
 
     async def watch(self, job_id: str) -> AsyncIterator[JobStatus]:
         """The job's status now and after every change, until it is done."""
-        last: JobStatus | None = None
-        while True:
-            status = await self.get(job_id)
-            if status != last:
-                yield status
-                last = status
-            if status.state.done:
-                return
-            async with self._changed:
-                try:
-                    # The timeout covers a change made between get() and wait().
-                    await asyncio.wait_for(self._changed.wait(), timeout=0.5)
-                except TimeoutError:
-                    pass
+        async for status in watch_job(self.get, job_id, self._changed_or_timeout):
+            yield status
+
+    async def _changed_or_timeout(self) -> None:
+        async with self._changed:
+            try:
+                # The timeout covers a change made between get() and wait().
+                await asyncio.wait_for(self._changed.wait(), timeout=0.5)
+            except TimeoutError:
+                pass
 
     async def _notify(self) -> None:
         async with self._changed:

@@ -51,7 +51,7 @@ from rag_grpc.errors import (
 )
 from rag_grpc.filters import Filter, validate_filter
 from rag_grpc.index.retriever import Retriever
-from rag_grpc.ingest.jobs import JobState, JobStatus, validate_job
+from rag_grpc.ingest.jobs import JobState, JobStatus, validate_job, watch_job
 from rag_grpc.store.sqlite import NewChunk
 
 log = logging.getLogger(__name__)
@@ -340,16 +340,9 @@ class NatsIngestion:
         return status.public()
 
     async def watch(self, job_id: str) -> AsyncIterator[JobStatus]:
-        """The job's status now and after every change, until it is done."""
-        last: JobStatus | None = None
-        while True:
-            status = await self.get(job_id)
-            if status != last:
-                yield status
-                last = status
-            if status.state.done:
-                return
-            await asyncio.sleep(0.1)
+        """The job's status now and after every change (polled), until it is done."""
+        async for status in watch_job(self.get, job_id, lambda: asyncio.sleep(0.1)):
+            yield status
 
     # -- workers -------------------------------------------------------------
 
@@ -518,8 +511,10 @@ class NatsIngestion:
     ) -> None:
         """Add a batch to its job's status once."""
         seqs = [b["seq"] for _, b in items]
+        finished: list[_Status] = []
 
         def count(status: _Status) -> bool:
+            finished.clear()  # from an attempt another worker's update beat
             new = [s for s in seqs if not status.has(s)]
             if not new:
                 return False  # counted already (a redelivered batch)
@@ -531,11 +526,20 @@ class NatsIngestion:
             status.errors += [[i, m] for i, m in errors[: max(0, room)]]
             if status.processed >= status.total:
                 status.state = "SUCCEEDED"
+                finished.append(status)
             elif status.state == "QUEUED":
                 status.state = "RUNNING"
             return True
 
         await self._update(job_id, count)
+        for status in finished:
+            log.info(
+                "ingestion job %s done: %d documents, %d failed, %d chunks",
+                job_id,
+                status.processed,
+                status.failed,
+                status.chunks,
+            )
 
     # -- replicas ------------------------------------------------------------
 
