@@ -15,7 +15,13 @@ GEN_DIR = ROOT / "rag_grpc" / "_gen"
 
 def test_generated_code_is_not_stale() -> None:
     fresh = protogen.generate(ROOT / "proto")
-    installed = {p.relative_to(GEN_DIR).as_posix(): p.read_text() for p in GEN_DIR.rglob("*.py*")}
+    # Only source files: an ordinary machine also writes __pycache__/*.pyc
+    # next to them, which are bytecode, not part of what protoc generates.
+    installed = {
+        p.relative_to(GEN_DIR).as_posix(): p.read_text()
+        for p in GEN_DIR.rglob("*")
+        if p.suffix in (".py", ".pyi") and "__pycache__" not in p.parts
+    }
     stale = sorted(name for name, text in fresh.items() if installed.get(name) != text)
     extra = sorted(set(installed) - set(fresh))
     assert not stale and not extra, (

@@ -70,12 +70,19 @@ def test_batcher_coalesces_concurrent_requests(encoder: OnnxEncoder) -> None:
     stats = batcher.stats()
     assert stats.texts == len(texts) and stats.batches < len(texts) // 2
     direct = encoder.embed(texts).vectors
+    # The batcher's batches differ from this one call's batch, and ONNX
+    # Runtime's kernels pick different blockings (so summation orders) by
+    # batch shape and by CPU: 1e-5 held on an Intel Xeon and failed on an AMD
+    # EPYC. What must hold is that a text's vector does not depend on its
+    # batch beyond rounding: 1e-4 per component on unit vectors, and a cosine
+    # of 0.9999, is far below any difference that reorders search results.
     for i in range(len(texts)):
-        assert np.allclose(results[i], direct[i], atol=1e-5)
+        assert np.allclose(results[i], direct[i], atol=1e-4)
+        assert float(results[i] @ direct[i]) >= 0.9999
     # Repeats come from the cache, in input order, with their token counts.
     again = batcher.embed([texts[3], texts[1], texts[3]])
     assert batcher.stats().texts == len(texts)
-    assert np.allclose(again.vectors, direct[[3, 1, 3]], atol=1e-5)
+    assert np.array_equal(again.vectors, np.stack([results[3], results[1], results[3]]))
     assert again.token_count == int(encoder.embed([texts[3], texts[1], texts[3]]).token_count)
     batcher.close()
 
