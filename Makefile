@@ -55,7 +55,7 @@ lint: install-test
 	$(BIN)/ruff format --check rag_grpc tests $(wildcard bench/*.py envoy/*.py)
 
 typecheck: install-test
-	$(BIN)/mypy rag_grpc
+	$(BIN)/mypy rag_grpc bench tests
 
 unit: install-test
 	$(BIN)/python -m pytest -q

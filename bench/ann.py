@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
+from typing import Any
 
 import faiss
 import hnswlib
@@ -63,22 +65,25 @@ def build_all(data: np.ndarray, labels: np.ndarray) -> tuple[dict[str, object], 
     return built, rows
 
 
-def search_fn(name: str, index: object, ef: int):  # type: ignore[no-untyped-def]
+SearchFn = Callable[[np.ndarray, int], np.ndarray]
+
+
+def search_fn(name: str, index: Any, ef: int) -> SearchFn:
     """A function (queries, threads) -> labels [q, K] for one library at one ef."""
     if name == "rag-native":
-        return lambda q, t: index.search(q, k=K, ef=ef, num_threads=t)[0]  # type: ignore[attr-defined]
+        return lambda q, t: index.search(q, k=K, ef=ef, num_threads=t)[0]
     if name == "hnswlib binding":
-        index.set_ef(ef)  # type: ignore[attr-defined]
-        return lambda q, t: index.knn_query(q, k=K, num_threads=t)[0]  # type: ignore[attr-defined]
+        index.set_ef(ef)
+        return lambda q, t: index.knn_query(q, k=K, num_threads=t)[0]
     if name == "faiss IndexHNSWFlat":
         params = faiss.SearchParametersHNSW(efSearch=ef)
 
         def run(q: np.ndarray, t: int) -> np.ndarray:
             faiss.omp_set_num_threads(t)
-            return index.search(q, K, params=params)[1]  # type: ignore[attr-defined]
+            return index.search(q, K, params=params)[1]
 
         return run
-    return lambda q, t: index.search(q, K, exact=False, threads=t).keys  # type: ignore[attr-defined]
+    return lambda q, t: index.search(q, K, exact=False, threads=t).keys
 
 
 def unfiltered(built: dict[str, object], queries: np.ndarray, truth: np.ndarray, efs: list[int]):  # type: ignore[no-untyped-def]
@@ -89,10 +94,8 @@ def unfiltered(built: dict[str, object], queries: np.ndarray, truth: np.ndarray,
                 index.expansion_search = ef  # type: ignore[attr-defined]
             search = search_fn(name, index, ef)
             found = search(queries, THREADS)
-            batch_s = min(timed(lambda s=search: s(queries, THREADS)) for _ in range(2))
-            single = latencies_ms(
-                lambda i, s=search: s(queries[i : i + 1], 1), min(500, len(queries))
-            )
+            batch_s = min(timed(lambda: search(queries, THREADS)) for _ in range(2))
+            single = latencies_ms(lambda i: search(queries[i : i + 1], 1), min(500, len(queries)))
             rows.append(
                 [
                     ef,

@@ -22,13 +22,14 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.common import BENCH_DIR, command_line, record, table
+from bench.common import BENCH_DIR, command_line, free_port, record, table
 from bench.load import start_server
 from rag_grpc.client import AskSummary, RagClient
 from rag_grpc.documents import Document
@@ -153,7 +154,6 @@ def main() -> None:
     args = parser.parse_args()
     from pydoc_data.topics import topics
 
-    from tests.conftest import free_port
     from tests.test_triton import Triton
 
     work = Path(tempfile.mkdtemp(prefix="rag-ask-bench-"))
@@ -239,7 +239,7 @@ def main() -> None:
         triton.kill()
         shutil.rmtree(work, ignore_errors=True)
 
-    def column(rows: list[tuple[float, ...]], i: int) -> list[float]:
+    def column(rows: Sequence[tuple[float, ...]], i: int) -> list[float]:
         return [r[i] for r in rows]
 
     generate_own = [total - inside for total, inside in ours]

@@ -6,16 +6,44 @@ import datetime as dt
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:  # onnxruntime loads only for the benchmarks that embed
+    from rag_grpc.embed.encoder import OnnxEncoder
+
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "RESULTS.md"
+MODEL_DIR = BENCH_DIR.parent / "models" / "all-MiniLM-L6-v2"
+# Our ONNX exports for the benchmarks, kept apart from a server's data dir.
+EXPORT_DIR = BENCH_DIR / ".cache" / "model-exports"
+
+
+def our_encoder(variant: str = "auto", batch_size: int = 32) -> OnnxEncoder:
+    """Our export of the prepared model, loaded the way the server loads it
+    (through the embedding config), cached under bench/.cache."""
+    from rag_grpc.config import load_settings
+    from rag_grpc.embed.loader import load_encoder
+
+    settings = load_settings(
+        None,
+        embedding={"model_dir": MODEL_DIR, "export_dir": EXPORT_DIR, "variant": variant},
+    )
+    return load_encoder(settings.embedding, settings.data_dir, batch_size=batch_size)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
@@ -153,11 +181,9 @@ def embedding_like(n: int, seed: int, sample: int = 4000) -> np.ndarray:
     else:
         from pydoc_data.topics import topics
 
-        from rag_grpc.embed.encoder import OnnxEncoder
-
         words = " ".join(topics[name] for name in sorted(topics)).split()
         texts = [" ".join(words[i : i + 12]) for i in range(0, len(words) - 12, 12)][:sample]
-        encoder = OnnxEncoder(BENCH_DIR.parent / "models" / "all-MiniLM-L6-v2", batch_size=128)
+        encoder = our_encoder(batch_size=128)
         real = encoder.embed(texts).vectors
         cache.parent.mkdir(exist_ok=True)
         np.save(cache, real)

@@ -30,29 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import BENCH_DIR, command_line, record, table
+from bench.common import BENCH_DIR, MODEL_DIR, command_line, our_encoder, record, table
 from bench.load import run_load, start_server
-from rag_grpc.config import load_settings
 from rag_grpc.embed.batcher import BatchingEmbedder
 from rag_grpc.embed.cache import EmbeddingCache
-from rag_grpc.embed.encoder import OnnxEncoder
-from rag_grpc.embed.loader import load_encoder
 from rag_grpc.embed.model_files import DEFAULT_MODEL_WHEELS, _find_or_download, sha256_file
 from rag_grpc.pb import embedding_pb2
 
 ROOT = BENCH_DIR.parent
-MODEL_DIR = ROOT / "models" / "all-MiniLM-L6-v2"
 THREADS = os.cpu_count() or 1
-EXPORT_DIR = BENCH_DIR / ".cache" / "model-exports"
-
-
-def our_encoder(variant: str = "auto", batch_size: int = 32) -> OnnxEncoder:
-    """Our export of the prepared model (cached under bench/.cache)."""
-    settings = load_settings(
-        None,
-        embedding={"model_dir": MODEL_DIR, "export_dir": EXPORT_DIR, "variant": variant},
-    )
-    return load_encoder(settings.embedding, settings.data_dir, batch_size=batch_size)
 
 
 def sentence_transformers_model():  # type: ignore[no-untyped-def]

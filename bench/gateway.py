@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import command_line, embedding_like, record, table
+from bench.common import command_line, embedding_like, free_port, record, table
 from bench.grpc_search import fill_store
 from bench.load import run_load, start_server
 from rag_grpc.pb import retrieval_pb2
-from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SEARCH = "/rag.v1.RetrievalService/Search"

@@ -18,16 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import BENCH_DIR, command_line, record, table
-from bench.embed import our_encoder, texts
+from bench.common import MODEL_DIR, command_line, free_port, our_encoder, record, table
+from bench.embed import texts
 from bench.load import start_server
 from rag_grpc.client import RagClient, RpcError
 from rag_grpc.config import load_settings
 from rag_grpc.documents import Document
 from rag_grpc.embed.chunking import TokenChunker
-from tests.conftest import free_port
-
-MODEL_DIR = BENCH_DIR.parent / "models" / "all-MiniLM-L6-v2"
 
 
 def main() -> None:

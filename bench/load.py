@@ -66,7 +66,7 @@ async def _load(
     payloads: list[bytes],
     seconds: float,
     inflight: int,
-    out: mp.Queue,  # type: ignore[type-arg]
+    out: mp.Queue,
     tls: tuple[str, str, str] | None = None,
 ) -> None:
     if tls is None:
@@ -98,7 +98,7 @@ def _process(
     payloads: list[bytes],
     seconds: float,
     inflight: int,
-    out: mp.Queue,  # type: ignore[type-arg]
+    out: mp.Queue,
     tls: tuple[str, str, str] | None = None,
 ) -> None:
     asyncio.run(_load(target, method, payloads, seconds, inflight, out, tls))
@@ -120,7 +120,7 @@ def run_load(
     # Spawned, not forked: a forked child inherits the parent's gRPC state
     # and can hang before its first call.
     ctx = mp.get_context("spawn")
-    out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
+    out: mp.Queue = ctx.Queue()
     workers = [
         ctx.Process(
             target=_process,

@@ -10,14 +10,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from rag_grpc.client import RagClient
+from rag_grpc.client import AskCitation, AskEvent, AskSummary, RagClient
 from rag_grpc.config import Settings, load_settings
 from rag_grpc.documents import Document
 from rag_grpc.server import RagServer
@@ -147,6 +147,20 @@ def seeded(client: RagClient) -> RagClient:
     """The client, with CORPUS upserted into the default namespace."""
     client.upsert(CORPUS)
     return client
+
+
+def ask_summary(events: Iterable[AskEvent]) -> AskSummary:
+    """The summary an Ask stream ends with; fails if it ended with anything else."""
+    *_, last = events
+    assert isinstance(last, AskSummary), f"the Ask stream ended with {last!r}, not its summary"
+    return last
+
+
+def ask_citations(events: Sequence[AskEvent]) -> list[AskCitation]:
+    """The citations an Ask stream starts with; fails if it started with anything else."""
+    first = events[0]
+    assert isinstance(first, list), f"the Ask stream started with {first!r}, not its citations"
+    return first
 
 
 def free_port() -> int:

@@ -84,7 +84,7 @@ def test_generate_streams_deltas_then_summary(server) -> None:  # type: ignore[n
         with pytest.raises(grpc.RpcError) as info:
             list(stub.Generate(generation_pb2.GenerateRequest(prompt="no context"), timeout=10))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "context" in info.value.details()
+        assert "context" in (info.value.details() or "")
         bad = generation_pb2.GenerateRequest(
             prompt="x",
             context=request.context,
@@ -93,7 +93,7 @@ def test_generate_streams_deltas_then_summary(server) -> None:  # type: ignore[n
         with pytest.raises(grpc.RpcError) as info:
             list(stub.Generate(bad, timeout=10))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "temperature" in info.value.details()
+        assert "temperature" in (info.value.details() or "")
 
 
 def test_cancelling_ask_leaves_the_server_healthy(seeded: RagClient) -> None:

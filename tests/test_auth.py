@@ -9,7 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rag_grpc.client import RagClient, RpcError
-from tests.conftest import CORPUS, ServerThread
+from tests.conftest import CORPUS, ServerThread, ask_citations
 
 
 def test_calls_without_the_token_are_refused(start_server: Callable[..., ServerThread]) -> None:
@@ -46,4 +46,4 @@ def test_remote_retrieval_receives_the_token(start_server: Callable[..., ServerT
     )
     with RagClient(rag.target, token="shared-secret") as client:
         events = list(client.ask("What erupts from a volcano?", k=1))
-    assert events[0][0].hit.document_id == "volcano"  # type: ignore[index]
+    assert ask_citations(events)[0].hit.document_id == "volcano"

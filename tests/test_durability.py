@@ -160,7 +160,7 @@ def test_forget_through_the_gateway_is_audited_under_the_client_identity(
         request = retrieval_pb2.DeleteRequest(ids=["chess"], forget=True)
         assert stub.Delete(request, metadata=xfcc, timeout=10).deleted == 1
         client.delete(["gil"], forget=True)  # straight, not through a gateway
-    actors = [e["actor"] for e in server.server.store.audit_log()]  # type: ignore[union-attr]
+    actors = [str(e["actor"]) for e in server.server.store.audit_log()]  # type: ignore[union-attr]
     assert actors[0] == identity
     assert actors[1].startswith("peer ipv4:127.0.0.1:")
 

@@ -25,7 +25,7 @@ from tests.conftest import ROOT, ServerThread, free_port, tool
 RENDER = ROOT / "envoy" / "render.py"
 CERTS_SH = ROOT / "envoy" / "certs.sh"
 # Rate limits set out of the way, for tests about something else.
-NO_LIMITS = ("--rate-limit", "100000", "--burst", "100000")
+NO_LIMITS: tuple[str, ...] = ("--rate-limit", "100000", "--burst", "100000")
 NO_LIMITS += ("--client-rate-limit", "100000", "--client-burst", "100000")
 
 

@@ -23,7 +23,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from rag_grpc.client import RagClient
 from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
-from tests.conftest import CORPUS, ServerProcess, ServerThread, free_port
+from tests.conftest import CORPUS, ServerProcess, ServerThread, ask_summary, free_port
 from tests.test_envoy import CERTS_SH, Envoy
 from tests.test_triton import Triton
 
@@ -99,7 +99,7 @@ def test_one_trace_covers_envoy_rag_grpc_and_the_triton_call(
             with RagClient(server.target) as direct:
                 direct.upsert(CORPUS)
             with proxy.client(tmp_path / "certs", timeout=60) as client:
-                summary = list(client.ask("What is a volcano?"))[-1]
+                summary = ask_summary(client.ask("What is a volcano?"))
             assert summary.generator == "triton"
 
             def complete() -> list[tuple[str, str]] | None:

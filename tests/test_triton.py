@@ -29,7 +29,15 @@ from rag_grpc.pb import (
     rag_pb2,
     rag_service_pb2_grpc,
 )
-from tests.conftest import CORPUS, MODEL_DIR, ROOT, ServerProcess, ServerThread, free_port
+from tests.conftest import (
+    CORPUS,
+    MODEL_DIR,
+    ROOT,
+    ServerProcess,
+    ServerThread,
+    ask_summary,
+    free_port,
+)
 
 SERVE = ROOT / "deploy" / "triton" / "serve.sh"
 TOKEN_DELAY_MS = 20  # per generated word, so a long answer takes seconds
@@ -206,7 +214,7 @@ def test_serve_flags_select_triton(
     )
     with RagClient(proc.target, timeout=60) as client:
         client.upsert(CORPUS)
-        summary = list(client.ask("What is espresso?"))[-1]
+        summary = ask_summary(client.ask("What is espresso?"))
         assert summary.generator == "triton" and summary.cited
         assert client.stats().generator == "triton"
 
@@ -310,7 +318,7 @@ def test_triton_killed_mid_run_then_back_without_restarting_rag_grpc(
         clients = [RagClient(s.target, timeout=30) for s in (strict, lenient)]
         for client in clients:
             client.upsert(CORPUS)
-            assert list(client.ask("What is a volcano?"))[-1].generator == "triton"
+            assert ask_summary(client.ask("What is a volcano?")).generator == "triton"
         rag_service = "rag.v1.RagService"
         own.kill()
         started = time.monotonic()
@@ -319,14 +327,14 @@ def test_triton_killed_mid_run_then_back_without_restarting_rag_grpc(
         assert info.value.code == "UNAVAILABLE" and time.monotonic() - started < 3
         wait_for(lambda: health(strict.target, rag_service) != 1)
         # With the fallback flag, answers keep coming (extractive) and health stays up.
-        summary = list(clients[1].ask("What is a volcano?"))[-1]
+        summary = ask_summary(clients[1].ask("What is a volcano?"))
         assert summary.generator == "extractive" and summary.cited
         assert health(lenient.target, rag_service) == health_pb2.HealthCheckResponse.SERVING
         # Triton returns on the same port: rag-grpc recovers by itself.
         back.start()
         wait_for(lambda: health(strict.target, rag_service) == 1, timeout=20)
         time.sleep(0.6)  # past the breaker's reset time
-        assert list(clients[0].ask("What is a volcano?"))[-1].generator == "triton"
+        assert ask_summary(clients[0].ask("What is a volcano?")).generator == "triton"
     finally:
         own.kill()
         back.kill()
