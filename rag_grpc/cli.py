@@ -110,6 +110,17 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument(
         "--key-file", type=Path, help="the archive's key (default $RAG_GRPC_BACKUP_KEY_FILE)"
     )
+    restore.add_argument(
+        "--allow-unencrypted",
+        action="store_true",
+        help="accept an unencrypted archive even though a backup key is configured",
+    )
+    restore.add_argument(
+        "--max-bytes",
+        type=int,
+        default=None,
+        help="refuse an archive that unpacks to more than this (default 64 GiB)",
+    )
     restore.set_defaults(func=_restore)
 
     descriptor = sub.add_parser(
@@ -186,7 +197,8 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept an unencrypted archive when the server has no backup key",
     )
-    backup.set_defaults(func=_backup)
+    # The deadline covers the whole stream, so a backup gets hours, not a minute.
+    backup.set_defaults(func=_backup, timeout=6 * 3600.0)
 
     stats = client_command("stats", "sizes, models and version of a server")
     stats.add_argument("--json", action="store_true")
@@ -253,21 +265,35 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    from rag_grpc.backup import BackupError, FileKeyProvider, default_key_provider, restore
+    from rag_grpc.backup import (
+        DEFAULT_MAX_RESTORE_BYTES,
+        BackupError,
+        FileKeyProvider,
+        default_key_provider,
+        restore,
+    )
 
     provider = FileKeyProvider(args.key_file) if args.key_file else default_key_provider()
     try:
-        blob = args.archive.read_bytes()
-        manifest = restore(blob, args.data_dir, provider.key())
-    except OSError as exc:
-        raise UsageError(f"cannot read {args.archive}: {exc}") from None
+        restored = restore(
+            args.archive,
+            args.data_dir,
+            provider.key(),
+            allow_unencrypted=args.allow_unencrypted,
+            max_bytes=args.max_bytes or DEFAULT_MAX_RESTORE_BYTES,
+        )
     except BackupError as exc:
         raise UsageError(str(exc)) from None
-    files = manifest["files"]
-    assert isinstance(files, dict)
+    kind = "encrypted" if restored.encrypted else "UNENCRYPTED"
     print(
-        f"restored {len(files)} files into {args.data_dir} (generations {manifest['generations']})"
+        f"restored {len(restored.files)} files from a {kind} archive into {args.data_dir} "
+        f"(generations {restored.generations})"
     )
+    for namespace, reason in sorted(restored.rebuilt_indexes.items()):
+        print(
+            f"index of namespace {namespace!r} dropped ({reason}); the server rebuilds it from "
+            "the database at start"
+        )
     return 0
 
 
@@ -394,9 +420,11 @@ def _backup(args: argparse.Namespace) -> int:
     digest = hashlib.sha256()
     size = 0
     last = None
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out_dir = args.out.resolve().parent
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with _client(args) as client:
-        fd, tmp = tempfile.mkstemp(prefix=f".{args.out.name}.", dir=args.out.parent)
+        # mkstemp: created 0600; renamed over --out only once complete.
+        fd, tmp = tempfile.mkstemp(prefix=f".{args.out.name}.", dir=out_dir)
         try:
             with os.fdopen(fd, "wb") as fh:
                 for chunk in client.snapshot(unencrypted=args.unencrypted):
@@ -406,9 +434,17 @@ def _backup(args: argparse.Namespace) -> int:
                         size += len(chunk.data)
                     if chunk.sha256:
                         last = chunk
+                fh.flush()
+                os.fsync(fh.fileno())
             if last is None or last.sha256 != digest.hexdigest() or last.total_bytes != size:
                 raise UsageError("the archive arrived incomplete or damaged; try again")
             os.replace(tmp, args.out)
+            # The rename itself is durable only once the directory is synced.
+            dir_fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -2,34 +2,25 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
-from pathlib import Path
 from typing import Any
 
 import grpc
 
 from rag_grpc import __version__
-from rag_grpc.backup import (
-    BackupError,
-    KeyProvider,
-    default_key_provider,
-    make_archive,
-    seal,
-    sha256_bytes,
-)
+from rag_grpc.backup import BackupError, KeyProvider, SnapshotArchive, default_key_provider
 from rag_grpc.config import IndexConfig
 from rag_grpc.deadlines import in_thread
 from rag_grpc.embed.batcher import BatchingEmbedder
-from rag_grpc.errors import FailedPrecondition
+from rag_grpc.errors import FailedPrecondition, ResourceExhausted
 from rag_grpc.index.retriever import Retriever
 from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
 
 
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
-    """Stats."""
+    """Stats and snapshots (backup archives streamed to the caller)."""
 
     def __init__(
         self,
@@ -52,6 +43,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         self.index_config = index_config
         self.executor = executor
         self.started = time.monotonic()
+        self._snapshot_running = False
 
     async def Stats(
         self, request: admin_pb2.StatsRequest, context: grpc.aio.ServicerContext
@@ -108,7 +100,8 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     async def Snapshot(
         self, request: admin_pb2.SnapshotRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[admin_pb2.SnapshotChunk]:
-        if self.retriever is None:
+        retriever = self.retriever
+        if retriever is None:
             raise FailedPrecondition("this process holds no data (it does not run retrieval)")
         try:
             key = self.backup_key.key()
@@ -120,16 +113,23 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
                 "backup_key_file) to a file of 32 random bytes, or ask for an unencrypted "
                 "archive (rag-grpc backup --unencrypted)"
             )
-        blob = await in_thread(self.executor, _snapshot, self.retriever, key)
-        chunk = 1 << 20
-        for start in range(0, len(blob), chunk):
-            yield admin_pb2.SnapshotChunk(data=blob[start : start + chunk])
-        yield admin_pb2.SnapshotChunk(
-            total_bytes=len(blob), sha256=sha256_bytes(blob), encrypted=key is not None
-        )
-
-
-def _snapshot(retriever: Retriever, key: bytes | None) -> bytes:
-    with tempfile.TemporaryDirectory(prefix="rag-snapshot-") as tmp:
-        files, generations = retriever.snapshot(Path(tmp))
-        return seal(make_archive(files, generations), key)
+        # Each snapshot holds a copy of the whole data dir on disk: one at a time.
+        if self._snapshot_running:
+            raise ResourceExhausted(
+                "a snapshot of this server is already being taken; wait for it to finish "
+                "and try again"
+            )
+        self._snapshot_running = True
+        archive = SnapshotArchive(retriever.snapshot, retriever.store.path.parent, key)
+        try:
+            await in_thread(self.executor, archive.open)
+            while (piece := await in_thread(self.executor, archive.next_piece)) is not None:
+                yield admin_pb2.SnapshotChunk(data=piece)
+            yield admin_pb2.SnapshotChunk(
+                total_bytes=archive.size, sha256=archive.sha256, encrypted=key is not None
+            )
+        finally:
+            # Also when the caller went away: the copy is removed (after the
+            # step still running in the pool) before another snapshot may start.
+            await in_thread(self.executor, archive.close)
+            self._snapshot_running = False
