@@ -16,7 +16,8 @@ What the gateway does (see envoy/README.md):
   checked against DIR/ca.pem; the client identity goes upstream in
   x-forwarded-client-cert (set by Envoy, never passed through);
 - gRPC over HTTP/2 for every rag.v1 service, timeouts from the caller's
-  grpc-timeout, retries on UNAVAILABLE for idempotent methods only;
+  grpc-timeout, retries on UNAVAILABLE for idempotent methods only (never
+  for the Snapshot stream, which has no timeout but the caller's);
 - circuit breakers, outlier detection and active gRPC health checks upstream;
 - local token buckets per route and per client identity (health checks
   exempt), answered with RESOURCE_EXHAUSTED;
@@ -50,6 +51,8 @@ IDEMPOTENT = [
     "/rag.v1.IngestionService/GetJob",
     "/grpc.reflection.",
 ]
+# Matched before the AdminService prefix above, so it is not retried.
+SNAPSHOT = "/rag.v1.AdminService/Snapshot"
 CANARY_HEADER = "x-rag-canary"
 TYPE = "type.googleapis.com/"
 RATE_LIMIT = "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
@@ -227,6 +230,23 @@ def routes(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "typed_per_filter_config": limit,
             }
         )
+    # Snapshot streams the whole data dir: never retried (a retry would take
+    # a second full copy), and bounded by the caller's deadline only.
+    out.append(
+        {
+            "name": "snapshot",
+            "match": {"path": SNAPSHOT, **grpc},
+            "route": {
+                **route_action(args, retries=False, streaming=True),
+                "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+                # Nothing flows while the server copies the data (minutes for
+                # a large store): wait longer than the listener's 5 min.
+                "idle_timeout": "3600s",
+                "rate_limits": per_client,
+            },
+            "typed_per_filter_config": limit,
+        }
+    )
     for prefix in IDEMPOTENT:
         out.append(
             {

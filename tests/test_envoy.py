@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -204,6 +205,44 @@ def test_rendered_configs_validate_and_bad_arguments_are_refused(
     assert missing.returncode == 2 and "certs.sh" in missing.stderr
 
 
+def first_route(config: dict[str, Any], path: str) -> dict[str, Any]:
+    """The route Envoy picks for a plain gRPC call to path (first match wins)."""
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    for route in hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]:
+        match = route["match"]
+        if "headers" in match:
+            continue
+        if match.get("path") == path or path.startswith(match.get("prefix", "\0")):
+            return dict(route)
+    raise AssertionError(f"no route for {path}")
+
+
+def test_snapshot_streams_through_the_gateway_without_retries_or_a_cap(
+    start_server: Callable[..., ServerThread],
+    envoy: Callable[..., Envoy],
+    certs: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    from rag_grpc.backup import restore
+
+    server = marked(start_server, tmp_path, "blue")
+    proxy = envoy(server.target)
+    config = json.loads(proxy.config.read_text())
+    snapshot = first_route(config, "/rag.v1.AdminService/Snapshot")["route"]
+    assert "retry_policy" not in snapshot and snapshot["timeout"] == "0s"
+    assert snapshot["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
+    # Stats, under the same service prefix, keeps its retries.
+    assert "retry_policy" in first_route(config, "/rag.v1.AdminService/Stats")["route"]
+    with proxy.client(certs["ours"], timeout=60) as client:
+        archive = b"".join(c.data for c in client.snapshot(unencrypted=True))
+    restore(archive, tmp_path / "restored", None)
+    copy = start_server(tmp_path / "restored")
+    with RagClient(copy.target) as direct:
+        assert served_by(direct) == "blue"
+    assert proxy.stat("cluster.stable.grpc.rag.v1.AdminService.Snapshot.success") == 1
+    assert proxy.stat("cluster.stable.upstream_rq_retry") == 0
+
+
 def test_mutual_tls_admits_our_clients_only(
     start_server: Callable[..., ServerThread],
     envoy: Callable[..., Envoy],
@@ -279,9 +318,15 @@ def test_rate_limits_per_route_and_per_client(
     assert proxy.stat("route_rate_limit.http_local_rate_limit.rate_limited") >= 12
     # Per-method gRPC statistics, also in Prometheus form.
     assert proxy.stat("cluster.stable.grpc.rag.v1.AdminService.Stats.total") >= 10
+    # The same refusals, in Prometheus form, under the route limiter's prefix.
     prometheus = proxy.admin("/stats/prometheus")
-    assert "envoy_http_local_rate_limiter_http_local_rate_limit_rate_limited" in prometheus or (
-        "rate_limited" in prometheus
+    series = (
+        "envoy_http_local_rate_limit_rate_limited"
+        '{envoy_local_http_ratelimit_prefix="route_rate_limit"} '
+    )
+    (line,) = [line for line in prometheus.splitlines() if line.startswith(series)]
+    assert float(line.split()[-1]) == proxy.stat(
+        "route_rate_limit.http_local_rate_limit.rate_limited"
     )
 
 
