@@ -166,7 +166,11 @@ def test_prometheus_endpoint_serves_metrics_that_move(
     assert value(after, r"^rag_index_vectors") == len(CORPUS)
     assert value(after, r"^rag_embed_batch_size_count") >= 1
     assert value(after, r'^rag_generation_tokens_total\{.*direction="out"') > 0
-    assert value(after, r"^rag_rpc_in_flight") >= 0
+    # Every call above has ended, so each method's in-flight gauge is back to
+    # zero: a call that never left it would show here.
+    in_flight = [line for line in after.splitlines() if line.startswith("rag_rpc_in_flight{")]
+    assert any("/rag.v1.RetrievalService/Search" in line for line in in_flight)
+    assert value(after, r"^rag_rpc_in_flight\{") == 0
     assert "rag_ingestion_pending_jobs" in after and "rag_embed_queue_texts" in after
 
 
