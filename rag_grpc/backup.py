@@ -171,12 +171,14 @@ class Sealer:
             self._digest.update(data)
             return data
         self._pending += data
-        out = bytearray()
+        sealed, start = [], 0
         # Keep at least one byte back: only finish() knows which chunk is last.
-        while len(self._pending) > self._chunk:
-            out += self._seal(bytes(self._pending[: self._chunk]), last=False)
-            del self._pending[: self._chunk]
-        return bytes(out)
+        with memoryview(self._pending) as view:  # no copies of the plaintext
+            while len(view) - start > self._chunk:
+                sealed.append(self._seal(view[start : start + self._chunk], last=False))
+                start += self._chunk
+        del self._pending[:start]
+        return b"".join(sealed)
 
     def finish(self) -> bytes:
         """The rest: the last chunk, or the plain form's checksum."""
@@ -184,7 +186,7 @@ class Sealer:
             return self._digest.digest()
         return self._seal(bytes(self._pending), last=True)
 
-    def _seal(self, chunk: bytes, *, last: bool) -> bytes:
+    def _seal(self, chunk: bytes | memoryview, *, last: bool) -> bytes:
         nonce = _chunk_nonce(self._prefix, self._counter, last)
         self._counter += 1
         return bytes(self._aead.encrypt(nonce, chunk, self.header))
@@ -406,7 +408,10 @@ class _CappedSink:
 
 
 def _read_exact(source: IO[bytes], n: int) -> bytes:
-    data = bytearray()
+    first = source.read(n)
+    if len(first) == n or not first:  # the usual case, without a copy
+        return first
+    data = bytearray(first)
     while len(data) < n:
         block = source.read(n - len(data))
         if not block:

@@ -284,6 +284,8 @@ def _restore(args: argparse.Namespace) -> int:
         )
     except BackupError as exc:
         raise UsageError(str(exc)) from None
+    except OSError as exc:  # no space, no permission: nothing was put in place
+        raise UsageError(f"restore into {args.data_dir} failed: {exc}") from None
     kind = "encrypted" if restored.encrypted else "UNENCRYPTED"
     print(
         f"restored {len(restored.files)} files from a {kind} archive into {args.data_dir} "
