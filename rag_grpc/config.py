@@ -64,6 +64,14 @@ class IndexConfig(_Section):
     # Search results cached per namespace generation (0 turns it off); a
     # write bumps the generation, so the cache never serves stale results.
     result_cache_entries: int = Field(10_000, ge=0)
+    # ... and in bytes of the texts and metadata they hold.
+    result_cache_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    # Compaction: a namespace whose index holds more deleted slots than this
+    # fraction of its slots is rebuilt (deleted vectors reclaimed) and the
+    # database vacuumed after the write that crossed it. 0 turns it off.
+    compact_deleted_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    # Below this many slots an index is never compacted automatically.
+    compact_min_slots: int = Field(1024, ge=0)
 
 
 class EmbeddingConfig(_Section):
@@ -144,9 +152,25 @@ class LimitsConfig(_Section):
 
     default_k: int = Field(10, ge=1)
     max_k: int = Field(100, ge=1, le=10_000)
+    # Search breadth per query (HNSW ef); larger costs time linearly.
+    max_ef: int = Field(4096, ge=1, le=65_536)
+    # Namespaces this store may hold (each has its own index in memory).
+    max_namespaces: int = Field(1000, ge=1)
     max_document_bytes: int = Field(1024 * 1024, ge=1)
     max_documents_per_upsert: int = Field(1000, ge=1)
     max_ids_per_request: int = Field(10_000, ge=1)
+    # A delete by filter matching more documents than this is refused (narrow
+    # the filter, or delete in several calls).
+    max_delete_matches: int = Field(10_000, ge=1)
+    # Metadata per document: keys, and bytes of one string value (metadata
+    # counts toward max_document_bytes as well).
+    max_metadata_keys: int = Field(64, ge=1)
+    max_metadata_value_bytes: int = Field(4096, ge=1)
+    # Values in all any_of conditions of one filter together.
+    max_filter_values: int = Field(4096, ge=1)
+    # Generate: passages and their bytes in one request's context.
+    max_generate_passages: int = Field(100, ge=1)
+    max_generate_context_bytes: int = Field(1024 * 1024, ge=1)
     max_batch_queries: int = Field(256, ge=1)
     max_query_bytes: int = Field(16 * 1024, ge=1)
     max_embed_texts: int = Field(256, ge=1)

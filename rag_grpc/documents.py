@@ -79,12 +79,16 @@ def chunk_id(document_id: str, seq: int) -> str:
 
 
 def resolve_namespace(name: str) -> str:
-    """Validate a namespace name; empty means the default namespace."""
+    """Validate a namespace name; empty means the default namespace.
+
+    A namespace names files in the data dir, so only [A-Za-z0-9_.-] and never
+    dots alone ("." and ".." are directories)."""
     if not name:
         return DEFAULT_NAMESPACE
-    if not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.match(name) or not name.strip("."):
         raise InvalidArgument(
-            f"namespace {name[:80]!r} is invalid: use 1 to 64 characters of A-Z a-z 0-9 _ . -"
+            f"namespace {printable(str(name)[:80])} is invalid: use 1 to 64 characters of "
+            "A-Z a-z 0-9 _ . - and not only dots"
         )
     return name
 
@@ -98,10 +102,31 @@ def validate_metadata_key(key: str) -> None:
 
 
 def validate_document_id(doc_id: str) -> None:
-    """Ids are non-empty, at most 512 UTF-8 bytes, and free of control characters."""
-    if not doc_id:
+    """Ids are non-empty, at most 512 UTF-8 bytes, and free of control
+    characters (C0, DEL, C1) and of the bidirectional controls that make a
+    printed id read as another (Trojan Source)."""
+    if not isinstance(doc_id, str) or not doc_id:
         raise InvalidArgument("document id must not be empty")
-    if len(doc_id.encode()) > MAX_ID_BYTES:
-        raise InvalidArgument(f"document id {doc_id[:40]!r}... is over {MAX_ID_BYTES} bytes")
-    if any(ord(ch) < 32 for ch in doc_id):
-        raise InvalidArgument(f"document id {doc_id[:40]!r} contains control characters")
+    if len(doc_id.encode("utf-8", errors="surrogatepass")) > MAX_ID_BYTES:
+        raise InvalidArgument(
+            f"document id {printable(doc_id[:40])}... is over {MAX_ID_BYTES} bytes"
+        )
+    if _UNSAFE_RE.search(doc_id):
+        raise InvalidArgument(
+            f"document id {printable(doc_id[:40])} contains control or bidirectional "
+            "formatting characters"
+        )
+
+
+# C0 controls, DEL, C1 controls, bidi embeddings/overrides/isolates, marks,
+# and lone surrogates (not encodable as UTF-8).
+_UNSAFE_RE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+
+
+def printable(text: str) -> str:
+    """text quoted, with every control or bidi character escaped, safe to
+    print in a terminal or a log line."""
+    escaped = _UNSAFE_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return "'" + escaped.replace("'", "\\'") + "'"

@@ -61,11 +61,25 @@ class Or:
 Filter: TypeAlias = Equals | AnyOf | Range | And | Or
 
 
-def validate_filter(flt: Filter) -> None:
-    """Raise InvalidArgument naming the first malformed part of the filter."""
+def validate_filter(flt: Filter, max_values: int = 4 * MAX_ANY_OF) -> None:
+    """Raise InvalidArgument naming the first malformed part of the filter;
+    max_values bounds the values of all its any_of conditions together (the
+    cost of matching it)."""
     count = _validate(flt, depth=1)
     if count > MAX_CONDITIONS:
         raise InvalidArgument(f"filter has {count} conditions; at most {MAX_CONDITIONS} allowed")
+    values = _values(flt)
+    if values > max_values:
+        raise InvalidArgument(
+            f"filter compares with {values} values in all; at most {max_values} "
+            "(limits.max_filter_values)"
+        )
+
+
+def _values(flt: Filter) -> int:
+    if isinstance(flt, And | Or):
+        return sum(_values(inner) for inner in flt.filters)
+    return len(flt.values) if isinstance(flt, AnyOf) else 1
 
 
 def _validate(flt: Filter, depth: int) -> int:
@@ -107,5 +121,7 @@ def _validate(flt: Filter, depth: int) -> int:
 
 
 def _check_value(key: str, value: MetadataScalar) -> None:
-    if isinstance(value, float) and math.isnan(value):
-        raise InvalidArgument(f"filter on {key!r} compares with NaN")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidArgument(f"filter on {key!r} compares with {value}; give a finite number")
+    if isinstance(value, str) and len(value.encode("utf-8", errors="surrogatepass")) > 4096:
+        raise InvalidArgument(f"filter on {key!r} compares with a value over 4096 bytes")

@@ -30,6 +30,7 @@ from rag_grpc.generate.extractive import ExtractiveGenerator
 from rag_grpc.generate.pipeline import AnswerCache, LocalSearch, RagPipeline, SearchBackend
 from rag_grpc.generate.triton import TritonGenerator
 from rag_grpc.index.retriever import Retriever
+from rag_grpc.ingest.backend import IngestionBackend, LocalWrites, WriteBackend
 from rag_grpc.ingest.jobs import IngestionManager, JobQueue
 from rag_grpc.ingest.nats_log import NatsIngestion
 from rag_grpc.pb import (
@@ -89,13 +90,18 @@ class RagServer:
         self.executor = ThreadPoolExecutor(
             max_workers=settings.server.worker_threads, thread_name_prefix="rag-core"
         )
+        # Writes, ingestion and admin work (snapshots, forget, compaction) run
+        # on their own threads, so they can never take every thread that
+        # searches need.
+        self.write_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rag-write")
         self.health = health_aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.store: DocumentStore | None = None
         self.retriever: Retriever | None = None
         self.encoder: OnnxEncoder | None = None
         self.embedder: BatchingEmbedder | None = None
-        self.ingestion: IngestionManager | NatsIngestion | None = None
+        self.ingestion: IngestionBackend | None = None
+        self.writes: WriteBackend | None = None
         self.job_queue: JobQueue | None = None
         self.nats: NatsIngestion | None = None
         self._remotes: list[_RemoteDependency] = []
@@ -145,10 +151,13 @@ class RagServer:
                 self.nats = NatsIngestion(
                     s.ingestion,
                     self.retriever,
-                    self.executor,
+                    self.write_executor,
                     s.limits,
                     worker="ingestion" in wanted,
                 )
+                self.writes = self.nats
+            else:
+                self.writes = LocalWrites(self.retriever, self.write_executor)
 
     def _generator(self) -> Generator:
         s = self.settings
@@ -239,7 +248,7 @@ class RagServer:
         if "retrieval" in s.services:
             assert self.retriever is not None
             retrieval_service_pb2_grpc.add_RetrievalServiceServicer_to_server(
-                RetrievalServicer(self.retriever, self.executor, self.nats), server
+                RetrievalServicer(self.retriever, self.executor, self._writes()), server
             )
         if "embedding" in s.services:
             assert self.embedder is not None
@@ -256,11 +265,15 @@ class RagServer:
         if "rag" in s.services:
             assert generator is not None
             answers = s.generation.answer_cache_entries
+            answer_cache = AnswerCache(answers) if answers else None
+            if answer_cache is not None and self.retriever is not None:
+                # Forgotten documents leave no answer quoting them behind.
+                self.retriever.writes.forget_listeners.append(answer_cache.drop_namespace)
             pipeline = RagPipeline(
                 self._search_backend(),
                 generator,
                 s.limits,
-                AnswerCache(answers) if answers else None,
+                answer_cache,
             )
             rag_service_pb2_grpc.add_RagServiceServicer_to_server(RagServicer(pipeline), server)
         if "ingestion" in s.services:
@@ -270,7 +283,7 @@ class RagServer:
             else:
                 self.job_queue = JobQueue(s.data_dir / "rag.sqlite3")
                 self.ingestion = IngestionManager(
-                    self.job_queue, self.retriever, self.executor, s.limits
+                    self.job_queue, self.retriever, self.write_executor, s.limits
                 )
             ingestion_service_pb2_grpc.add_IngestionServiceServicer_to_server(
                 IngestionServicer(self.ingestion), server
@@ -284,7 +297,7 @@ class RagServer:
                     generator_name=generator.name if generator else "",
                     generator_stats=self.triton.stats if self.triton is not None else None,
                     index_config=s.index,
-                    executor=self.executor,
+                    executor=self.write_executor,
                     backup_key=default_key_provider(s.backup_key_file),
                 ),
                 server,
@@ -392,15 +405,31 @@ class RagServer:
         """Enforce each namespace's time to live."""
         retention = self.settings.retention
         assert self.retriever is not None
+        writes = self._writes()
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(retention.sweep_interval_s)
             for namespace, ttl in retention.ttl_s.items():
                 try:
-                    await asyncio.get_running_loop().run_in_executor(
-                        self.executor, self.retriever.sweep_expired, namespace, ttl
+                    expired = await loop.run_in_executor(
+                        self.write_executor, self.retriever.expired, namespace, ttl
+                    )
+                    if expired is None:
+                        continue
+                    # Through the write path (and the log, under NATS); the
+                    # cut-off is checked again inside the write transaction.
+                    result = await writes.apply_delete(expired)
+                    log.info(
+                        "retention: deleted %d expired documents from %s",
+                        result.documents,
+                        namespace,
                     )
                 except Exception:  # the sweeper must outlive one bad pass
                     log.exception("retention sweep of %s failed", namespace)
+
+    def _writes(self) -> WriteBackend:
+        assert self.writes is not None, "writes need a local store"
+        return self.writes
 
     async def _probe_triton(self) -> None:
         """Follow Triton's server and model readiness in our health status."""
@@ -446,6 +475,7 @@ class RagServer:
         # Core work already running on the pool (an ingestion batch whose task
         # was cancelled, say) finishes before anything it uses is closed.
         await loop.run_in_executor(None, self.executor.shutdown, True)
+        await loop.run_in_executor(None, self.write_executor.shutdown, True)
         if self.retriever is not None:
             await loop.run_in_executor(None, self.retriever.save_indexes)
         if self.embedder is not None:

@@ -47,7 +47,7 @@ def test_cached_results_never_hide_a_write_from_any_client(
     from rag_grpc.documents import Document
 
     server = start_server()
-    cache = server.server.retriever._results  # type: ignore[union-attr]
+    cache = server.server.retriever.results  # type: ignore[union-attr]
     assert cache is not None
     with RagClient(server.target) as writer, RagClient(server.target) as reader:
         writer.upsert(CORPUS)
@@ -63,7 +63,7 @@ def test_cached_results_never_hide_a_write_from_any_client(
         assert reader.search(query, k=1)[0].document_id != "orchid"
     # With the cache off, the same answers.
     plain = start_server(tmp_path / "plain", index={"result_cache_entries": 0})
-    assert plain.server.retriever._results is None  # type: ignore[union-attr]
+    assert plain.server.retriever.results is None  # type: ignore[union-attr]
 
 
 def test_answer_cache_replays_an_answer_until_a_write_retires_it(

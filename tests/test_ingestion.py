@@ -44,12 +44,20 @@ def test_bad_documents_fail_alone(client: RagClient) -> None:
 
 
 def test_job_request_errors(client: RagClient) -> None:
+    unknown = "0" * 32  # well formed, never issued
     with pytest.raises(RpcError) as info:
-        client.get_job("no-such-job")
+        client.get_job(unknown)
     assert info.value.code == "NOT_FOUND"
     with pytest.raises(RpcError) as info:
-        list(client.watch_job("no-such-job"))
+        list(client.watch_job(unknown))
     assert info.value.code == "NOT_FOUND"
+    # Not a job id at all: said so, and never echoed at length.
+    for bad in ("no-such-job", "../../etc/passwd", "A" * 100_000, "0" * 31 + "\u202e"):
+        with pytest.raises(RpcError) as info:
+            client.get_job(bad)
+        assert info.value.code == "INVALID_ARGUMENT", bad[:40]
+        assert "32 hexadecimal" in info.value.message and len(info.value.message) < 300
+        assert "\u202e" not in info.value.message
     with pytest.raises(RpcError) as info:
         client.submit([Document("a", "x"), Document("a", "y")])
     assert info.value.code == "INVALID_ARGUMENT" and "more than once" in info.value.message

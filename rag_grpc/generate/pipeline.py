@@ -101,9 +101,11 @@ class AnswerCache:
     above 0) are not cached.
     """
 
-    def __init__(self, entries: int) -> None:
+    def __init__(self, entries: int, max_bytes: int = 32 * 1024 * 1024) -> None:
         self.entries = entries
-        self._items: OrderedDict[tuple[Any, ...], CachedAnswer] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple[Any, ...], tuple[CachedAnswer, int]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -117,20 +119,33 @@ class AnswerCache:
 
     def get(self, key: tuple[Any, ...]) -> CachedAnswer | None:
         with self._lock:
-            answer = self._items.get(key)
-            if answer is None:
+            item = self._items.get(key)
+            if item is None:
                 self.misses += 1
                 return None
             self._items.move_to_end(key)
             self.hits += 1
-            return answer
+            return item[0]
 
     def put(self, key: tuple[Any, ...], answer: CachedAnswer) -> None:
+        # The question, the answer and the key's chunk ids, roughly.
+        size = 256 + len(str(key[0])) + len(repr(answer)) + 64 * len(key[3])
+        if size > self.max_bytes:
+            return
         with self._lock:
-            self._items[key] = answer
-            self._items.move_to_end(key)
-            while len(self._items) > self.entries:
-                self._items.popitem(last=False)
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.bytes -= old[1]
+            self._items[key] = (answer, size)
+            self.bytes += size
+            while len(self._items) > self.entries or self.bytes > self.max_bytes:
+                self.bytes -= self._items.popitem(last=False)[1][1]
+
+    def drop_namespace(self, namespace: str) -> None:
+        """Forget every answer from a namespace (after documents in it were forgotten)."""
+        with self._lock:
+            for key in [k for k in self._items if k[1] == namespace]:
+                self.bytes -= self._items.pop(key)[1]
 
 
 class RagPipeline:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -21,14 +22,23 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
+from typing import TypeVar
 
+from rag_grpc import telemetry
 from rag_grpc.config import LimitsConfig
-from rag_grpc.documents import Document, resolve_namespace, validate_document_id
-from rag_grpc.errors import InvalidArgument, NotFound, RagError, ResourceExhausted
+from rag_grpc.documents import Document, printable, resolve_namespace, validate_document_id
+from rag_grpc.errors import (
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from rag_grpc.index.retriever import Retriever
-from rag_grpc.store.sqlite import NewChunk
+from rag_grpc.index.writes import PreparedUpsert
+from rag_grpc.store.sqlite import connect
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -55,6 +65,30 @@ CREATE TABLE IF NOT EXISTS job_documents (
 # length bucketing to keep padding low, and fewer commits (bench/ingest.py:
 # overhead over raw embedding 10.8% with 32, 2.8% with 128).
 BATCH_DOCUMENTS = 128
+# A WatchJob stream ends after this long (the client watches again if it
+# still cares), so a forgotten watcher cannot hold a stream for ever.
+WATCH_MAX_S = 3600.0
+_JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def validate_job_id(job_id: str) -> None:
+    """Job ids are what submit returns: 32 lower-case hexadecimal characters."""
+    if not _JOB_ID_RE.match(job_id):
+        raise InvalidArgument(
+            f"job id {printable(job_id[:40])}{'...' if len(job_id) > 40 else ''} is not a job "
+            "id: they are 32 hexadecimal characters, as Submit returned"
+        )
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether retrying the same work later can succeed (a locked or full
+    database, a dependency away), as opposed to a bad document."""
+    if isinstance(exc, Unavailable | ResourceExhausted):
+        return True
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc).lower()
+        return any(w in text for w in ("locked", "busy", "full", "disk i/o", "unable to open"))
+    return isinstance(exc, OSError)
 
 
 def validate_job(documents: Sequence[Document], limits: LimitsConfig) -> None:
@@ -71,15 +105,21 @@ def validate_job(documents: Sequence[Document], limits: LimitsConfig) -> None:
     for doc in documents:
         validate_document_id(doc.id)
         if doc.id in seen:
-            raise InvalidArgument(f"document id {doc.id!r} appears more than once in the job")
+            raise InvalidArgument(
+                f"document id {printable(doc.id)} appears more than once in the job"
+            )
         seen.add(doc.id)
 
 
 async def watch_job(
-    get: Callable[[str], Awaitable[JobStatus]], job_id: str, wait: Callable[[], Awaitable[None]]
+    get: Callable[[str], Awaitable[JobStatus]],
+    job_id: str,
+    wait: Callable[[], Awaitable[None]],
+    max_s: float = WATCH_MAX_S,
 ) -> AsyncIterator[JobStatus]:
     """A job's status now and after every change (checked after each wait()),
-    until it is done."""
+    until it is done or max_s has passed."""
+    ends = time.monotonic() + max_s
     last: JobStatus | None = None
     while True:
         status = await get(job_id)
@@ -88,7 +128,13 @@ async def watch_job(
             last = status
         if status.state.done:
             return
-        await wait()
+        left = ends - time.monotonic()
+        if left <= 0:
+            return
+        try:
+            await asyncio.wait_for(wait(), left)
+        except TimeoutError:
+            return
 
 
 class JobState(Enum):
@@ -124,10 +170,9 @@ class JobQueue:
     """Jobs table access (its own SQLite connection, serialised by a lock)."""
 
     def __init__(self, db_path: Path) -> None:
-        self._conn = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA busy_timeout=5000")
+        # secure_delete like every connection: a finished job's documents
+        # are zeroed when dropped, not left in free pages.
+        self._conn = connect(db_path)
         self._conn.executescript(SCHEMA)
         self._lock = threading.Lock()
         with self._lock:
@@ -192,7 +237,8 @@ class JobQueue:
         return self.get(row[0])
 
     def get(self, job_id: str) -> JobStatus:
-        """A job's status; NotFound for an unknown id."""
+        """A job's status; InvalidArgument for a malformed id, NotFound for an unknown one."""
+        validate_job_id(job_id)
         with self._lock:
             row = self._conn.execute(
                 "SELECT job_id, namespace, state, total, processed, failed, chunks, errors, "
@@ -200,7 +246,7 @@ class JobQueue:
                 (job_id,),
             ).fetchone()
         if row is None:
-            raise NotFound(f"job {job_id!r} does not exist")
+            raise NotFound(f"job {job_id} does not exist")
         errors = tuple((e[0], e[1]) for e in json.loads(row[7]))
         return JobStatus(
             job_id=row[0],
@@ -255,25 +301,54 @@ class JobQueue:
 
 
 class IngestionManager:
-    """Accepts jobs and runs them on a background task; watchers get every change."""
+    """Accepts jobs and runs them on a supervised background task; watchers
+    are woken by every change (pushed, not polled)."""
 
     def __init__(
-        self, queue: JobQueue, retriever: Retriever, executor: Executor | None, limits: LimitsConfig
+        self,
+        queue: JobQueue,
+        retriever: Retriever,
+        executor: Executor | None,
+        limits: LimitsConfig,
+        *,
+        retry_s: float = 1.0,
+        watch_max_s: float = WATCH_MAX_S,
     ) -> None:
         self.queue = queue
         self.retriever = retriever
+        # The writers' pool, not the one searches use.
         self.executor = executor
         self.limits = limits
+        self.retry_s = retry_s
+        self.watch_max_s = watch_max_s
         self._wakeup = asyncio.Event()
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        # Batches retried after a transient error (a locked or full database).
+        self.retries = 0
+        self.last_error = ""
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the worker task is running (health turns NOT_SERVING if not)."""
+        return self._task is not None and not self._task.done()
 
     def start(self) -> None:
-        """Start the worker task on the running loop."""
+        """Start the worker task on the running loop; it is restarted if it ever ends."""
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name="ingestion-worker")
+        self._task.add_done_callback(self._restart)
+
+    def _restart(self, task: asyncio.Task[None]) -> None:
+        if self._stopping or task.cancelled():
+            return
+        log.error("the ingestion worker stopped (%r); restarting it", task.exception())
+        self.start()
 
     async def stop(self) -> None:
         """Stop the worker; an unfinished job resumes at the next start."""
+        self._stopping = True
         if self._task:
             self._task.cancel()
             try:
@@ -298,19 +373,23 @@ class IngestionManager:
 
     async def get(self, job_id: str) -> JobStatus:
         """Current status of a job."""
+        validate_job_id(job_id)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self.queue.get, job_id)
 
     async def watch(self, job_id: str) -> AsyncIterator[JobStatus]:
         """The job's status now and after every change, until it is done."""
-        async for status in watch_job(self.get, job_id, self._changed_or_timeout):
+        validate_job_id(job_id)
+        async for status in watch_job(self.get, job_id, self._wait_change, self.watch_max_s):
             yield status
 
-    async def _changed_or_timeout(self) -> None:
+    async def _wait_change(self) -> None:
         async with self._changed:
+            # A change between get() and here is not lost: every change bumps
+            # the version under this condition's lock and wakes all waiters;
+            # the short timeout only covers that window.
             try:
-                # The timeout covers a change made between get() and wait().
-                await asyncio.wait_for(self._changed.wait(), timeout=0.5)
+                await asyncio.wait_for(self._changed.wait(), timeout=1.0)
             except TimeoutError:
                 pass
 
@@ -318,63 +397,73 @@ class IngestionManager:
         async with self._changed:
             self._changed.notify_all()
 
+    async def _in_thread(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            job = await loop.run_in_executor(self.executor, self.queue.next_queued)
+            try:
+                job = await self._in_thread(self.queue.next_queued)
+            except Exception as exc:  # the queue itself failed: wait and retry
+                if not transient(exc):
+                    raise
+                await self._backoff("reading the job queue", exc)
+                continue
             if job is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             await self._notify()
-            try:
-                await self._run_job(job)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # keep the worker alive for the next job
-                log.exception("ingestion job %s failed", job.job_id)
-                failed = replace(
-                    job,
-                    state=JobState.FAILED,
-                    errors=(*job.errors, ("", f"internal error: {exc}")),
-                    updated_at=time.time(),
-                )
-                await loop.run_in_executor(self.executor, self.queue.record, failed)
+            await self._run_job(job)
             await self._notify()
 
+    async def _backoff(self, what: str, exc: BaseException) -> None:
+        self.retries += 1
+        self.last_error = f"{what}: {exc}"
+        telemetry.record("ingestion_retries", 1)
+        log.warning("ingestion: %s failed (%s); retrying in %.1f s", what, exc, self.retry_s)
+        await asyncio.sleep(self.retry_s)
+
     async def _run_job(self, job: JobStatus) -> None:
-        """Batches in order: read, validate, skip unchanged, embed, write,
-        commit progress. (Embedding the next batch while writing this one was
-        measured slower: ONNX Runtime's spinning threads and the writer fight
-        over 2 cores.)"""
-        loop = asyncio.get_running_loop()
+        """Batches in order: read, prepare (validate, skip unchanged, embed),
+        apply, commit progress. A transient failure retries the batch; a
+        batch that fails otherwise fails its documents, and the job goes on.
+        (Embedding the next batch while writing this one was measured slower:
+        ONNX Runtime's spinning threads and the writer fight over 2 cores.)"""
         status = job
         while status.processed < status.total:
-            batch = await self._prepare(job, status.processed)
-            if batch is None:
-                break
-            chunks = 0
-            if batch.fresh:
-                result = await loop.run_in_executor(
-                    self.executor,
-                    self.retriever.apply_upsert,
-                    job.namespace,
-                    batch.fresh,
-                    batch.chunks,
+            try:
+                documents = await self._in_thread(
+                    self.queue.documents, job.job_id, status.processed, BATCH_DOCUMENTS
                 )
-                chunks = result.chunks
+                if not documents:
+                    break
+                prepared = await self._in_thread(self._prepare, job.namespace, documents)
+                chunks = 0
+                if prepared.documents:
+                    result = await self._in_thread(self.retriever.apply_upsert, prepared)
+                    chunks = result.chunks
+                errors = prepared.errors
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if transient(exc):
+                    await self._backoff(f"job {job.job_id}", exc)
+                    continue
+                log.exception("ingestion job %s: a batch failed", job.job_id)
+                errors = tuple((d.id, f"ingestion failed: {exc}") for d in documents)
+                chunks = 0
             status = replace(
                 status,
-                processed=status.processed + len(batch.documents),
-                failed=status.failed + len(batch.errors),
+                processed=status.processed + len(documents),
+                failed=status.failed + len(errors),
                 chunks=status.chunks + chunks,
-                errors=status.errors + tuple(batch.errors),
+                errors=status.errors + errors,
                 updated_at=time.time(),
             )
-            await loop.run_in_executor(self.executor, self.queue.record, status)
-            await self._notify()
+            await self._record(status)
         status = replace(status, state=JobState.SUCCEEDED, updated_at=time.time())
-        await loop.run_in_executor(self.executor, self.queue.record, status)
+        await self._record(status)
         log.info(
             "ingestion job %s done: %d documents, %d failed, %d chunks",
             job.job_id,
@@ -383,38 +472,18 @@ class IngestionManager:
             status.chunks,
         )
 
-    async def _prepare(self, job: JobStatus, start: int) -> _Prepared | None:
-        loop = asyncio.get_running_loop()
-        documents = await loop.run_in_executor(
-            self.executor, self.queue.documents, job.job_id, start, BATCH_DOCUMENTS
-        )
-        if not documents:
-            return None
-        return await loop.run_in_executor(
-            self.executor, self._prepare_batch, job.namespace, documents
-        )
-
-    def _prepare_batch(self, namespace: str, documents: list[Document]) -> _Prepared:
-        """Validate a batch, leave out what is stored already, chunk and embed the rest."""
-        errors: list[tuple[str, str]] = []
-        valid = []
-        for doc in documents:
+    async def _record(self, status: JobStatus) -> None:
+        """Commit progress, retrying while the database is locked or full:
+        what was applied is idempotent, so nothing is lost by waiting."""
+        while True:
             try:
-                self.retriever.validate_document(doc)
-                valid.append(doc)
-            except RagError as exc:
-                errors.append((doc.id, str(exc)))
-        same = self.retriever.store.unchanged(namespace, valid) if valid else set()
-        fresh = [d for d in valid if d.id not in same]
-        chunks = self.retriever.prepare(fresh) if fresh else []
-        return _Prepared(documents, fresh, chunks, errors)
+                await self._in_thread(self.queue.record, status)
+                break
+            except Exception as exc:
+                if not transient(exc):
+                    raise
+                await self._backoff(f"recording job {status.job_id}", exc)
+        await self._notify()
 
-
-@dataclass(frozen=True)
-class _Prepared:
-    """A batch read from the job, validated and embedded, ready to write."""
-
-    documents: list[Document]
-    fresh: list[Document]
-    chunks: list[NewChunk]
-    errors: list[tuple[str, str]]
+    def _prepare(self, namespace: str, documents: list[Document]) -> PreparedUpsert:
+        return self.retriever.prepare_upsert(namespace, documents, per_document=True)

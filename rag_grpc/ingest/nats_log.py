@@ -20,7 +20,6 @@ replicas follow within their lag).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import json
@@ -35,10 +34,9 @@ from typing import Any, TypeVar
 import nats
 import nats.errors
 import nats.js.errors
-import numpy as np
 from nats.js import api
 
-from rag_grpc import deadlines
+from rag_grpc import deadlines, telemetry
 from rag_grpc.config import IngestionConfig, LimitsConfig
 from rag_grpc.documents import Document, WriteResult, resolve_namespace
 from rag_grpc.errors import (
@@ -49,10 +47,22 @@ from rag_grpc.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from rag_grpc.filters import Filter, validate_filter
+from rag_grpc.filters import Filter
 from rag_grpc.index.retriever import Retriever
-from rag_grpc.ingest.jobs import JobState, JobStatus, validate_job, watch_job
-from rag_grpc.store.sqlite import NewChunk
+from rag_grpc.index.writes import PreparedDelete, PreparedUpsert
+from rag_grpc.ingest.jobs import (
+    WATCH_MAX_S,
+    JobState,
+    JobStatus,
+    validate_job,
+    validate_job_id,
+    watch_job,
+)
+from rag_grpc.ingest.log_entries import (
+    decode_prepared,
+    encode_prepared_delete,
+    encode_prepared_upsert,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,16 +131,6 @@ def _decode_document(raw: dict[str, Any]) -> Document:
     return Document(raw["id"], raw["text"], raw["metadata"], raw.get("type", ""))
 
 
-def _encode_chunk(chunk: NewChunk) -> list[Any]:
-    vector = np.ascontiguousarray(chunk.vector, dtype="<f4").tobytes()
-    return [chunk.doc_id, chunk.seq, chunk.text, base64.b64encode(vector).decode("ascii")]
-
-
-def _decode_chunk(raw: list[Any]) -> NewChunk:
-    vector = np.frombuffer(base64.b64decode(raw[3]), dtype="<f4")
-    return NewChunk(raw[0], raw[1], raw[2], vector)
-
-
 class NatsIngestion:
     """IngestionService, Upsert and Delete over NATS JetStream (see the module docstring)."""
 
@@ -164,7 +164,11 @@ class NatsIngestion:
         # The log position this process found in its store at start.
         self.resumed_from = 0
         self._applied_changed = asyncio.Condition()
-        self._results: dict[int, WriteResult] = {}
+        # Outcomes of applied writes by log sequence, for the writer waiting
+        # on them: a result, or the error the entry failed with.
+        self._results: dict[int, WriteResult | RagError] = {}
+        # Log entries that could not be applied (recorded as applied, skipped).
+        self.apply_errors = 0
         self._tasks: list[asyncio.Task[None]] = []
         self.pending_documents = 0
         # Documents this process's worker has taken from the queue and finished.
@@ -328,20 +332,20 @@ class NatsIngestion:
         try:
             entry = await self.kv.get(job_id)
         except nats.js.errors.KeyNotFoundError:
-            raise NotFound(f"job {job_id!r} does not exist") from None
+            raise NotFound(f"job {job_id} does not exist") from None
         return _Status(**json.loads(entry.value)), entry.revision
 
     async def get(self, job_id: str) -> JobStatus:
-        """A job's status; NotFound for an unknown id."""
-        if not job_id or not all(c.isalnum() for c in job_id):
-            raise NotFound(f"job {job_id!r} does not exist")
+        """A job's status; InvalidArgument for a malformed id, NotFound for an unknown one."""
+        validate_job_id(job_id)
         await self._ready()
         status, _ = await self._nats("reading the job", self._load(job_id))
         return status.public()
 
     async def watch(self, job_id: str) -> AsyncIterator[JobStatus]:
         """The job's status now and after every change (polled), until it is done."""
-        async for status in watch_job(self.get, job_id, lambda: asyncio.sleep(0.1)):
+        validate_job_id(job_id)
+        async for status in watch_job(self.get, job_id, lambda: asyncio.sleep(0.1), WATCH_MAX_S):
             yield status
 
     # -- workers -------------------------------------------------------------
@@ -405,25 +409,25 @@ class NatsIngestion:
         items = [(m, b) for m, b in items if not status.has(b["seq"])]
         namespace = status.namespace
         errors: list[tuple[str, str]] = []
-        valid: list[Document] = []
+        documents: list[Document] = []
         for _, body in items:
             try:
-                doc = _decode_document(body["doc"])
-                self.retriever.validate_document(doc)
-                valid.append(doc)
-            except RagError as exc:
-                errors.append((body["doc"].get("id", ""), str(exc)))
-            except (KeyError, TypeError) as exc:
+                documents.append(_decode_document(body["doc"]))
+            except (KeyError, TypeError, ValueError) as exc:
                 errors.append(("", f"malformed document: {exc}"))
         chunks = 0
-        if valid:
+        if documents:
             if status.state == "QUEUED":
                 await self._set_running(job_id)
-            prepared = await self._in_thread(self.retriever.prepare, valid)
-            too_big = await self._publish_writes(namespace, valid, prepared)
-            errors += too_big
-            skipped = {doc_id for doc_id, _ in too_big}
-            chunks = sum(1 for c in prepared if c.doc_id not in skipped)
+            prepared = await self._in_thread(
+                lambda: self.retriever.prepare_upsert(namespace, documents, per_document=True)
+            )
+            errors += prepared.errors
+            if prepared.documents:
+                too_big = await self._publish_writes(prepared)
+                errors += too_big
+                skipped = {doc_id for doc_id, _ in too_big}
+                chunks = sum(1 for c in prepared.chunks if c.doc_id not in skipped)
         await self._count(job_id, items, chunks, errors)
         for msg, _ in items:
             await msg.ack()
@@ -452,21 +456,27 @@ class NatsIngestion:
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue
 
-    async def _publish_writes(
-        self, namespace: str, documents: list[Document], chunks: list[NewChunk]
-    ) -> list[tuple[str, str]]:
-        """Publish the prepared documents as writes of at most max_payload
+    async def _publish_writes(self, prepared: PreparedUpsert) -> list[tuple[str, str]]:
+        """Publish a prepared upsert as log entries of at most max_payload
         bytes; returns the documents too large for one message."""
-        by_doc: dict[str, list[list[Any]]] = {}
-        for chunk in chunks:
-            by_doc.setdefault(chunk.doc_id, []).append(_encode_chunk(chunk))
+        by_doc: dict[str, list[Any]] = {}
+        for chunk in prepared.chunks:
+            by_doc.setdefault(chunk.doc_id, []).append(chunk)
         limit = self.nc.max_payload - PAYLOAD_MARGIN
         errors: list[tuple[str, str]] = []
-        batch: list[tuple[dict[str, Any], list[list[Any]]]] = []
+        batch: list[Document] = []
         size = 0
-        for doc in documents:
-            entry = (_encode_document(doc), by_doc.get(doc.id, []))
-            entry_size = len(json.dumps(entry))
+
+        def part(docs: list[Document]) -> PreparedUpsert:
+            return PreparedUpsert(
+                prepared.namespace,
+                tuple(docs),
+                tuple(c for d in docs for c in by_doc.get(d.id, [])),
+                written_at=prepared.written_at,
+            )
+
+        for doc in prepared.documents:
+            entry_size = len(json.dumps(encode_prepared_upsert(part([doc]))))
             if entry_size > limit:
                 errors.append(
                     (
@@ -477,25 +487,19 @@ class NatsIngestion:
                 )
                 continue
             if batch and size + entry_size > limit:
-                await self._publish_write(namespace, batch)
+                await self._publish_write(part(batch))
                 batch, size = [], 0
-            batch.append(entry)
+            batch.append(doc)
             size += entry_size
         if batch:
-            await self._publish_write(namespace, batch)
+            await self._publish_write(part(batch))
         return errors
 
-    async def _publish_write(
-        self, namespace: str, entries: list[tuple[dict[str, Any], list[list[Any]]]]
-    ) -> int:
-        payload = json.dumps(
-            {
-                "op": "upsert",
-                "namespace": namespace,
-                "documents": [d for d, _ in entries],
-                "chunks": [c for _, chunks in entries for c in chunks],
-            }
-        ).encode()
+    async def _publish_write(self, prepared: PreparedUpsert) -> int:
+        # Checked as the appliers will check it: nothing that would fail
+        # there is published.
+        self.retriever.writes.check_upsert(prepared)
+        payload = json.dumps(encode_prepared_upsert(prepared)).encode()
         # The same prepared write published twice (a redelivery within the
         # window) is stored once.
         msg_id = hashlib.sha256(payload).hexdigest()
@@ -573,65 +577,59 @@ class NatsIngestion:
                 seq = int(msg.metadata.sequence.stream)
                 if seq <= self.applied:
                     continue
-                result = await self._in_thread(self._apply, json.loads(msg.data), seq)
+                result = await self._in_thread(self._apply, msg.data, seq)
                 async with self._applied_changed:
                     self.applied = seq
-                    if result is not None:
-                        self._results[seq] = result
-                        while len(self._results) > 1024:
-                            self._results.pop(next(iter(self._results)))
+                    self._results[seq] = result
+                    while len(self._results) > 1024:
+                        self._results.pop(next(iter(self._results)))
                     self._applied_changed.notify_all()
         finally:
             with contextlib.suppress(*NATS_ERRORS):
                 await sub.unsubscribe()
 
-    def _apply(self, record: dict[str, Any], seq: int) -> WriteResult | None:
+    def _apply(self, data: bytes, seq: int) -> WriteResult | RagError:
+        """Apply one log entry. An entry that cannot be applied (malformed,
+        invalid, or refused by this store) is recorded as applied with its
+        error: counted, logged once, never retried, so one bad entry cannot
+        stop this replica applying the ones after it."""
         position = (self.log_name, seq)
-        namespace = record["namespace"]
-        if record["op"] == "upsert":
-            documents = [_decode_document(d) for d in record["documents"]]
-            chunks = [_decode_chunk(c) for c in record["chunks"]]
-            return self.retriever.apply_upsert(namespace, documents, chunks, position)
-        if record["op"] == "delete":
-            if not record["ids"]:
-                self.retriever.store.set_position(*position)
-                return WriteResult(0, 0, self.retriever.store.generation(namespace))
+        writes = self.retriever.writes
+        try:
             try:
-                return self.retriever.delete(
-                    namespace,
-                    record["ids"],
-                    forget=record["forget"],
-                    actor=record["actor"],
-                    position=position,
-                )
-            except NotFound:
-                self.retriever.store.set_position(*position)
-                return WriteResult(0, 0, 0, tuple(record["ids"]))
-        log.error("skipping write %d of unknown kind %r", seq, record["op"])
-        self.retriever.store.set_position(*position)
-        return None
+                record = json.loads(data)
+            except ValueError as exc:
+                raise InvalidArgument(f"malformed write: {exc}") from None
+            prepared = decode_prepared(record)
+            if isinstance(prepared, PreparedUpsert):
+                return writes.apply_upsert(prepared, position)
+            return writes.apply_delete(prepared, position)
+        except (RagError, ValueError, TypeError) as exc:
+            if not isinstance(exc, RagError):
+                exc = InvalidArgument(f"the write cannot be applied: {exc}")
+            self.apply_errors += 1
+            telemetry.record("write_log_errors", 1)
+            log.error("write %d of %s cannot be applied, skipped: %s", seq, self.writes_stream, exc)
+            self.retriever.store.set_position(*position)
+            return exc
 
     # -- writes from Upsert and Delete ----------------------------------------
 
     async def upsert(self, namespace: str, documents: Sequence[Document]) -> WriteResult:
         """Prepare here, publish to the log, return once applied here."""
-        namespace = resolve_namespace(namespace)
-        self.retriever.validate_upsert(documents)
         await self._ready()
-        same = await self._in_thread(self.retriever.store.unchanged, namespace, documents)
-        fresh = [d for d in documents if d.id not in same]
-        if not fresh:
-            generation = self.retriever.store.generation(namespace)
-            return WriteResult(0, 0, generation, unchanged=len(same))
-        chunks = await self._in_thread(self.retriever.prepare, fresh)
-        payload = {
-            "op": "upsert",
-            "namespace": namespace,
-            "documents": [_encode_document(d) for d in fresh],
-            "chunks": [_encode_chunk(c) for c in chunks],
-        }
-        result = await self._write(payload)
-        return WriteResult(len(fresh), len(chunks), result.index_generation, unchanged=len(same))
+        prepared = await self._in_thread(self.retriever.prepare_upsert, namespace, documents)
+        if not prepared.documents:
+            generation = self.retriever.store.generation(prepared.namespace)
+            return WriteResult(0, 0, generation, unchanged=len(prepared.unchanged))
+        self.retriever.writes.check_upsert(prepared)
+        result = await self._write(encode_prepared_upsert(prepared))
+        return WriteResult(
+            len(prepared.documents),
+            len(prepared.chunks),
+            result.index_generation,
+            unchanged=len(prepared.unchanged),
+        )
 
     async def delete(
         self,
@@ -642,30 +640,22 @@ class NatsIngestion:
         forget: bool = False,
         actor: str = "",
     ) -> WriteResult:
-        """Publish the deletion to the log, return once applied here."""
-        namespace = resolve_namespace(namespace)
-        if not self.retriever.store.has_namespace(namespace):
-            raise NotFound(f"namespace {namespace!r} does not exist")
-        if not doc_ids and filter is None:
-            raise InvalidArgument("give document ids or a filter to delete by")
-        ids = list(doc_ids)
-        if filter is not None:
-            # The log carries ids: a filter is resolved here, where the
-            # replicas' (converged) documents are the same.
-            validate_filter(filter)
-            matching = await self._in_thread(
-                self.retriever.store.doc_ids_matching, namespace, filter
+        """Publish the deletion to the log, return once applied here. A
+        filter is resolved to ids here, where the replicas' (converged)
+        documents are the same."""
+        writes = self.retriever.writes
+        prepared = await self._in_thread(
+            lambda: writes.prepare_delete(
+                namespace, doc_ids, filter=filter, forget=forget, actor=actor
             )
-            ids += [i for i in matching if i not in set(ids)]
+        )
+        return await self.apply_delete(prepared)
+
+    async def apply_delete(self, prepared: PreparedDelete) -> WriteResult:
+        """Publish a prepared deletion (checked as the appliers will check it)."""
+        self.retriever.writes.check_delete(prepared)
         await self._ready()
-        payload = {
-            "op": "delete",
-            "namespace": namespace,
-            "ids": ids,
-            "forget": forget,
-            "actor": actor,
-        }
-        return await self._write(payload)
+        return await self._write(encode_prepared_delete(prepared))
 
     async def _write(self, payload: dict[str, Any]) -> WriteResult:
         data = json.dumps(payload).encode()
@@ -692,4 +682,7 @@ class NatsIngestion:
                 f"the write is in the log (sequence {seq}) but this replica has not applied "
                 f"it within {timeout:.1f} s; it will be applied, check again later"
             ) from None
-        return self._results.pop(seq, WriteResult(0, 0, 0))
+        outcome = self._results.pop(seq, WriteResult(0, 0, 0))
+        if isinstance(outcome, RagError):
+            raise outcome
+        return outcome

@@ -6,8 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from rag_grpc.ingest.jobs import IngestionManager
-from rag_grpc.ingest.nats_log import NatsIngestion
+from rag_grpc.ingest.backend import IngestionBackend
 from rag_grpc.pb import ingestion_pb2, ingestion_service_pb2_grpc
 from rag_grpc.services import convert
 
@@ -15,7 +14,7 @@ from rag_grpc.services import convert
 class IngestionServicer(ingestion_service_pb2_grpc.IngestionServiceServicer):
     """Submit, GetJob, WatchJob."""
 
-    def __init__(self, manager: IngestionManager | NatsIngestion) -> None:
+    def __init__(self, manager: IngestionBackend) -> None:
         self.manager = manager
 
     async def Submit(

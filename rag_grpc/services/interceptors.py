@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import hmac
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -37,6 +38,23 @@ STATUS_OF: dict[type[errors.RagError], grpc.StatusCode] = {
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Cancelled: grpc.StatusCode.CANCELLED,
 }
+
+
+def storage_error(exc: Exception) -> errors.RagError | None:
+    """The caller-facing error for a database that is busy or full (retry
+    later), rather than INTERNAL; None for anything else."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return None
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        log.warning("database busy: %s", exc)
+        return errors.Unavailable("the database is busy with another writer; retry shortly")
+    if "full" in text:
+        log.error("database full: %s", exc)
+        return errors.ResourceExhausted(
+            "the server's disk is full; nothing was written (free space, then retry)"
+        )
+    return None
 
 
 def status_of(exc: errors.RagError) -> grpc.StatusCode:
@@ -250,8 +268,9 @@ def _wrap_unary(
             code = _aborted_code(context)
             raise
         except Exception as exc:
-            code = "INTERNAL"
-            await _abort_for(exc, context, method)
+            known = storage_error(exc)
+            code = status_of(known).name if known else "INTERNAL"
+            await _abort_for(known or exc, context, method)
         finally:
             observe.finish(span, started, code, context)
 
@@ -277,8 +296,9 @@ def _wrap_stream(
             code = _aborted_code(context)
             raise
         except Exception as exc:
-            code = "INTERNAL"
-            await _abort_for(exc, context, method)
+            known = storage_error(exc)
+            code = status_of(known).name if known else "INTERNAL"
+            await _abort_for(known or exc, context, method)
         finally:
             observe.finish(span, started, code, context)
 

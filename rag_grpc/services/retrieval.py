@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 from concurrent.futures import Executor
 
 import grpc
 
 from rag_grpc.deadlines import in_thread
 from rag_grpc.index.retriever import Retriever
-from rag_grpc.ingest.nats_log import NatsIngestion
+from rag_grpc.ingest.backend import WriteBackend
 from rag_grpc.pb import retrieval_pb2, retrieval_service_pb2_grpc
 from rag_grpc.services import convert
 from rag_grpc.services.interceptors import CLIENT
@@ -24,23 +23,18 @@ class RetrievalServicer(retrieval_service_pb2_grpc.RetrievalServiceServicer):
     """Upsert, Delete, Get, Search, SearchBatch."""
 
     def __init__(
-        self, retriever: Retriever, executor: Executor | None, log: NatsIngestion | None = None
+        self, retriever: Retriever, executor: Executor | None, writes: WriteBackend
     ) -> None:
         self.retriever = retriever
         self.executor = executor
-        # Writes go through the shared log when there is one, so every replica applies them.
-        self.log = log
+        # In process, or through the shared log so every replica applies them.
+        self.writes = writes
 
     async def Upsert(
         self, request: retrieval_pb2.UpsertRequest, context: grpc.aio.ServicerContext
     ) -> retrieval_pb2.UpsertResponse:
         documents = [convert.document_from_pb(d) for d in request.documents]
-        if self.log is not None:
-            result = await self.log.upsert(request.namespace, documents)
-        else:
-            result = await in_thread(
-                self.executor, self.retriever.upsert, request.namespace, documents
-            )
+        result = await self.writes.upsert(request.namespace, documents)
         return retrieval_pb2.UpsertResponse(
             upserted=result.documents,
             unchanged=result.unchanged,
@@ -52,26 +46,13 @@ class RetrievalServicer(retrieval_service_pb2_grpc.RetrievalServiceServicer):
         self, request: retrieval_pb2.DeleteRequest, context: grpc.aio.ServicerContext
     ) -> retrieval_pb2.DeleteResponse:
         flt = convert.filter_from_pb(request.filter) if request.HasField("filter") else None
-        if self.log is not None:
-            result = await self.log.delete(
-                request.namespace,
-                list(request.ids),
-                filter=flt,
-                forget=request.forget,
-                actor=actor(context),
-            )
-        else:
-            result = await in_thread(
-                self.executor,
-                functools.partial(
-                    self.retriever.delete,
-                    request.namespace,
-                    list(request.ids),
-                    filter=flt,
-                    forget=request.forget,
-                    actor=actor(context),
-                ),
-            )
+        result = await self.writes.delete(
+            request.namespace,
+            list(request.ids),
+            filter=flt,
+            forget=request.forget,
+            actor=actor(context),
+        )
         return retrieval_pb2.DeleteResponse(
             deleted=result.documents,
             not_found_ids=list(result.not_found_ids),

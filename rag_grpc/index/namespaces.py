@@ -1,0 +1,242 @@
+"""Each namespace's vector index: opened from its saved copy and caught up
+with the store, rebuilt when missing or damaged, saved, snapshotted, and the
+per-namespace write lock that keeps store and index in step.
+
+SQLite is the truth; an index is derived from its ``chunks`` rows and can
+always be rebuilt from them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from rag_grpc.config import IndexConfig
+from rag_grpc.documents import resolve_namespace
+from rag_grpc.errors import NotFound
+from rag_grpc.native import VectorIndex
+from rag_grpc.store.sqlite import DocumentStore
+
+log = logging.getLogger(__name__)
+
+
+class NamespaceIndexes:
+    """The loaded index of every namespace, and their write locks."""
+
+    def __init__(
+        self, store: DocumentStore, dimension: int, index_dir: Path, config: IndexConfig
+    ) -> None:
+        self.store = store
+        self.dimension = dimension
+        self.index_dir = index_dir
+        self.config = config
+        self._indexes: dict[str, VectorIndex] = {}
+        # One writer per namespace keeps store generation and index in step.
+        self._write_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        index_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for namespace in store.namespaces():
+            self._indexes[namespace] = self._open(namespace)
+
+    # -- access ------------------------------------------------------------
+
+    def __contains__(self, namespace: str) -> bool:
+        return namespace in self._indexes
+
+    def get(self, namespace: str) -> VectorIndex:
+        """The namespace's index; NotFound if it does not exist."""
+        index = self._indexes.get(namespace)
+        if index is None:
+            raise NotFound(f"namespace {namespace!r} does not exist; write a document to create it")
+        return index
+
+    def existing(self, namespace: str) -> str:
+        """A validated namespace name that has an index; NotFound otherwise."""
+        name = resolve_namespace(namespace)
+        self.get(name)
+        return name
+
+    def names(self) -> list[str]:
+        """Namespaces with an index."""
+        return list(self._indexes)
+
+    def sizes(self) -> dict[str, int]:
+        """Live vectors per namespace (no store access)."""
+        return {name: len(index) for name, index in list(self._indexes.items())}
+
+    def write_lock(self, namespace: str) -> threading.Lock:
+        """The lock every change to this namespace's store rows and index holds."""
+        with self._locks_guard:
+            return self._write_locks.setdefault(namespace, threading.Lock())
+
+    @contextmanager
+    def all_locked(self) -> Iterator[list[str]]:
+        """Every namespace's write lock held (in name order); yields the names."""
+        namespaces = sorted(set(self._indexes) | set(self.store.namespaces()))
+        locks = [self.write_lock(ns) for ns in namespaces]
+        for lock in locks:
+            lock.acquire()
+        try:
+            yield namespaces
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+
+    # -- changes (callers hold the namespace's write lock) -------------------
+
+    def add(self, namespace: str, vectors: np.ndarray, labels: np.ndarray) -> None:
+        """Add vectors, creating the namespace's index on its first write."""
+        index = self._indexes.get(namespace)
+        if index is None:
+            index = self._indexes[namespace] = self.new_index(len(labels))
+        if len(labels):
+            index.add(vectors, labels)
+
+    def remove(self, namespace: str, labels: np.ndarray) -> None:
+        """Mark labels deleted (hnswlib keeps their slots until a rebuild)."""
+        index = self._indexes.get(namespace)
+        if index is not None and len(labels):
+            index.delete(labels)
+
+    def rebuild(self, namespace: str) -> VectorIndex:
+        """A fresh index from the store's rows, swapped in and saved over the
+        old files, so deleted vectors (hnswlib only marks them) are gone."""
+        index = self._build(namespace)
+        self._indexes[namespace] = index
+        self._save(namespace, index)
+        return index
+
+    # -- files -------------------------------------------------------------
+
+    def new_index(self, capacity: int) -> VectorIndex:
+        cfg = self.config
+        return VectorIndex(
+            self.dimension,
+            "ip",
+            max_elements=max(capacity, cfg.initial_capacity),
+            M=cfg.m,
+            ef_construction=cfg.ef_construction,
+            exact_threshold=cfg.exact_scan_threshold,
+        )
+
+    def paths(self, namespace: str) -> tuple[Path, Path]:
+        # resolve_namespace admits only [A-Za-z0-9_.-] and never a name of
+        # dots alone, so these stay inside index_dir.
+        resolve_namespace(namespace)
+        return self.index_dir / f"{namespace}.hnsw", self.index_dir / f"{namespace}.json"
+
+    def _open(self, namespace: str) -> VectorIndex:
+        """Load the saved index and bring it up to date from the store (rows
+        newer than the last label it applied, minus deleted ones); rebuild it
+        from the store when it is missing, damaged or does not match."""
+        path, meta_path = self.paths(namespace)
+        generation = self.store.generation(namespace)
+        live = self.store.labels(namespace)
+        if path.exists() and meta_path.exists():
+            try:
+                meta = json.loads(meta_path.read_text())
+                if not isinstance(meta, dict) or "last_label" not in meta:
+                    raise ValueError("saved without its last applied label")
+                index = VectorIndex.load(path, self.config.exact_scan_threshold)
+                if index.dim != self.dimension:
+                    raise ValueError(f"dimension {index.dim}, model has {self.dimension}")
+                added = self._catch_up(namespace, index, int(meta["last_label"]), live)
+                log.info(
+                    "loaded index %s saved at generation %s, %d newer vectors applied; "
+                    "store at generation %d",
+                    namespace,
+                    meta.get("generation"),
+                    added,
+                    generation,
+                )
+                return index
+            except (ValueError, TypeError, OSError) as exc:
+                log.warning("rebuilding index %s: %s", namespace, exc)
+        started = time.perf_counter()
+        index = self._build(namespace)
+        log.info(
+            "rebuilt index %s from the store: %d vectors in %.2f s",
+            namespace,
+            len(index),
+            time.perf_counter() - started,
+        )
+        return index
+
+    def _build(self, namespace: str) -> VectorIndex:
+        index = self.new_index(len(self.store.labels(namespace)))
+        for labels, vectors in self.store.iter_vectors(namespace):
+            index.add(vectors, labels)
+        return index
+
+    def _catch_up(self, namespace: str, index: VectorIndex, last: int, live: np.ndarray) -> int:
+        """Apply the store's changes since the index was saved: labels are never
+        reused, so rows above its last label are new and labels it has that the
+        store lacks were deleted. Raises ValueError when the result is not the store."""
+        have = index.labels()
+        gone = np.setdiff1d(have, live, assume_unique=True)
+        if len(gone):
+            index.delete(gone)
+        added = 0
+        for labels, vectors in self.store.iter_vectors(namespace, after=last):
+            index.add(vectors, labels)
+            added += len(labels)
+        if not np.array_equal(np.sort(index.labels()), np.sort(live)):
+            raise ValueError("its labels differ from the store's chunks after catching up")
+        return added
+
+    def save_all(self) -> None:
+        """Persist every namespace's index with the last label it applied."""
+        for namespace in list(self._indexes):
+            with self.write_lock(namespace):
+                self._save(namespace, self._indexes[namespace])
+
+    def _save(self, namespace: str, index: VectorIndex) -> None:
+        path, meta_path = self.paths(namespace)
+        index.save(path)
+        write_json(meta_path, self.meta(index, self.store.generation(namespace)))
+
+    def save_copy(self, namespace: str, out_dir: Path, generation: int) -> None:
+        """Save the namespace's index into out_dir (caller holds its write lock)."""
+        index = self._indexes.get(namespace)
+        if index is None:
+            return
+        index.save(out_dir / f"{namespace}.hnsw")
+        write_json(out_dir / f"{namespace}.json", self.meta(index, generation))
+
+    def meta(self, index: VectorIndex, generation: int) -> dict[str, int]:
+        labels = index.labels()
+        return {
+            "generation": generation,
+            # Rows above this label are newer than the saved index.
+            "last_label": int(labels.max()) if len(labels) else 0,
+            "dimension": self.dimension,
+        }
+
+
+def write_json(path: Path, value: object) -> None:
+    """Write a small JSON file durably: temporary file, fsync, rename, fsync the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(value))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in this directory durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

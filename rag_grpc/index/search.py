@@ -1,0 +1,271 @@
+"""The read side: queries in, nearest chunks out, through the result cache,
+the embedder, the filter, the native index and the store's chunk rows."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rag_grpc import deadlines, telemetry
+from rag_grpc.config import IndexConfig, LimitsConfig
+from rag_grpc.documents import Hit, SearchResult, SearchTimings, chunk_id
+from rag_grpc.embed.encoder import Embedder
+from rag_grpc.errors import InvalidArgument
+from rag_grpc.filters import Filter, validate_filter
+from rag_grpc.index.namespaces import NamespaceIndexes
+from rag_grpc.native import MISSING_LABEL
+from rag_grpc.store.sqlite import DocumentStore
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """One query: text or a ready vector, with k, filter and search breadth."""
+
+    namespace: str = ""
+    text: str | None = None
+    vector: Sequence[float] | np.ndarray | None = None
+    k: int = 0
+    filter: Filter | None = None
+    ef: int = 0
+
+
+class Searcher:
+    """Answers SearchQuery batches; thread-safe."""
+
+    def __init__(
+        self,
+        store: DocumentStore,
+        indexes: NamespaceIndexes,
+        embedder: Embedder,
+        config: IndexConfig,
+        limits: LimitsConfig,
+    ) -> None:
+        self.store = store
+        self.indexes = indexes
+        self.embedder = embedder
+        self.config = config
+        self.limits = limits
+        self.results: ResultCache | None = (
+            ResultCache(config.result_cache_entries, config.result_cache_bytes)
+            if config.result_cache_entries
+            else None
+        )
+
+    def validate(self, query: SearchQuery) -> tuple[str, int]:
+        """(namespace, k) of a well-formed query; InvalidArgument / NotFound otherwise."""
+        namespace = self.indexes.existing(query.namespace)
+        k = query.k or self.limits.default_k
+        if not 1 <= k <= self.limits.max_k:
+            raise InvalidArgument(f"k must be between 1 and {self.limits.max_k}, got {query.k}")
+        if not 0 <= query.ef <= self.limits.max_ef:
+            raise InvalidArgument(
+                f"ef must be between 1 and {self.limits.max_ef} (0: the default "
+                f"{self.config.ef_search}), got {query.ef}"
+            )
+        if query.vector is not None:
+            if len(query.vector) != self.embedder.dimension:
+                raise InvalidArgument(
+                    f"query vector has {len(query.vector)} values; this index has dimension "
+                    f"{self.embedder.dimension} (model {self.embedder.model_id})"
+                )
+            vector = np.asarray(query.vector, dtype=np.float32)
+            if not np.isfinite(vector).all():
+                raise InvalidArgument("query vector contains NaN or infinite values")
+            if not vector.any():
+                raise InvalidArgument("query vector is all zeros; it has no direction to search")
+        elif query.text is None or not query.text.strip():
+            raise InvalidArgument("query is empty: give query text or a query vector")
+        elif len(query.text.encode("utf-8", errors="surrogatepass")) > self.limits.max_query_bytes:
+            raise InvalidArgument(
+                f"query text is over {self.limits.max_query_bytes} bytes; shorten it"
+            )
+        if query.filter is not None:
+            validate_filter(query.filter, max_values=self.limits.max_filter_values)
+        return namespace, k
+
+    def search_batch(self, queries: Sequence[SearchQuery]) -> list[SearchResult]:
+        """Answer many queries: one embedding batch for the text ones, then the index."""
+        if not queries:
+            raise InvalidArgument("a search batch needs at least one query")
+        if len(queries) > self.limits.max_batch_queries:
+            raise InvalidArgument(
+                f"{len(queries)} queries in one batch; at most {self.limits.max_batch_queries}"
+            )
+        started = time.perf_counter()
+        plans = [self.validate(q) for q in queries]
+        if self.results is None:
+            results = self._search(queries, plans, started)
+            for result in results:
+                _record_outcome(result.hits)
+            return results
+        # Results are cached under the namespace's generation, which every
+        # write bumps: the next Search after a write, from any client, misses
+        # the cache and sees the write (read-your-writes).
+        keys = [self._result_key(q, ns, k) for q, (ns, k) in zip(queries, plans, strict=True)]
+        found: list[SearchResult | None] = [self.results.get(key) for key in keys]
+        missing = [i for i, result in enumerate(found) if result is None]
+        if missing:
+            busy = {ns for ns, _ in plans if self.indexes.write_lock(ns).locked()}
+            computed = self._search(
+                [queries[i] for i in missing], [plans[i] for i in missing], started
+            )
+            for i, result in zip(missing, computed, strict=True):
+                found[i] = result
+                namespace = plans[i][0]
+                # Only results known to match their generation are kept: no
+                # write was running, before or after.
+                if (
+                    namespace not in busy
+                    and not self.indexes.write_lock(namespace).locked()
+                    and self.store.generation(namespace) == keys[i][1]
+                ):
+                    self.results.put(keys[i], result)
+        results = [r for r in found if r is not None]
+        for result in results:
+            _record_outcome(result.hits)
+        return results
+
+    def _result_key(self, query: SearchQuery, namespace: str, k: int) -> tuple[Any, ...]:
+        what = (
+            ("text", query.text)
+            if query.vector is None
+            else ("vector", np.asarray(query.vector, dtype=np.float32).tobytes())
+        )
+        ef = max(query.ef or self.config.ef_search, k)
+        return (namespace, self.store.generation(namespace), what, query.filter, k, ef)
+
+    def _search(
+        self, queries: Sequence[SearchQuery], plans: list[tuple[str, int]], started: float
+    ) -> list[SearchResult]:
+        vectors = np.zeros((len(queries), self.embedder.dimension), dtype=np.float32)
+        text_rows = [i for i, q in enumerate(queries) if q.vector is None]
+        if text_rows:
+            with telemetry.span("embed", texts=len(text_rows)):
+                vectors[text_rows] = self.embedder.embed(
+                    [queries[i].text or "" for i in text_rows]
+                ).vectors
+        for i, q in enumerate(queries):
+            if q.vector is not None:
+                vectors[i] = _unit(np.asarray(q.vector, dtype=np.float32))
+        embed_ms = (time.perf_counter() - started) * 1000
+        deadlines.check("searching the index")
+        # Queries that share namespace, filter, k and ef go to the index as one
+        # native call (a batch runs in parallel without the GIL).
+        groups: dict[tuple[str, Filter | None, int, int], list[int]] = {}
+        for i, (query, (namespace, k)) in enumerate(zip(queries, plans, strict=True)):
+            ef = max(query.ef or self.config.ef_search, k)
+            groups.setdefault((namespace, query.filter, k, ef), []).append(i)
+        results: list[SearchResult | None] = [None] * len(queries)
+        for (namespace, flt, k, ef), rows in groups.items():
+            t0 = time.perf_counter()
+            with telemetry.span("store.filter", namespace=namespace, filtered=flt is not None):
+                generation = self.store.generation(namespace)
+                allowed = self.store.labels_matching(namespace, flt) if flt is not None else None
+            with telemetry.span("index.search", namespace=namespace, queries=len(rows), k=k):
+                labels, distances = self.indexes.get(namespace).search(
+                    vectors[rows], k, ef, allowed
+                )
+            search_ms = (time.perf_counter() - t0) * 1000 / len(rows)
+            for row, row_labels, row_distances in zip(rows, labels, distances, strict=True):
+                # Inner-product distance is 1 - cosine similarity for unit vectors.
+                with telemetry.span("store.read", namespace=namespace):
+                    hits = self._hydrate(row_labels, 1.0 - row_distances)
+                timings = SearchTimings(
+                    embed_ms=embed_ms / len(queries),
+                    search_ms=search_ms,
+                    total_ms=(time.perf_counter() - started) * 1000,
+                )
+                results[row] = SearchResult(hits, generation, timings)
+        return [r for r in results if r is not None]
+
+    def _hydrate(self, labels: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        wanted = [int(x) for x in labels.tolist() if x != MISSING_LABEL]
+        records = self.store.get_chunks(wanted)
+        hits = []
+        for label, score in zip(labels, scores, strict=True):
+            record = records.get(int(label))
+            if record is None:
+                continue  # deleted after the index answered
+            hits.append(
+                Hit(
+                    record.doc_id,
+                    chunk_id(record.doc_id, record.seq),
+                    float(score),
+                    record.text,
+                    record.metadata,
+                )
+            )
+        return hits
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else vector
+
+
+def _record_outcome(hits: list[Hit]) -> None:
+    """Query success rate and score distribution for the metrics."""
+    t = telemetry.current()
+    if t is None:
+        return
+    top = hits[0].score if hits else None
+    success = top is not None and top >= t.config.relevance_threshold
+    telemetry.record("searches", 1, outcome="success" if success else "miss")
+    if top is not None:
+        telemetry.record("scores", top)
+
+
+def result_bytes(result: SearchResult) -> int:
+    """About what a cached result holds in memory: its texts and metadata."""
+    return 200 + sum(
+        300 + len(h.text) + len(h.document_id) + len(h.chunk_id) + 64 * len(h.metadata)
+        for h in result.hits
+    )
+
+
+class ResultCache:
+    """A thread-safe LRU of search results, bounded in entries and in bytes."""
+
+    def __init__(self, entries: int, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.entries = entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple[Any, ...], tuple[SearchResult, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[Any, ...]) -> SearchResult | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item[0]
+
+    def drop_namespace(self, namespace: str) -> None:
+        """Forget every cached result of a namespace (their hits hold text)."""
+        with self._lock:
+            for key in [k for k in self._items if k[0] == namespace]:
+                self.bytes -= self._items.pop(key)[1]
+
+    def put(self, key: tuple[Any, ...], result: SearchResult) -> None:
+        size = result_bytes(result)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.bytes -= old[1]
+            self._items[key] = (result, size)
+            self.bytes += size
+            while len(self._items) > self.entries or self.bytes > self.max_bytes:
+                self.bytes -= self._items.popitem(last=False)[1][1]

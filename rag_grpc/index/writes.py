@@ -1,0 +1,465 @@
+"""The one write path: prepare, then apply.
+
+    prepare   validate exactly as apply will, leave out documents stored
+              unchanged, chunk and embed the rest (the expensive half; no lock)
+    apply     check the prepared write again (it may have come from a log or
+              another process), then one store transaction and the index
+              update under the namespace's write lock (the cheap half)
+
+Every writer goes through these two steps: Upsert in process, the SQLite job
+worker, the NATS worker (prepare) and the NATS log applier (apply), and the
+same for deletions (a delete by filter is resolved to ids when prepared).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rag_grpc import deadlines, telemetry
+from rag_grpc.config import IndexConfig, LimitsConfig
+from rag_grpc.documents import (
+    Document,
+    WriteResult,
+    printable,
+    resolve_namespace,
+    validate_document_id,
+    validate_metadata_key,
+)
+from rag_grpc.embed.chunking import TokenChunker
+from rag_grpc.embed.encoder import Embedder
+from rag_grpc.errors import InvalidArgument, NotFound, RagError, ResourceExhausted
+from rag_grpc.filters import Filter, validate_filter
+from rag_grpc.index.namespaces import NamespaceIndexes
+from rag_grpc.store.sqlite import DocumentStore, NewChunk
+
+log = logging.getLogger(__name__)
+
+# Document text formats taken as they are (no conversion from other formats).
+SUPPORTED_CONTENT_TYPES = frozenset({"", "text/plain", "text/markdown"})
+# Chunks of one document: far above what max_document_bytes can produce with
+# any sane chunk size, low enough that a forged log entry cannot ask for more.
+MAX_CHUNKS_PER_DOCUMENT = 100_000
+
+
+@dataclass(frozen=True)
+class PreparedUpsert:
+    """Documents ready to store: validated, chunked and embedded.
+
+    errors: documents left out with their reason (jobs fail documents one by
+    one; an Upsert call fails as a whole instead). written_at: when the write
+    was accepted; every replica stores it, so retention ages documents alike."""
+
+    namespace: str
+    documents: tuple[Document, ...]
+    chunks: tuple[NewChunk, ...]
+    unchanged: tuple[str, ...] = ()
+    errors: tuple[tuple[str, str], ...] = ()
+    written_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class PreparedDelete:
+    """Documents to delete by id (a filter was resolved when prepared).
+
+    older_than: delete only those not written since (retention), decided in
+    the write transaction so a document refreshed meanwhile survives."""
+
+    namespace: str
+    ids: tuple[str, ...]
+    forget: bool = False
+    actor: str = ""
+    older_than: float | None = None
+
+
+class WritePath:
+    """Prepare and apply writes of documents and deletions; thread-safe."""
+
+    def __init__(
+        self,
+        store: DocumentStore,
+        indexes: NamespaceIndexes,
+        embedder: Embedder,
+        chunker: TokenChunker,
+        config: IndexConfig,
+        limits: LimitsConfig,
+    ) -> None:
+        self.store = store
+        self.indexes = indexes
+        self.embedder = embedder
+        self.chunker = chunker
+        self.config = config
+        self.limits = limits
+        # Called with a namespace after documents in it were forgotten, so
+        # caches holding their text (results, answers) drop it.
+        self.forget_listeners: list[Callable[[str], None]] = []
+        self.compactions = 0
+
+    # -- validation ----------------------------------------------------------
+
+    def validate_upsert(self, documents: Sequence[Document]) -> None:
+        """An Upsert call as a whole: 1 to max_documents_per_upsert valid, distinct documents."""
+        if not documents:
+            raise InvalidArgument("upsert needs at least one document")
+        if len(documents) > self.limits.max_documents_per_upsert:
+            raise InvalidArgument(
+                f"upsert has {len(documents)} documents; at most "
+                f"{self.limits.max_documents_per_upsert} per call (use IngestionService for more)"
+            )
+        seen: set[str] = set()
+        for doc in documents:
+            validate_document_id(doc.id)
+            if doc.id in seen:
+                raise InvalidArgument(
+                    f"document id {printable(doc.id)} appears more than once; "
+                    "ids must be unique per request"
+                )
+            seen.add(doc.id)
+            self.validate_document(doc)
+
+    def validate_document(self, doc: Document) -> None:
+        """Id, content type, size (text and metadata), text and metadata checks."""
+        validate_document_id(doc.id)
+        name = printable(doc.id[:80])
+        kind = doc.content_type.split(";", 1)[0].strip().lower()
+        if kind not in SUPPORTED_CONTENT_TYPES:
+            raise InvalidArgument(
+                f"document {name} has content type {printable(doc.content_type[:80])}; send "
+                "text as text/plain or text/markdown (convert other formats before ingesting)"
+            )
+        if not isinstance(doc.text, str) or not doc.text.strip():
+            raise InvalidArgument(f"document {name} has no text")
+        if not isinstance(doc.metadata, dict):
+            raise InvalidArgument(f"document {name} metadata must be a map of keys to values")
+        limits = self.limits
+        if len(doc.metadata) > limits.max_metadata_keys:
+            raise InvalidArgument(
+                f"document {name} has {len(doc.metadata)} metadata keys; at most "
+                f"{limits.max_metadata_keys}"
+            )
+        size = len(doc.text.encode("utf-8", errors="surrogatepass"))
+        for key, value in doc.metadata.items():
+            if not isinstance(key, str):
+                raise InvalidArgument(f"document {name} has a metadata key that is not text")
+            validate_metadata_key(key)
+            size += len(key)
+            if isinstance(value, bool | int):
+                if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**63:
+                    raise InvalidArgument(f"document {name} metadata {key!r} is out of range")
+                size += 8
+            elif isinstance(value, float):
+                if not math.isfinite(value):
+                    raise InvalidArgument(
+                        f"document {name} metadata {key!r} is not a finite number"
+                    )
+                size += 8
+            elif isinstance(value, str):
+                value_bytes = len(value.encode("utf-8", errors="surrogatepass"))
+                if value_bytes > limits.max_metadata_value_bytes:
+                    raise InvalidArgument(
+                        f"document {name} metadata {key!r} is {value_bytes} bytes; at most "
+                        f"{limits.max_metadata_value_bytes} bytes per value"
+                    )
+                size += value_bytes
+            else:
+                raise InvalidArgument(
+                    f"document {name} metadata {key!r} must be a string, number or boolean"
+                )
+        if size > limits.max_document_bytes:
+            raise InvalidArgument(
+                f"document {name} is {size} bytes with its metadata; the limit is "
+                f"{limits.max_document_bytes} bytes (split it into several documents)"
+            )
+
+    def _check_namespace_room(self, namespace: str) -> None:
+        if namespace in self.indexes or self.store.has_namespace(namespace):
+            return
+        count = len(self.store.namespaces())
+        if count >= self.limits.max_namespaces:
+            raise ResourceExhausted(
+                f"this store holds {count} namespaces, the limit (limits.max_namespaces); "
+                "write to an existing namespace or delete one"
+            )
+
+    def check_upsert(self, prepared: PreparedUpsert) -> None:
+        """Everything apply relies on, checked on a prepared write from any
+        source (a log entry may have been written by another version, or forged)."""
+        if resolve_namespace(prepared.namespace) != prepared.namespace:
+            raise InvalidArgument("the write names no namespace")
+        if not math.isfinite(prepared.written_at) or prepared.written_at <= 0:
+            raise InvalidArgument("the write has no valid write time")
+        ids: set[str] = set()
+        for doc in prepared.documents:
+            self.validate_document(doc)
+            if doc.id in ids:
+                raise InvalidArgument(f"document id {printable(doc.id)} appears more than once")
+            ids.add(doc.id)
+        seqs: set[tuple[str, int]] = set()
+        dimension = self.embedder.dimension
+        if len(prepared.chunks) > MAX_CHUNKS_PER_DOCUMENT * max(1, len(ids)):
+            raise InvalidArgument(f"the write has {len(prepared.chunks)} chunks; too many")
+        for chunk in prepared.chunks:
+            if chunk.doc_id not in ids:
+                raise InvalidArgument(
+                    f"a chunk belongs to document {printable(str(chunk.doc_id)[:80])}, "
+                    "which the write does not hold"
+                )
+            if not isinstance(chunk.seq, int) or not 0 <= chunk.seq < MAX_CHUNKS_PER_DOCUMENT:
+                raise InvalidArgument(f"chunk position {chunk.seq!r} is invalid")
+            if (chunk.doc_id, chunk.seq) in seqs:
+                raise InvalidArgument(f"chunk {chunk.seq} of {printable(chunk.doc_id)} repeats")
+            seqs.add((chunk.doc_id, chunk.seq))
+            if not isinstance(chunk.text, str):
+                raise InvalidArgument("a chunk has no text")
+            vector = chunk.vector
+            if (
+                not isinstance(vector, np.ndarray)
+                or vector.shape != (dimension,)
+                or vector.dtype.kind != "f"
+            ):
+                raise InvalidArgument(
+                    f"a chunk of {printable(chunk.doc_id)} has a vector of shape "
+                    f"{getattr(vector, 'shape', None)}; this index has dimension {dimension}"
+                )
+            if not np.isfinite(vector).all():
+                raise InvalidArgument(
+                    f"a chunk of {printable(chunk.doc_id)} has NaN or infinite values"
+                )
+
+    def check_delete(self, prepared: PreparedDelete) -> None:
+        """Everything apply relies on, for a deletion from any source."""
+        if resolve_namespace(prepared.namespace) != prepared.namespace:
+            raise InvalidArgument("the deletion names no namespace")
+        limit = self.limits.max_ids_per_request + self.limits.max_delete_matches
+        if len(prepared.ids) > limit:
+            raise InvalidArgument(f"the deletion has {len(prepared.ids)} ids; at most {limit}")
+        for doc_id in prepared.ids:
+            validate_document_id(doc_id)
+        if prepared.older_than is not None and not math.isfinite(prepared.older_than):
+            raise InvalidArgument("the deletion's cut-off time is not a number")
+
+    # -- upsert --------------------------------------------------------------
+
+    def prepare_upsert(
+        self, namespace: str, documents: Sequence[Document], *, per_document: bool = False
+    ) -> PreparedUpsert:
+        """Validate, skip what is stored unchanged, chunk and embed.
+
+        per_document: a bad document is left out with its reason (jobs);
+        otherwise the first bad document fails the whole call (Upsert)."""
+        namespace = resolve_namespace(namespace)
+        errors: list[tuple[str, str]] = []
+        if per_document:
+            valid = []
+            for doc in documents:
+                try:
+                    self.validate_document(doc)
+                    valid.append(doc)
+                except RagError as exc:
+                    errors.append((doc.id if isinstance(doc.id, str) else "", str(exc)))
+        else:
+            self.validate_upsert(documents)
+            valid = list(documents)
+        if valid:
+            self._check_namespace_room(namespace)
+        # Re-submitting what is already stored does no work (no embedding, no
+        # write, no new generation): idempotent by document id and content.
+        same = self.store.unchanged(namespace, valid) if valid else set()
+        fresh = [d for d in valid if d.id not in same]
+        chunks = self._chunk_and_embed(fresh, whole_call=not per_document)
+        return PreparedUpsert(
+            namespace,
+            tuple(fresh),
+            tuple(chunks),
+            tuple(d.id for d in valid if d.id in same),
+            tuple(errors),
+        )
+
+    def _chunk_and_embed(self, documents: Sequence[Document], whole_call: bool) -> list[NewChunk]:
+        """Chunks with their vectors, embedded in slices the embedding queue can take."""
+        spans = [(doc.id, self.chunker.split(doc.text)) for doc in documents]
+        texts = [span.text for _, doc_spans in spans for span in doc_spans]
+        room = int(getattr(self.embedder, "max_queue_texts", 0) or len(texts) or 1)
+        if whole_call and len(texts) > room:
+            # A retry could never fit: say what does.
+            raise InvalidArgument(
+                f"the documents make {len(texts)} chunks, more than the embedding queue holds "
+                f"({room}, embedding.max_queue_texts); send fewer or smaller documents per call "
+                "or use IngestionService"
+            )
+        step = max(1, min(room, 1024))
+        vectors = np.empty((len(texts), self.embedder.dimension), dtype=np.float32)
+        for start in range(0, len(texts), step):
+            deadlines.check("embedding the documents")
+            vectors[start : start + step] = self.embedder.embed(texts[start : start + step]).vectors
+        chunks = []
+        row = 0
+        for doc_id, doc_spans in spans:
+            for seq, span in enumerate(doc_spans):
+                chunks.append(NewChunk(doc_id, seq, span.text, vectors[row]))
+                row += 1
+        return chunks
+
+    def apply_upsert(
+        self, prepared: PreparedUpsert, position: tuple[str, int] | None = None
+    ) -> WriteResult:
+        """Store prepared documents and their chunks, replacing any with the
+        same ids; all or nothing. position (log, sequence) is committed with
+        the write; documents already stored so are skipped, so a log entry
+        applied twice changes nothing."""
+        self.check_upsert(prepared)
+        namespace = prepared.namespace
+        documents, chunks = list(prepared.documents), list(prepared.chunks)
+        unchanged = len(prepared.unchanged)
+        with self.indexes.write_lock(namespace):
+            deadlines.check("storing the documents")
+            same = self.store.unchanged(namespace, documents) if position else set()
+            if same:
+                documents = [d for d in documents if d.id not in same]
+                chunks = [c for c in chunks if c.doc_id not in same]
+                unchanged += len(same)
+            if not documents:
+                if position is not None:
+                    self.store.set_position(*position)
+                return WriteResult(0, 0, self.store.generation(namespace), unchanged=unchanged)
+            self._check_namespace_room(namespace)
+            outcome = self.store.replace_documents(
+                namespace, documents, chunks, position=position, written_at=prepared.written_at
+            )
+            self.indexes.remove(namespace, outcome.removed_labels)
+            vectors = (
+                np.stack([c.vector for c in chunks])
+                if chunks
+                else np.zeros((0, self.embedder.dimension), np.float32)
+            )
+            self.indexes.add(namespace, vectors, outcome.added_labels)
+            self._maybe_compact(namespace)
+        return WriteResult(len(documents), len(chunks), outcome.generation, unchanged=unchanged)
+
+    # -- delete --------------------------------------------------------------
+
+    def prepare_delete(
+        self,
+        namespace: str,
+        doc_ids: Sequence[str],
+        *,
+        filter: Filter | None = None,
+        forget: bool = False,
+        actor: str = "",
+        older_than: float | None = None,
+    ) -> PreparedDelete:
+        """Validate a deletion and resolve its filter to ids (at most
+        limits.max_delete_matches of them)."""
+        namespace = self.indexes.existing(namespace)
+        if not doc_ids and filter is None:
+            raise InvalidArgument("give document ids or a filter to delete by")
+        if doc_ids:
+            self.check_ids(doc_ids)
+        ids = list(dict.fromkeys(doc_ids))
+        if filter is not None:
+            validate_filter(filter, max_values=self.limits.max_filter_values)
+            limit = self.limits.max_delete_matches
+            matching = self.store.doc_ids_matching(namespace, filter, limit=limit + 1)
+            if len(matching) > limit:
+                raise InvalidArgument(
+                    f"the filter matches more than {limit} documents (limits.max_delete_matches); "
+                    "narrow it, or delete in several calls"
+                )
+            given = set(ids)
+            ids += [i for i in matching if i not in given]
+        return PreparedDelete(namespace, tuple(ids), forget, actor[:512], older_than)
+
+    def apply_delete(
+        self, prepared: PreparedDelete, position: tuple[str, int] | None = None
+    ) -> WriteResult:
+        """Delete the documents; unknown ids are reported, not errors. forget
+        erases them for good (see DeleteRequest). position (log, sequence) is
+        committed with the deletion."""
+        self.check_delete(prepared)
+        namespace = prepared.namespace
+        if not self.store.has_namespace(namespace):
+            if position is not None:
+                self.store.set_position(*position)
+                return WriteResult(0, 0, 0, prepared.ids)
+            raise NotFound(f"namespace {namespace!r} does not exist")
+        with self.indexes.write_lock(namespace):
+            deadlines.check("deleting the documents")
+            deleted, labels, generation = self.store.delete_documents(
+                namespace,
+                prepared.ids,
+                erase=prepared.forget,
+                position=position,
+                older_than=prepared.older_than,
+            )
+            self.indexes.remove(namespace, labels)
+            if prepared.forget:
+                # hnswlib only marks deleted vectors: rebuild without them.
+                self.indexes.rebuild(namespace)
+                self.store.record_audit(prepared.actor or "unknown", "forget", namespace, deleted)
+            else:
+                self._maybe_compact(namespace)
+        if prepared.forget:
+            for listener in self.forget_listeners:
+                listener(namespace)
+        gone = set(deleted)
+        missing = tuple(i for i in prepared.ids if i not in gone)
+        return WriteResult(len(deleted), len(labels), generation, missing)
+
+    def check_ids(self, doc_ids: Sequence[str]) -> None:
+        """1 to max_ids_per_request valid ids."""
+        if not doc_ids:
+            raise InvalidArgument("give at least one document id")
+        if len(doc_ids) > self.limits.max_ids_per_request:
+            raise InvalidArgument(
+                f"{len(doc_ids)} ids given; at most {self.limits.max_ids_per_request} per request"
+            )
+        for doc_id in doc_ids:
+            validate_document_id(doc_id)
+
+    # -- compaction ----------------------------------------------------------
+
+    def _maybe_compact(self, namespace: str) -> None:
+        """Rebuild an index whose deleted slots passed the configured fraction
+        (caller holds the namespace's write lock)."""
+        fraction = self.config.compact_deleted_fraction
+        if not fraction or namespace not in self.indexes:
+            return
+        index = self.indexes.get(namespace)
+        slots = index.slots
+        if slots < self.config.compact_min_slots or (slots - len(index)) <= fraction * slots:
+            return
+        self._compact_locked(namespace)
+
+    def compact(self, namespace: str | None = None) -> dict[str, tuple[int, int]]:
+        """Rebuild indexes without their deleted slots and vacuum the database;
+        returns namespace -> (slots before, after)."""
+        names = [self.indexes.existing(namespace)] if namespace else self.indexes.names()
+        done = {}
+        for name in names:
+            with self.indexes.write_lock(name):
+                before = self.indexes.get(name).slots
+                self._compact_locked(name, vacuum=False)
+                done[name] = (before, self.indexes.get(name).slots)
+        self.store.vacuum()
+        return done
+
+    def _compact_locked(self, namespace: str, vacuum: bool = True) -> None:
+        started = time.perf_counter()
+        before = self.indexes.get(namespace).slots
+        index = self.indexes.rebuild(namespace)
+        if vacuum:
+            self.store.vacuum()
+        self.compactions += 1
+        telemetry.record("compactions", 1)
+        log.info(
+            "compacted %s: %d -> %d index slots in %.2f s",
+            namespace,
+            before,
+            index.slots,
+            time.perf_counter() - started,
+        )
