@@ -59,3 +59,8 @@ cdef extern from "rag_native.h" namespace "rag" nogil:
                    size_t dim, size_t threads) except +
     size_t delete_labels(Graph& graph, const uint64_t* labels, size_t n) except +
     vector[uint64_t] live_labels(const Graph& graph) except +
+    cdef cppclass IndexFileSummary:
+        size_t elements
+        size_t capacity
+    string check_index_file(const unsigned char* bytes, size_t size, size_t dim, size_t M,
+                            IndexFileSummary& summary) except +

@@ -10,6 +10,7 @@ add and search are safe together); resize and save take the writer lock.
 
 import hashlib
 import json
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -23,11 +24,13 @@ from libcpp.vector cimport vector
 
 from core cimport (
     HierarchicalNSW,
+    IndexFileSummary,
     InnerProductSpace,
     L2Space,
     SpaceInterface,
     Int8Codes,
     add_batch,
+    check_index_file,
     default_threads,
     delete_labels,
     encode_all,
@@ -44,6 +47,12 @@ FORMAT = "rag-grpc-hnsw-1"
 # Measured on the benchmark machine (bench/RESULTS.md): below it the scan is
 # faster than the filtered graph walk and has recall 1.0.
 DEFAULT_EXACT_THRESHOLD = 12_000
+# A loaded index gets at most this much spare capacity, whatever its file
+# claims (hnswlib allocates the whole capacity up front); add() grows it.
+LOADED_SPARE_CAPACITY = 1024
+# Sizes a meta file may state; beyond them the arithmetic on the graph's
+# record sizes could overflow (and no model has such embeddings).
+MAX_DIM = 1 << 16
 
 
 cdef class VectorIndex:
@@ -121,6 +130,12 @@ cdef class VectorIndex:
 
     def __len__(self):
         return self._graph.getCurrentElementCount() - self._graph.getDeletedCount()
+
+    @property
+    def slots(self):
+        """Elements stored, deleted ones included (hnswlib keeps their slots
+        until the index is rebuilt)."""
+        return self._graph.getCurrentElementCount()
 
     @property
     def max_elements(self):
@@ -308,62 +323,132 @@ cdef class VectorIndex:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         cdef string location = os.fsencode(tmp)
+        cdef size_t elements = 0
         with nogil:
             self._rw.lock()
             try:
                 self._graph.saveIndex(location)
+                # Counted under the same lock, so a delete racing the save
+                # cannot make the description disagree with the file.
+                elements = self._graph.getCurrentElementCount() - self._graph.getDeletedCount()
             finally:
                 self._rw.unlock()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        _fsync(tmp)
         meta = {
             "format": FORMAT,
             "dim": self.dim,
             "space": self.space,
             "M": self.M,
             "ef_construction": self.ef_construction,
-            "elements": len(self),
+            "elements": elements,
             "bytes": tmp.stat().st_size,
             "sha256": _sha256(tmp),
         }
         meta_path = _meta_path(path)
         meta_tmp = meta_path.with_name(meta_path.name + ".tmp")
         meta_tmp.write_text(json.dumps(meta))
+        _fsync(meta_tmp)
         # The data first, then its description: a crash in between leaves a
         # checksum mismatch that load() reports, never a silently wrong index.
+        # Both files are on disk before either rename, and the directory
+        # after them, so a power cut cannot bring back an old name.
         os.replace(tmp, path)
         os.replace(meta_tmp, meta_path)
+        _fsync(path.parent)
 
     @staticmethod
     def load(path, exact_threshold=DEFAULT_EXACT_THRESHOLD, quantized=True):
         """Load an index written by save(); ValueError if it is missing,
-        damaged, truncated or not ours."""
+        damaged, truncated, not ours, or holds a graph that could not be
+        searched safely (check_index_file in rag_native.h says what is checked)."""
         path = Path(path)
-        meta_path = _meta_path(path)
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{meta_path} is missing or unreadable: {exc}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path} does not describe a {FORMAT} index")
-        if not path.is_file() or path.stat().st_size != meta.get("bytes"):
-            raise ValueError(f"index file {path} is missing or truncated")
-        if _sha256(path) != meta.get("sha256"):
-            raise ValueError(f"index file {path} is damaged (checksum mismatch)")
+        dim, space, M, capacity = _check_file(path)
         cdef VectorIndex index = VectorIndex.__new__(VectorIndex)
-        index._make_space(int(meta["dim"]), str(meta["space"]))
+        index._make_space(dim, space)
         cdef string location = os.fsencode(path)
         try:
-            index._graph = new HierarchicalNSW[float](index._space, location, False, 0, False)
-        except RuntimeError as exc:
-            raise ValueError(f"index file {path} cannot be loaded: {exc}") from None
-        if index._graph.data_size_ != <size_t>index.dim * sizeof(float):
-            raise ValueError(f"index file {path} does not hold {index.dim}-d float32 vectors")
+            index._graph = new HierarchicalNSW[float](index._space, location, False, capacity, False)
+        except Exception as exc:
+            # std::runtime_error, std::bad_alloc and the rest arrive as
+            # RuntimeError, MemoryError, ...: all mean this file cannot be used.
+            raise ValueError(f"index file {path} cannot be loaded: {exc!r}") from None
         index.exact_threshold = exact_threshold
         index._use_codes(quantized)
         if index._codes != NULL:
             encode_all(deref(index._graph), deref(index._codes), _CORES)
         return index
+
+
+def _check_file(path):
+    """The (dim, space, M, capacity to load with) of the index at ``path``
+    once its meta file, checksum and graph are checked; ValueError if not sound."""
+    meta_path = _meta_path(path)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{meta_path} is missing or unreadable: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path} does not describe a {FORMAT} index")
+    dim, space, M = meta.get("dim"), meta.get("space"), meta.get("M")
+    if not (_is_int(dim) and 1 <= dim <= MAX_DIM and space in SPACES
+            and _is_int(M) and 2 <= M <= 2048 and _is_int(meta.get("bytes"))
+            and isinstance(meta.get("sha256"), str)):
+        raise ValueError(f"{meta_path} has a missing or out-of-range dim, space, M, bytes or sha256")
+    cdef IndexFileSummary summary
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size != meta["bytes"]:
+                raise ValueError(f"index file {path} is missing or truncated")
+            # One mapping serves the checksum and the graph check, without a
+            # second copy of the file in memory (mmap refuses empty files).
+            with (mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else _Empty()) as contents:
+                if hashlib.sha256(contents).hexdigest() != meta["sha256"]:
+                    raise ValueError(f"index file {path} is damaged (checksum mismatch)")
+                problem = _check_graph(contents, dim, M, summary)
+    except OSError as exc:
+        raise ValueError(f"index file {path} is missing or unreadable: {exc}") from None
+    if problem:
+        raise ValueError(f"index file {path} holds an unusable graph: {problem}")
+    capacity = min(summary.capacity, 2 * summary.elements + LOADED_SPARE_CAPACITY)
+    return dim, space, M, max(capacity, 1)
+
+
+cdef str _check_graph(const unsigned char[::1] contents, size_t dim, size_t M,
+                      IndexFileSummary& summary):
+    # A function of its own so the memoryview on the mapping is released
+    # before the mapping is closed.
+    cdef size_t size = contents.shape[0]
+    cdef const unsigned char* start = &contents[0] if size else NULL
+    cdef string problem
+    try:
+        with nogil:
+            problem = check_index_file(start, size, dim, M, summary)
+    except MemoryError:
+        return "too large to check in memory"
+    return problem.decode()
+
+
+class _Empty(bytes):
+    """b"" as a context manager, standing in for the mapping of an empty file."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 cdef size_t _CORES = default_threads()
