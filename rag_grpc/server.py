@@ -102,6 +102,7 @@ class RagServer:
         self.embedder: BatchingEmbedder | None = None
         self.ingestion: IngestionBackend | None = None
         self.writes: WriteBackend | None = None
+        self.answer_cache: AnswerCache | None = None
         self.job_queue: JobQueue | None = None
         self.nats: NatsIngestion | None = None
         self._remotes: list[_RemoteDependency] = []
@@ -265,7 +266,7 @@ class RagServer:
         if "rag" in s.services:
             assert generator is not None
             answers = s.generation.answer_cache_entries
-            answer_cache = AnswerCache(answers) if answers else None
+            answer_cache = self.answer_cache = AnswerCache(answers) if answers else None
             if answer_cache is not None and self.retriever is not None:
                 # Forgotten documents leave no answer quoting them behind.
                 self.retriever.writes.forget_listeners.append(answer_cache.drop_namespace)

@@ -44,6 +44,9 @@ class Instruments:
     searches: Any
     scores: Any
     answers: Any
+    write_log_errors: Any
+    compactions: Any
+    ingestion_retries: Any
 
 
 class Telemetry:
@@ -114,6 +117,19 @@ class Telemetry:
             ),
             answers=meter.create_counter(
                 "rag_answer_cache", description="Ask answers by answer cache outcome (hit, miss)"
+            ),
+            write_log_errors=meter.create_counter(
+                "rag_write_log_errors",
+                description="Write log entries this replica could not apply (skipped, logged)",
+            ),
+            compactions=meter.create_counter(
+                "rag_index_compactions",
+                description="Index rebuilds that reclaimed deleted vectors",
+            ),
+            ingestion_retries=meter.create_counter(
+                "rag_ingestion_retries",
+                description="Ingestion batches retried after a transient failure (busy or "
+                "full database)",
             ),
         )
 

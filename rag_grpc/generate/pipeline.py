@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from rag_grpc import telemetry
 from rag_grpc.config import LimitsConfig
 from rag_grpc.deadlines import in_thread
-from rag_grpc.documents import Hit, SearchResult
+from rag_grpc.documents import Hit, SearchResult, resolve_namespace
 from rag_grpc.errors import InvalidArgument
 from rag_grpc.filters import Filter
 from rag_grpc.generate.base import (
@@ -191,7 +191,10 @@ class RagPipeline:
         first_token: float | None = None
         finished: Finished | None = None
         cache = self.answers if self.answers is not None and not params.temperature else None
-        key = AnswerCache.key(question, namespace, params, result) if cache else ()
+        # Keyed by the namespace's real name ("" is "default"), which is what
+        # a forget drops.
+        name = resolve_namespace(namespace)
+        key = AnswerCache.key(question, name, params, result) if cache else ()
         cached = cache.get(key) if cache is not None and passages else None
         if cached is not None:
             first_token = time.perf_counter()

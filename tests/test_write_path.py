@@ -1,0 +1,409 @@
+"""The one write path under attack and under failure: log entries that cannot
+be applied, erasure on any SQLite build, retention racing a refresh, limits,
+a busy database, compaction."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import numpy as np
+import pytest
+
+import rag_grpc.store.sqlite as sqlite_store
+from rag_grpc import deadlines
+from rag_grpc.client import RagClient, RpcError
+from rag_grpc.documents import Document
+from rag_grpc.errors import DeadlineExceeded
+from rag_grpc.filters import Equals
+from rag_grpc.index.writes import PreparedDelete
+from tests.conftest import CORPUS, ServerThread
+from tests.test_nats import Nats, on_nats, wait_for
+
+
+@pytest.fixture
+def nats_node(tmp_path: Path) -> Iterator[Nats]:
+    (tmp_path / "nats").mkdir()
+    node = Nats(tmp_path / "nats").start()
+    yield node
+    node.stop()
+
+
+def expect(code: str, call: Callable[[], object], *words: str) -> str:
+    with pytest.raises(RpcError) as info:
+        call()
+    assert info.value.code == code, info.value
+    for word in words:
+        assert word in info.value.message, info.value.message
+    return info.value.message
+
+
+def publish_raw(url: str, subject: str, payloads: list[bytes]) -> None:
+    """Publish straight onto the write log, as a buggy or hostile writer could."""
+
+    async def run() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        for payload in payloads:
+            await js.publish(subject, payload)
+        await nc.close()
+
+    asyncio.run(run())
+
+
+def vector_b64(values: np.ndarray) -> str:
+    import base64
+
+    return base64.b64encode(np.ascontiguousarray(values, dtype="<f4").tobytes()).decode()
+
+
+def test_log_entries_that_cannot_apply_are_skipped_and_later_ones_applied(
+    start_server: Callable[..., ServerThread], nats_node: Nats, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    server = start_server(data, **on_nats(nats_node.url))
+    ingestion = server.server.nats
+    assert ingestion is not None
+    wait_for(ingestion.connected.is_set)
+    unit = np.zeros(384, np.float32)
+    unit[0] = 1.0
+    good_doc = {"id": "d", "text": "text", "metadata": {}, "type": ""}
+    forged = [
+        b"not json at all",
+        json.dumps({"op": "delete", "namespace": "default", "ids": [""]}).encode(),
+        json.dumps({"op": "delete", "namespace": "default", "ids": ["x"] * 100_000}).encode(),
+        # A namespace that would name a file outside the index directory.
+        json.dumps(
+            {
+                "op": "upsert",
+                "namespace": "../escape",
+                "documents": [good_doc],
+                "chunks": [["d", 0, "text", vector_b64(unit)]],
+            }
+        ).encode(),
+        json.dumps(
+            {
+                "op": "upsert",
+                "namespace": "default",
+                "documents": [good_doc],
+                "chunks": [["d", 0, "text", vector_b64(unit[:100])]],
+            }
+        ).encode(),
+        json.dumps(
+            {
+                "op": "upsert",
+                "namespace": "default",
+                "documents": [good_doc],
+                "chunks": [["d", 0, "text", vector_b64(np.full(384, np.nan, np.float32))]],
+            }
+        ).encode(),
+        json.dumps({"op": "drop-everything", "namespace": "default"}).encode(),
+    ]
+    publish_raw(nats_node.url, ingestion.writes_subject, forged)
+    with RagClient(server.target) as client:
+        # A write published after them is applied: the replica did not stall.
+        client.upsert(CORPUS[:2])
+        assert {h.document_id for h in client.search("lava", k=5)} == {
+            CORPUS[0].id,
+            CORPUS[1].id,
+        }
+        assert ingestion.apply_errors == len(forged)
+        assert "../escape" not in server.server.store.namespaces()  # type: ignore[union-attr]
+        assert not list(tmp_path.glob("escape*")) and not list(data.glob("escape*"))
+        assert client.get(["d"])[1] == ["d"]
+    server.stop()
+    # Skipped for good: a restarted replica does not meet them again.
+    again = start_server(data, **on_nats(nats_node.url))
+    assert again.server.nats is not None
+    wait_for(again.server.nats.connected.is_set)
+    with RagClient(again.target) as client:
+        client.upsert(CORPUS[2:3])
+        assert client.get([CORPUS[2].id])[0]
+    assert again.server.nats.apply_errors == 0
+
+
+def test_bad_deletes_are_refused_before_they_reach_the_log(
+    start_server: Callable[..., ServerThread], nats_node: Nats
+) -> None:
+    server = start_server(**on_nats(nats_node.url), limits={"max_delete_matches": 2})
+    assert server.server.nats is not None
+    wait_for(server.server.nats.connected.is_set)
+    with RagClient(server.target) as client:
+        client.upsert(CORPUS)
+        written = server.server.nats.applied
+        expect("INVALID_ARGUMENT", lambda: client.delete([""]), "empty")
+        # Every document of the corpus is "reviewed" true or false: three match.
+        expect(
+            "INVALID_ARGUMENT",
+            lambda: client.delete(filter=Equals("reviewed", True)),
+            "more than 2",
+        )
+        assert server.server.nats.applied == written  # nothing was published
+        assert client.get([d.id for d in CORPUS])[1] == []
+        assert client.delete(filter=Equals("topic", "games")).documents == 1
+
+
+def test_forget_erases_every_copy_on_an_sqlite_without_secure_delete(
+    start_server: Callable[..., ServerThread], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Upstream SQLite leaves freed pages as they were (secure_delete off);
+    # Debian's build zeroes them. Every connection rag-grpc opens is turned
+    # back to upstream's default here, so only the erase path can pass.
+    opened = sqlite_store.connect
+
+    def upstream(path: Path) -> sqlite3.Connection:
+        conn = opened(path)
+        conn.execute("PRAGMA secure_delete=OFF")
+        return conn
+
+    monkeypatch.setattr(sqlite_store, "connect", upstream)
+    monkeypatch.setattr("rag_grpc.ingest.jobs.connect", upstream)
+    data = tmp_path / "data"
+    server = start_server(data)
+    secrets = ["zebra sapphire 7731", "okapi garnet 4410", "quokka topaz 9902"]
+    with RagClient(server.target) as client:
+        client.upsert(CORPUS)
+        client.upsert([Document("s1", f"The vault phrase is {secrets[0]}.", {"k": 1})])
+        # An edit leaves the old text in freed pages.
+        client.upsert([Document("s1", f"The vault phrase is now {secrets[1]}.", {"k": 2})])
+        job = client.submit([Document("s2", f"The cellar phrase is {secrets[2]}.")])
+        assert list(client.watch_job(job, timeout=60))[-1].state == "SUCCEEDED"
+        client.search("vault phrase", k=3)  # cached with its text
+        answer = "".join(e for e in client.ask("What is the vault phrase?") if isinstance(e, str))
+        assert secrets[1].split()[0] in answer  # and now in the answer cache
+        assert client.delete(["s1", "s2"], forget=True).documents == 2
+        assert all(h.document_id not in ("s1", "s2") for h in client.search("vault phrase"))
+    retriever = server.server.retriever
+    assert retriever is not None and retriever.results is not None
+    # No cache still holds a forgotten text (results cached after the forget are fine).
+    cached = repr(list(retriever.results._items.values()))
+    answers = server.server.answer_cache
+    assert answers is not None
+    cached += repr(list(answers._items.values()))
+    assert all(secret.split()[0] not in cached for secret in secrets)
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    retriever.snapshot(snapshot)
+    files = [p for p in [*data.rglob("*"), *snapshot.rglob("*")] if p.is_file()]
+    assert any(p.name == "rag.sqlite3" for p in files)
+    for path in files:
+        content = path.read_bytes()
+        for secret in secrets:
+            assert secret.encode() not in content, (path, secret)
+
+
+def test_retention_spares_a_document_refreshed_after_the_sweep_chose_it(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    server = start_server()
+    retriever = server.server.retriever
+    assert retriever is not None
+    with RagClient(server.target) as client:
+        client.upsert(CORPUS[:3])
+        time.sleep(0.05)
+        expired = retriever.expired("default", ttl_s=0.01)
+        assert expired is not None and set(expired.ids) == {d.id for d in CORPUS[:3]}
+        # Refreshed between the sweep's read and its delete.
+        client.upsert([Document(CORPUS[0].id, CORPUS[0].text + " Updated.")])
+        result = retriever.writes.apply_delete(expired)
+        assert result.documents == 2 and result.not_found_ids == (CORPUS[0].id,)
+        assert [d.id for d in client.get([d.id for d in CORPUS[:3]])[0]] == [CORPUS[0].id]
+
+
+def test_upsert_carries_its_write_time_through_the_log(
+    start_server: Callable[..., ServerThread], nats_node: Nats, tmp_path: Path
+) -> None:
+    first = start_server(tmp_path / "a", **on_nats(nats_node.url))
+    second = start_server(tmp_path / "b", **on_nats(nats_node.url, worker=False))
+    for node in (first, second):
+        assert node.server.nats is not None
+        wait_for(node.server.nats.connected.is_set)
+    with RagClient(first.target) as client:
+        client.upsert(CORPUS[:2])
+    assert second.server.nats is not None
+    wait_for(lambda: second.server.nats.applied >= first.server.nats.applied)  # type: ignore[union-attr]
+
+    def written(path: Path) -> list[tuple[str, float]]:
+        with sqlite3.connect(path / "rag.sqlite3") as conn:
+            return conn.execute(
+                "SELECT doc_id, updated_at FROM documents ORDER BY doc_id"
+            ).fetchall()
+
+    assert written(tmp_path / "a") == written(tmp_path / "b")
+
+
+def test_limits_refuse_with_a_clear_status_and_change_nothing(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    server = start_server(
+        limits={
+            "max_namespaces": 2,
+            "max_metadata_keys": 3,
+            "max_metadata_value_bytes": 16,
+            "max_filter_values": 5,
+        }
+    )
+    with RagClient(server.target) as client:
+        client.upsert(CORPUS)
+        expect("INVALID_ARGUMENT", lambda: client.search("lava", ef=4294967295), "ef must be")
+        client.upsert([Document("x", "other tenant")], namespace="second")
+        expect(
+            "RESOURCE_EXHAUSTED",
+            lambda: client.upsert([Document("x", "third")], namespace="third"),
+            "max_namespaces",
+        )
+        expect(
+            "INVALID_ARGUMENT",
+            lambda: client.upsert([Document("m", "t", {"a": 1, "b": 2, "c": 3, "d": 4})]),
+            "metadata keys",
+        )
+        expect(
+            "INVALID_ARGUMENT",
+            lambda: client.upsert([Document("m", "t", {"a": "x" * 17})]),
+            "per value",
+        )
+        from rag_grpc.filters import AnyOf, Or
+
+        expect(
+            "INVALID_ARGUMENT",
+            lambda: client.search(
+                "lava", filter=Or((AnyOf("year", (1, 2, 3)), AnyOf("year", (4, 5, 6))))
+            ),
+            "max_filter_values",
+        )
+        for bad in ("a\u202eb", "x\x85y", "\x7f"):
+            message = expect("INVALID_ARGUMENT", lambda b=bad: client.upsert([Document(b, "t")]))
+            assert bad not in message
+        expect("INVALID_ARGUMENT", lambda: client.upsert([Document("d", "t")], namespace=".."))
+        counts = {n.name: n.documents for n in client.stats().namespaces}
+        assert counts == {"default": len(CORPUS), "second": 1}
+        assert client.search("lava", k=1)[0].document_id == "volcano"
+
+
+def test_an_upsert_larger_than_the_embedding_queue_is_refused_a_job_is_split(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    server = start_server(embedding={"max_queue_texts": 4})
+    documents = [Document(f"d{i}", f"Short note number {i} about tides.") for i in range(10)]
+    with RagClient(server.target) as client:
+        expect("INVALID_ARGUMENT", lambda: client.upsert(documents), "max_queue_texts")
+        assert client.get(["d0"])[1] == ["d0"]
+        job = client.submit(documents)
+        final = list(client.watch_job(job, timeout=60))[-1]
+        assert (final.state, final.processed, final.failed) == ("SUCCEEDED", 10, 0)
+
+
+def test_a_busy_database_is_unavailable_and_the_job_worker_retries(
+    start_server: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    server = start_server(data)
+    ingestion = server.server.ingestion
+    assert ingestion is not None
+    with RagClient(server.target) as client:
+        client.upsert(CORPUS[:1])
+        blocker = sqlite3.connect(
+            data / "rag.sqlite3", isolation_level=None, check_same_thread=False
+        )
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            # The writer waits out its busy timeout, then says to retry.
+            expect("UNAVAILABLE", lambda: client.upsert(CORPUS[1:2]), "busy")
+        finally:
+            blocker.execute("ROLLBACK")
+        # The job worker meets the same lock mid-job and retries the batch.
+        job_id = client.submit(CORPUS[2:5])
+        blocker.execute("BEGIN EXCLUSIVE")
+        threading.Timer(6.5, lambda: blocker.execute("ROLLBACK")).start()
+        final = list(client.watch_job(job_id, timeout=120))[-1]
+        assert (final.state, final.processed, final.failed) == ("SUCCEEDED", 3, 0)
+        assert getattr(ingestion, "retries", 0) >= 1
+        assert client.get([d.id for d in CORPUS[2:5]])[1] == []
+        assert client.get([CORPUS[1].id])[1] == [CORPUS[1].id]
+    blocker.close()
+
+
+def test_filter_queries_stop_at_the_deadline(
+    start_server: Callable[..., ServerThread], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Checked every step here, so even this small query gets interrupted.
+    monkeypatch.setattr(sqlite_store, "PROGRESS_STEPS", 1)
+    server = start_server()
+    store = server.server.store
+    assert store is not None
+    with RagClient(server.target) as client:
+        client.upsert(CORPUS)
+    deadlines.enter_call(0.0)
+    try:
+        with pytest.raises(DeadlineExceeded):
+            store.labels_matching("default", Equals("topic", "games"))
+    finally:
+        deadlines.enter_call(None)
+    assert len(store.labels_matching("default", Equals("topic", "games"))) == 1
+
+
+def test_deletes_are_compacted_away(
+    start_server: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    server = start_server(data, index={"compact_min_slots": 10, "compact_deleted_fraction": 0.4})
+    retriever = server.server.retriever
+    assert retriever is not None
+    documents = [
+        Document(f"d{i}", f"Catalogue entry {i}: " + "words of filler text " * 40)
+        for i in range(60)
+    ]
+    with RagClient(server.target) as client:
+        client.upsert(documents)
+        index = retriever.indexes.get("default")
+        full = index.slots
+        assert full == len(index) >= 60
+        size_full = checkpointed_size(data / "rag.sqlite3")
+        client.delete([d.id for d in documents[:20]])
+        assert retriever.indexes.get("default").slots == full  # under the threshold: marked only
+        client.delete([d.id for d in documents[20:40]])
+        index = retriever.indexes.get("default")
+        # Crossing 40 % deleted rebuilt the index without them and vacuumed the file.
+        assert index.slots == len(index) < full
+        assert retriever.writes.compactions == 1
+        assert checkpointed_size(data / "rag.sqlite3") < 0.8 * size_full
+        hits = client.search("Catalogue entry 45", k=3)
+        assert hits and all(int(h.document_id[1:]) >= 40 for h in hits)
+        # The explicit command reclaims what is left below the threshold.
+        client.delete([documents[40].id])
+        assert retriever.indexes.get("default").slots > len(retriever.indexes.get("default"))
+        before, after = retriever.compact("default")["default"]
+        assert before > after == len(retriever.indexes.get("default"))
+
+
+def checkpointed_size(path: Path) -> int:
+    """The database file's size with everything in its WAL written back."""
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return path.stat().st_size
+
+
+def test_prepared_deletes_from_any_source_are_checked(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    server = start_server()
+    retriever = server.server.retriever
+    assert retriever is not None
+    from rag_grpc.errors import InvalidArgument
+
+    bad: list[Any] = [
+        PreparedDelete("../x", ("a",)),
+        PreparedDelete("default", ("",)),
+        PreparedDelete("default", ("a\x00b",)),
+        PreparedDelete("default", ("a",), older_than=float("nan")),
+    ]
+    for prepared in bad:
+        with pytest.raises(InvalidArgument):
+            retriever.writes.apply_delete(prepared)
