@@ -230,12 +230,6 @@ def wait_for_log(proc: ServerProcess, text: str, timeout: float = 60) -> str:
     return proc.log.read_text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rag_grpc/services/interceptors.py: a call cancelled by gRPC at its deadline "
-    "raises CancelledError in the handler, which the wrappers do not catch, so the call is "
-    "logged and counted as OK",
-)
 def test_a_deadline_that_expires_while_the_server_works_is_seen_by_the_server(
     server_process: Callable[..., ServerProcess],
 ) -> None:

@@ -279,7 +279,8 @@ def test_limits_refuse_with_a_clear_status_and_change_nothing(
             "max_filter_values",
         )
         for bad in ("a\u202eb", "x\x85y", "\x7f"):
-            message = expect("INVALID_ARGUMENT", lambda b=bad: client.upsert([Document(b, "t")]))
+            doc = Document(bad, "t")
+            message = expect("INVALID_ARGUMENT", lambda: client.upsert([doc]))
             assert bad not in message
         expect("INVALID_ARGUMENT", lambda: client.upsert([Document("d", "t")], namespace=".."))
         counts = {n.name: n.documents for n in client.stats().namespaces}

@@ -7,6 +7,7 @@ from the configured gateway addresses)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hmac
 import logging
@@ -267,6 +268,11 @@ def _wrap_unary(
         except grpc.aio.AbortError:
             code = _aborted_code(context)
             raise
+        except asyncio.CancelledError:
+            # gRPC cancels the handler when the caller's deadline passes or
+            # the caller goes away: logged and counted as what it was.
+            code = _cancelled_code(context)
+            raise
         except Exception as exc:
             known = storage_error(exc)
             code = status_of(known).name if known else "INTERNAL"
@@ -295,6 +301,11 @@ def _wrap_stream(
         except grpc.aio.AbortError:
             code = _aborted_code(context)
             raise
+        except asyncio.CancelledError:
+            # gRPC cancels the handler when the caller's deadline passes or
+            # the caller goes away: logged and counted as what it was.
+            code = _cancelled_code(context)
+            raise
         except Exception as exc:
             known = storage_error(exc)
             code = status_of(known).name if known else "INTERNAL"
@@ -303,6 +314,11 @@ def _wrap_stream(
             observe.finish(span, started, code, context)
 
     return stream
+
+
+def _cancelled_code(context: grpc.aio.ServicerContext) -> str:
+    remaining = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
 
 def _aborted_code(context: grpc.aio.ServicerContext) -> str:
