@@ -9,6 +9,7 @@ environment variables (nested fields with ``__``, e.g.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -407,6 +408,16 @@ class Settings(BaseSettings):
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as plain data, secrets shown as '**********'."""
         return self.model_dump(mode="json")
+
+
+def redact_url(url: str) -> str:
+    """A URL (or comma-separated URLs) with any user:password@ replaced by
+    ***@, so credentials never reach a log line, a printed config or a
+    client's error message."""
+    return ",".join(_CREDENTIALS_RE.sub(r"\1***@", part) for part in url.split(","))
+
+
+_CREDENTIALS_RE = re.compile(r"^(\s*[A-Za-z][A-Za-z0-9+.-]*://)?[^@/\s]+@")
 
 
 class ConfigError(Exception):

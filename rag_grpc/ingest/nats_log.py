@@ -37,7 +37,7 @@ import nats.js.errors
 from nats.js import api
 
 from rag_grpc import deadlines, telemetry
-from rag_grpc.config import IngestionConfig, LimitsConfig
+from rag_grpc.config import IngestionConfig, LimitsConfig, redact_url
 from rag_grpc.documents import Document, WriteResult, resolve_namespace
 from rag_grpc.errors import (
     DeadlineExceeded,
@@ -149,6 +149,8 @@ class NatsIngestion:
         self.limits = limits
         self.run_worker = worker and config.worker
         prefix = config.nats_prefix
+        # The servers as logs and error messages name them: no credentials.
+        self.where = redact_url(config.nats_url)
         self.jobs_stream = f"{prefix}_JOBS"
         self.writes_stream = f"{prefix}_WRITES"
         self.status_bucket = f"{prefix}_STATUS"
@@ -197,9 +199,9 @@ class NatsIngestion:
                 await self._connect()
                 break
             except NATS_ERRORS as exc:
-                log.warning("NATS at %s: %s; retrying", self.config.nats_url, exc)
+                log.warning("NATS at %s: %s; retrying", self.where, exc)
                 await asyncio.sleep(1)
-        log.info("ingestion log on NATS JetStream at %s", self.config.nats_url)
+        log.info("ingestion log on NATS JetStream at %s", self.where)
         if self.config.apply:
             self._tasks.append(asyncio.create_task(self._apply_forever(), name="nats-apply"))
         if self.run_worker:
@@ -258,9 +260,9 @@ class NatsIngestion:
 
     async def _ready(self) -> None:
         if not self.connected.is_set():
-            raise Unavailable(f"not connected to NATS at {self.config.nats_url} yet; retry shortly")
+            raise Unavailable(f"not connected to NATS at {self.where} yet; retry shortly")
         if self.nc.is_closed or not self.nc.is_connected:
-            raise Unavailable(f"NATS at {self.config.nats_url} is unreachable; retry shortly")
+            raise Unavailable(f"NATS at {self.where} is unreachable; retry shortly")
 
     async def _nats(self, what: str, call: Awaitable[T]) -> T:
         try:
@@ -269,7 +271,7 @@ class NatsIngestion:
             raise
         except NATS_ERRORS as exc:
             raise Unavailable(
-                f"{what} failed: NATS at {self.config.nats_url}: {exc or type(exc).__name__}; "
+                f"{what} failed: NATS at {self.where}: {exc or type(exc).__name__}; "
                 "retry shortly"
             ) from None
 
@@ -319,7 +321,7 @@ class NatsIngestion:
             with contextlib.suppress(*NATS_ERRORS):
                 await self.kv.put(job_id, self._dump(status))
             raise Unavailable(
-                f"queueing the job failed: NATS at {self.config.nats_url}: {exc}; submit again"
+                f"queueing the job failed: NATS at {self.where}: {exc}; submit again"
             ) from None
         self.pending_documents += len(messages)
         return job_id
