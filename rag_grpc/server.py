@@ -171,6 +171,7 @@ class RagServer:
         extractive = ExtractiveGenerator(
             self.encoder,
             self.executor,
+            embedder=self.embedder,
             sentences=s.generation.extractive_sentences,
             default_max_tokens=s.generation.default_max_tokens,
         )
@@ -261,7 +262,7 @@ class RagServer:
         if "generation" in s.services:
             assert generator is not None
             generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
-                GenerationServicer(generator), server
+                GenerationServicer(generator, s.limits), server
             )
         if "rag" in s.services:
             assert generator is not None

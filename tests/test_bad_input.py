@@ -11,7 +11,13 @@ import pytest
 from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document
 from rag_grpc.filters import AnyOf, Range
-from rag_grpc.pb import common_pb2, retrieval_pb2, retrieval_service_pb2_grpc
+from rag_grpc.pb import (
+    common_pb2,
+    generation_pb2,
+    generation_service_pb2_grpc,
+    retrieval_pb2,
+    retrieval_service_pb2_grpc,
+)
 from tests.conftest import CORPUS, ServerThread
 
 
@@ -190,3 +196,29 @@ def test_empty_requests(unchanged: RagClient) -> None:
     expect("NOT_FOUND", lambda: unchanged.embed(["x"], model_id="no-such-model"), "not loaded")
     expect("INVALID_ARGUMENT", lambda: unchanged.search_batch([]), "at least one")
     expect("INVALID_ARGUMENT", lambda: unchanged.ask(""), "empty")
+
+
+def test_generate_context_is_bounded(start_server: Callable[..., ServerThread]) -> None:
+    server = start_server(limits={"max_generate_passages": 3, "max_generate_context_bytes": 2000})
+    passage = "The tide rises twice a day. " * 10  # 280 bytes
+    with grpc.insecure_channel(server.target) as channel:
+        stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+
+        def generate(count: int, text: str = passage) -> list[generation_pb2.GenerateResponse]:
+            context = [
+                common_pb2.ContextPassage(document_id=f"d{i}", chunk_id=f"d{i}#0", text=text)
+                for i in range(count)
+            ]
+            request = generation_pb2.GenerateRequest(prompt="When is the tide?", context=context)
+            return list(stub.Generate(request, timeout=30))
+
+        for call, words in (
+            (lambda: generate(4), "max_generate_passages"),
+            (lambda: generate(2, passage * 5), "max_generate_context_bytes"),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert words in (info.value.details() or "")
+        # Within the bounds it answers, from the context.
+        assert "tide" in "".join(r.delta for r in generate(3)[:-1])

@@ -96,3 +96,18 @@ def validate_generation(prompt: str, params: GenerationParams) -> None:
         raise InvalidArgument(
             f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(params.stop)}"
         )
+
+
+def validate_context(passages: Sequence[Passage], max_passages: int, max_bytes: int) -> None:
+    """A Generate request's context: at most max_passages passages and
+    max_bytes of text in all (the generator reads every byte of it)."""
+    if len(passages) > max_passages:
+        raise InvalidArgument(
+            f"{len(passages)} context passages; at most {max_passages} "
+            "(limits.max_generate_passages)"
+        )
+    size = sum(len(p.text.encode("utf-8", errors="surrogatepass")) for p in passages)
+    if size > max_bytes:
+        raise InvalidArgument(
+            f"the context is {size} bytes; at most {max_bytes} (limits.max_generate_context_bytes)"
+        )

@@ -11,7 +11,7 @@ from concurrent.futures import Executor
 import numpy as np
 
 from rag_grpc.deadlines import in_thread
-from rag_grpc.embed.encoder import OnnxEncoder
+from rag_grpc.embed.encoder import Embedder, OnnxEncoder
 from rag_grpc.errors import InvalidArgument
 from rag_grpc.generate.base import (
     Delta,
@@ -25,6 +25,8 @@ from rag_grpc.generate.base import (
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
 _MIN_SENTENCE_CHARS = 12
+# Sentences ranked per request at most (a few batches of the embedder).
+MAX_CANDIDATES = 512
 
 
 class ExtractiveGenerator:
@@ -37,10 +39,14 @@ class ExtractiveGenerator:
         encoder: OnnxEncoder,
         executor: Executor | None,
         *,
+        embedder: Embedder | None = None,
         sentences: int = 3,
         default_max_tokens: int = 256,
     ) -> None:
         self.encoder = encoder
+        # Sentences are embedded through the server's batching embedder when
+        # given, so they queue with every other embedding and its bound applies.
+        self.embedder: Embedder = embedder or encoder
         self.executor = executor
         self.sentences = sentences
         self.default_max_tokens = default_max_tokens
@@ -90,12 +96,15 @@ class ExtractiveGenerator:
                 if len(sentence) >= _MIN_SENTENCE_CHARS and sentence not in seen:
                     seen.add(sentence)
                     candidates.append((number, sentence))
+        # The answer comes from the first sentences of a huge context; the
+        # cap keeps one request's embedding work bounded.
+        candidates = candidates[:MAX_CANDIDATES]
         prompt_tokens = self.encoder.count_tokens(prompt) + sum(
             self.encoder.count_tokens(p.text) for p in passages
         )
         if not candidates:
             return [], prompt_tokens
-        vectors = self.encoder.embed([prompt] + [s for _, s in candidates]).vectors
+        vectors = self.embedder.embed([prompt] + [s for _, s in candidates]).vectors
         scores = vectors[1:] @ vectors[0]
         best = np.argsort(-scores, kind="stable")[: self.sentences]
         return [candidates[i] for i in best], prompt_tokens

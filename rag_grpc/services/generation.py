@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from rag_grpc import telemetry
-from rag_grpc.generate.base import Delta, Generator
+from rag_grpc.config import LimitsConfig
+from rag_grpc.generate.base import Delta, Generator, validate_context
 from rag_grpc.pb import generation_pb2, generation_service_pb2_grpc
 from rag_grpc.services import convert
 
@@ -15,13 +16,16 @@ from rag_grpc.services import convert
 class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
     """Generate (server streaming)."""
 
-    def __init__(self, generator: Generator) -> None:
+    def __init__(self, generator: Generator, limits: LimitsConfig) -> None:
         self.generator = generator
+        self.limits = limits
 
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        limits = self.limits
         passages = [convert.passage_from_pb(p) for p in request.context]
+        validate_context(passages, limits.max_generate_passages, limits.max_generate_context_bytes)
         params = convert.params_from_pb(request.parameters)
         span = telemetry.start_current("generate", generator=self.generator.name)
         try:
