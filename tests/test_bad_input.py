@@ -105,7 +105,8 @@ def test_malformed_filters(unchanged: RagClient) -> None:
         with pytest.raises(grpc.RpcError) as info:
             stub.Search(request, timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
-        assert "filter" in info.value.details() or "metadata" in info.value.details(), name
+        details = info.value.details() or ""
+        assert "filter" in details or "metadata" in details, name
     expect("INVALID_ARGUMENT", lambda: unchanged.search("x", filter=Range("year")), "bound")
     expect(
         "INVALID_ARGUMENT",
@@ -160,7 +161,7 @@ def test_non_utf8_text(unchanged: RagClient) -> None:
     with pytest.raises(grpc.RpcError) as info:
         upsert(raw, timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "UTF-8" in info.value.details()
+    assert "UTF-8" in (info.value.details() or "")
     assert unchanged.get(["bad"]) == ([], ["bad"])
 
 
