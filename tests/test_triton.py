@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -374,3 +375,162 @@ def test_circuit_breaker_opens_then_lets_one_probe_through() -> None:
     assert breaker.allow()
     breaker.success()
     assert breaker.state == "closed" and breaker.allow()
+
+
+def generation_stats(client: RagClient) -> Any:
+    from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
+
+    stub = admin_service_pb2_grpc.AdminServiceStub(client.channel)
+    return stub.Stats(admin_pb2.StatsRequest(), timeout=10).generation
+
+
+def test_the_circuit_opens_after_repeated_failures_and_closes_when_triton_is_back(
+    start_server: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    own = Triton(tmp_path / "triton.log").start()
+    back = Triton(tmp_path / "triton.log", grpc_port=own.grpc_port)
+    retries, backoff_s = 2, 0.2
+    try:
+        server = start_server(
+            **triton_settings(
+                own.url,
+                triton={
+                    # One Ask makes 1 + retries attempts: exactly enough to open.
+                    "breaker_failures": retries + 1,
+                    "breaker_reset_s": 1.0,
+                    "retries": retries,
+                    "retry_backoff_s": backoff_s,
+                },
+            )
+        )
+        client = RagClient(server.target, timeout=30)
+        client.upsert(CORPUS)
+        assert ask_summary(client.ask("What is a volcano?")).generator == "triton"
+        assert generation_stats(client).circuit == "closed"
+
+        own.kill()
+        started = time.monotonic()
+        with pytest.raises(RpcError) as info:
+            list(client.ask("What is a volcano?"))
+        elapsed = time.monotonic() - started
+        assert info.value.code == "UNAVAILABLE"
+        stats = generation_stats(client)
+        # Every attempt failed and counted, and the waits between them were
+        # the backoff doubling from retry_backoff_s (0.2 s, then 0.4 s).
+        assert stats.failures == retries + 1
+        assert elapsed >= backoff_s * (2**retries - 1)
+        assert stats.circuit == "open"
+
+        # Open: the next call fails at once without trying Triton.
+        with pytest.raises(RpcError) as info:
+            list(client.ask("What is a volcano?"))
+        assert info.value.code == "UNAVAILABLE" and "circuit is open" in info.value.message
+        assert generation_stats(client).failures == retries + 1  # no attempt made
+
+        # Triton back; past breaker_reset_s one probe call goes through and closes it.
+        back.start()
+        wait_for(lambda: generation_stats(client).ready, timeout=30)
+        wait_for(lambda: generation_stats(client).circuit == "half-open")
+        # A probe call that its caller abandons decides nothing: the next
+        # call is let through as the probe.
+        call = long_ask(client, timeout=30)
+        for response in call:
+            if response.WhichOneof("event") == "delta":
+                break
+        call.cancel()
+        assert ask_summary(client.ask("What is a volcano?")).generator == "triton"
+        stats = generation_stats(client)
+        assert stats.circuit == "closed" and stats.failures == retries + 1
+        client.close()
+    finally:
+        own.kill()
+        back.kill()
+
+
+def test_triton_killed_mid_stream_fails_that_ask_clearly_and_the_server_serves_on(
+    start_server: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    own = Triton(tmp_path / "triton.log").start()
+    back = Triton(tmp_path / "triton.log", grpc_port=own.grpc_port)
+    try:
+        server = start_server(
+            **triton_settings(
+                own.url,
+                triton={
+                    "parameters": "sampling_parameters",
+                    "extra_parameters": {"ignore_eos": True},
+                },
+            )
+        )
+        client = RagClient(server.target, timeout=60)
+        client.upsert(CORPUS)
+        call = long_ask(client, timeout=60)
+        events: list[str] = []
+        with pytest.raises(grpc.RpcError) as info:
+            for response in call:
+                events.append(response.WhichOneof("event"))
+                if events.count("delta") == 5:
+                    own.kill()  # while Triton is still sending words
+        assert events.count("delta") >= 5 and "summary" not in events
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "mid-answer" in (info.value.details() or "")
+        # The server stays up: retrieval answers at once, and generation
+        # returns by itself once Triton does.
+        assert health(server.target, "rag.v1.RetrievalService") == 1
+        assert client.search("lava", k=1)[0].document_id == "volcano"
+        back.start()
+        wait_for(lambda: health(server.target, "rag.v1.RagService") == 1, timeout=30)
+        assert ask_summary(client.ask("What is a volcano?")).generator == "triton"
+        client.close()
+    finally:
+        own.kill()
+        back.kill()
+
+
+def test_sigterm_lets_a_streaming_ask_finish_and_refuses_new_calls(
+    server_process: Callable[..., ServerProcess],
+    triton: Triton,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The drain with a stream really in flight: 100 words at 20 ms each
+    take about 2 s, within the 5 s grace period the test servers get."""
+    monkeypatch.setenv("RAG_GRPC_GENERATION__TRITON__PARAMETERS", "sampling_parameters")
+    monkeypatch.setenv("RAG_GRPC_GENERATION__TRITON__EXTRA_PARAMETERS", '{"ignore_eos": true}')
+    monkeypatch.setenv("RAG_GRPC_GENERATION__ANSWER_CACHE_ENTRIES", "0")
+    proc = server_process(tmp_path / "data", "--generator", "triton", "--triton-url", triton.url)
+    max_words = 100
+    with RagClient(proc.target, timeout=60) as client:
+        client.upsert(CORPUS)
+        stub = rag_service_pb2_grpc.RagServiceStub(client.channel)
+        request = rag_pb2.AskRequest(question="What is a volcano?", k=3)
+        request.parameters.max_tokens = max_words
+        call = stub.Ask(request, timeout=60)
+        # The stream is read in its own thread, so that new calls can be
+        # tried while it runs; the log tells which came first.
+        order: list[str] = []
+        reader = threading.Thread(
+            target=lambda: order.extend(r.WhichOneof("event") for r in call), daemon=True
+        )
+        reader.start()
+        wait_for(lambda: order.count("delta") >= 3)
+        proc.proc.send_signal(signal.SIGTERM)
+
+        def refused() -> bool:
+            try:
+                with grpc.insecure_channel(proc.target) as channel:
+                    health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=2
+                    )
+                return False
+            except grpc.RpcError as exc:
+                return exc.code() == grpc.StatusCode.UNAVAILABLE
+
+        wait_for(refused)
+        refused_after = len(order)
+        reader.join(30)
+    assert not reader.is_alive() and order[-1] == "summary"
+    # Words kept coming after new calls were refused, up to the whole answer.
+    assert "delta" in order[refused_after:]
+    assert proc.stop(timeout=30) == 0
+    assert "draining in-flight calls" in proc.log.read_text()

@@ -86,6 +86,13 @@ class CircuitBreaker:
         if self._consecutive >= self.failures or self._opened_at is not None:
             self._opened_at = time.monotonic()
 
+    def abandon_probe(self) -> None:
+        """The probe call ended without saying whether Triton works (its
+        caller cancelled, its deadline passed): the next call probes instead.
+        Without this, an abandoned probe would keep the circuit from ever
+        closing."""
+        self._probing = False
+
 
 class PromptBuilder:
     """The prompt template filled with numbered passages cut to a token budget.
@@ -251,6 +258,9 @@ class TritonGenerator:
             )
         full_prompt, used, prompt_tokens = self.prompts.build(prompt, passages)
         max_tokens = params.max_tokens or self.config.default_max_tokens
+        # Only a half-open circuit lets a call through as its one probe;
+        # retries happen only while it is closed (a failure re-opens it).
+        probing = self.breaker.state == "half-open"
         if not self.breaker.allow():
             async for event in self._fall_back(
                 prompt, passages, params, "Triton's circuit is open after repeated failures"
@@ -259,27 +269,34 @@ class TritonGenerator:
             return
         pieces: list[str] = []
         attempt = 0
-        while True:
-            try:
-                async for text in self._call(full_prompt, max_tokens, params):
-                    pieces.append(text)
-                    yield Delta(text)
-                self.breaker.success()
-                break
-            except _TritonUnavailable as exc:
-                self.breaker.failure()
-                self.failures += 1
-                if pieces:
-                    raise Unavailable(f"Triton failed mid-answer: {exc}") from None
-                if attempt < self.triton.retries and self.breaker.allow():
-                    delay = self.triton.retry_backoff_s * 2**attempt
-                    if deadlines.remaining(self.triton.timeout_s) > delay:
-                        attempt += 1
-                        await asyncio.sleep(delay)
-                        continue
-                async for event in self._fall_back(prompt, passages, params, str(exc)):
-                    yield event
-                return
+        decided = False
+        try:
+            while True:
+                try:
+                    async for text in self._call(full_prompt, max_tokens, params):
+                        pieces.append(text)
+                        yield Delta(text)
+                    decided = True
+                    self.breaker.success()
+                    break
+                except _TritonUnavailable as exc:
+                    decided = True
+                    self.breaker.failure()
+                    self.failures += 1
+                    if pieces:
+                        raise Unavailable(f"Triton failed mid-answer: {exc}") from None
+                    if attempt < self.triton.retries and self.breaker.allow():
+                        delay = self.triton.retry_backoff_s * 2**attempt
+                        if deadlines.remaining(self.triton.timeout_s) > delay:
+                            attempt += 1
+                            await asyncio.sleep(delay)
+                            continue
+                    async for event in self._fall_back(prompt, passages, params, str(exc)):
+                        yield event
+                    return
+        finally:
+            if probing and not decided:
+                self.breaker.abandon_probe()
         self.generations += 1
         completion = "".join(pieces)
         completion_tokens = self.prompts.count(completion)
