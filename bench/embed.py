@@ -125,9 +125,10 @@ def in_process(passages: list[str], queries: list[str]) -> list[list[object]]:
         ours = our_encoder(variant)
         ours_vectors = ours.embed(passages[:32] + queries[:32]).vectors
         cosine = np.sum(ours_vectors * peer_vectors, axis=1)
+        split = len(passages[:32])  # fewer than 32 in a smoke run (--passages 8)
         for label, items, peer_rate, part in (
-            ("passages (~256 tokens)", passages, peer_passages, cosine[:32]),
-            ("short queries", queries, peer_queries, cosine[32:]),
+            ("passages (~256 tokens)", passages, peer_passages, cosine[:split]),
+            ("short queries", queries, peer_queries, cosine[split:]),
         ):
             ours_rate = rate(ours.embed, items)
             rows.append(
