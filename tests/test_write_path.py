@@ -408,3 +408,26 @@ def test_prepared_deletes_from_any_source_are_checked(
     for prepared in bad:
         with pytest.raises(InvalidArgument):
             retriever.writes.apply_delete(prepared)
+
+
+def test_a_full_disk_is_resource_exhausted_and_changes_nothing(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    server = start_server()
+    store = server.server.store
+    assert store is not None
+    with RagClient(server.target) as client:
+        client.upsert(CORPUS)
+        # SQLite's own cap on the file's size fails a write exactly as a full
+        # disk does (SQLITE_FULL), without filling this machine's disk.
+        with store._write_lock:
+            pages = store._writer.execute("PRAGMA page_count").fetchone()[0]
+            store._writer.execute(f"PRAGMA max_page_count = {pages}")
+        big = [Document(f"big{i}", "A long note about glaciers. " * 2000) for i in range(3)]
+        message = expect("RESOURCE_EXHAUSTED", lambda: client.upsert(big), "disk is full")
+        assert "retry" in message
+        assert client.get(["big0"])[1] == ["big0"]
+        with store._write_lock:
+            store._writer.execute("PRAGMA max_page_count = 1073741823")
+        assert client.upsert(big).documents == 3
+        assert client.search("glaciers", k=1)[0].document_id.startswith("big")

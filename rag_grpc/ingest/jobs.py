@@ -210,7 +210,9 @@ class JobQueue:
                 )
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # SQLite has already rolled back after some errors (a full disk).
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
         return job_id
 
@@ -296,7 +298,9 @@ class JobQueue:
                     )
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # SQLite has already rolled back after some errors (a full disk).
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
 
 
@@ -323,6 +327,9 @@ class IngestionManager:
         self.watch_max_s = watch_max_s
         self._wakeup = asyncio.Event()
         self._changed = asyncio.Condition()
+        # The status of the job being run, as last recorded: watchers read it
+        # here on every change instead of asking the database.
+        self._running: dict[str, JobStatus] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         # Batches retried after a transient error (a locked or full database).
@@ -374,6 +381,9 @@ class IngestionManager:
     async def get(self, job_id: str) -> JobStatus:
         """Current status of a job."""
         validate_job_id(job_id)
+        running = self._running.get(job_id)
+        if running is not None:
+            return running
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self.queue.get, job_id)
 
@@ -385,9 +395,9 @@ class IngestionManager:
 
     async def _wait_change(self) -> None:
         async with self._changed:
-            # A change between get() and here is not lost: every change bumps
-            # the version under this condition's lock and wakes all waiters;
-            # the short timeout only covers that window.
+            # Woken by every recorded change. The timeout only covers a change
+            # made between the watcher's get() and this wait; a running job's
+            # status is then read from memory, not the database.
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout=1.0)
             except TimeoutError:
@@ -413,8 +423,12 @@ class IngestionManager:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            self._running[job.job_id] = job
             await self._notify()
-            await self._run_job(job)
+            try:
+                await self._run_job(job)
+            finally:
+                self._running.pop(job.job_id, None)
             await self._notify()
 
     async def _backoff(self, what: str, exc: BaseException) -> None:
@@ -478,6 +492,7 @@ class IngestionManager:
         while True:
             try:
                 await self._in_thread(self.queue.record, status)
+                self._running[status.job_id] = status
                 break
             except Exception as exc:
                 if not transient(exc):

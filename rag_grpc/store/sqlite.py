@@ -24,8 +24,10 @@ from rag_grpc.documents import DEFAULT_NAMESPACE, Document, Metadata, MetadataSc
 from rag_grpc.errors import Unavailable
 from rag_grpc.filters import And, AnyOf, Equals, Filter, Or, Range
 
-# Chunk records kept in memory for hydrating hits (about 1-2 KB each).
+# Chunk records kept in memory for hydrating hits: at most this many, and
+# about this many bytes of their text and metadata.
 CHUNK_CACHE_SIZE = 65_536
+CHUNK_CACHE_BYTES = 64 * 1024 * 1024
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -132,6 +134,7 @@ class DocumentStore:
         self._write_lock = threading.Lock()
         self._cache_lock = threading.Lock()
         self._chunk_cache: dict[int, ChunkRecord] = {}
+        self._chunk_cache_bytes = 0
         self._local = threading.local()
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
@@ -247,7 +250,9 @@ class DocumentStore:
                     self._set_position(conn, *position)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # SQLite has already rolled back after some errors (a full disk).
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
             self._forget_chunks(removed)
         return ReplaceOutcome(
@@ -282,7 +287,9 @@ class DocumentStore:
                     self._set_position(conn, *position)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # SQLite has already rolled back after some errors (a full disk).
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
             self._forget_chunks(removed)
             if erase:
@@ -509,15 +516,24 @@ class DocumentStore:
             for label, doc_id, seq, text, meta in rows
         }
         with self._cache_lock:
-            self._chunk_cache.update(fetched)
-            while len(self._chunk_cache) > CHUNK_CACHE_SIZE:
-                del self._chunk_cache[next(iter(self._chunk_cache))]  # oldest first
+            for label, record in fetched.items():
+                if label not in self._chunk_cache:
+                    self._chunk_cache[label] = record
+                    self._chunk_cache_bytes += _record_bytes(record)
+            while self._chunk_cache and (
+                len(self._chunk_cache) > CHUNK_CACHE_SIZE
+                or self._chunk_cache_bytes > CHUNK_CACHE_BYTES
+            ):
+                oldest = next(iter(self._chunk_cache))  # oldest first
+                self._chunk_cache_bytes -= _record_bytes(self._chunk_cache.pop(oldest))
         return found | fetched
 
     def _forget_chunks(self, labels: Sequence[int]) -> None:
         with self._cache_lock:
             for label in labels:
-                self._chunk_cache.pop(label, None)
+                record = self._chunk_cache.pop(label, None)
+                if record is not None:
+                    self._chunk_cache_bytes -= _record_bytes(record)
 
     def labels(self, namespace: str) -> np.ndarray:
         """Chunk labels of a namespace, without reading their vectors."""
@@ -550,6 +566,10 @@ class DocumentStore:
                 [namespace, namespace, *params],
             )
             return np.fromiter((r[0] for r in rows), dtype=np.uint64)
+
+
+def _record_bytes(record: ChunkRecord) -> int:
+    return 200 + len(record.text) + len(record.doc_id) + 64 * len(record.metadata)
 
 
 def _metadata_columns(value: MetadataScalar) -> tuple[str, str | None, float | None]:
