@@ -71,14 +71,15 @@ def test_batcher_coalesces_concurrent_requests(encoder: OnnxEncoder) -> None:
     assert stats.texts == len(texts) and stats.batches < len(texts) // 2
     direct = encoder.embed(texts).vectors
     # The batcher's batches differ from this one call's batch, and ONNX
-    # Runtime's kernels pick different blockings (so summation orders) by
-    # batch shape and by CPU: 1e-5 held on an Intel Xeon and failed on an AMD
-    # EPYC. What must hold is that a text's vector does not depend on its
-    # batch beyond rounding: 1e-4 per component on unit vectors, and a cosine
-    # of 0.9999, is far below any difference that reorders search results.
+    # Runtime's int8 kernels round differently by batch shape and CPU: on an
+    # AMD EPYC a batch of 1, 3 or 5 short texts differs from a batch of 24 by
+    # up to 4e-3 per component (cosine 0.9998), while 2, 8 and 24 agree
+    # exactly. So: each caller gets its own text's vector (nearest to it of
+    # all 24, cosine >= 0.999, the int8 fidelity bound), never a neighbour's.
+    similarity = np.stack([results[i] for i in range(len(texts))]) @ direct.T
     for i in range(len(texts)):
-        assert np.allclose(results[i], direct[i], atol=1e-4)
-        assert float(results[i] @ direct[i]) >= 0.9999
+        assert int(np.argmax(similarity[i])) == i
+        assert similarity[i, i] >= 0.999
     # Repeats come from the cache, in input order, with their token counts.
     again = batcher.embed([texts[3], texts[1], texts[3]])
     assert batcher.stats().texts == len(texts)
