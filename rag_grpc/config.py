@@ -41,14 +41,33 @@ class ServerConfig(_Section):
     keepalive_timeout_s: float = Field(10.0, gt=0)
     # In-flight calls get this long to finish after SIGTERM.
     grace_period_s: float = Field(10.0, ge=0)
-    max_concurrent_rpcs: int | None = Field(None, ge=1)
+    # Calls in progress at once (streams count until they end, health Watch
+    # streams included); the next one gets RESOURCE_EXHAUSTED at once, so a
+    # flood costs a refusal instead of unbounded memory. 1000 is far above
+    # what 2-16 cores serve concurrently (a few hundred in flight saturate
+    # them) and still bounds memory to ~1000 requests of max_message_bytes.
+    max_concurrent_rpcs: int = Field(1000, ge=1)
     worker_threads: int = Field(4, ge=1, le=256)
     # When set, every rag.v1 call must carry `authorization: Bearer <token>`
     # (health and reflection stay open for probes); remote calls send it too.
     auth_token: SecretStr | None = None
+    # The same token read from a file (owner-only, like backup_key_file), so
+    # it stays out of config files that get copied around and out of the
+    # environment of child processes. One of the two at most.
+    auth_token_file: Path | None = None
     # Addresses of the gateway (Envoy) whose x-forwarded-client-cert header
     # is believed; from anyone else the header is ignored.
     trusted_proxies: tuple[str, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _token_from_file(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("auth_token_file"):
+            if data.get("auth_token"):
+                raise ValueError("set server.auth_token or server.auth_token_file, not both")
+            path = Path(data["auth_token_file"])
+            data = {**data, "auth_token": read_secret_file(path, "server.auth_token_file")}
+        return data
 
 
 class IndexConfig(_Section):
@@ -232,6 +251,11 @@ class TritonConfig(_Section):
     # each piece as soon as the client has taken the last one.
     stream_interval_ms: float = Field(5.0, ge=0, le=1000)
 
+    @field_validator("url")
+    @classmethod
+    def _url_without_credentials(cls, value: str) -> str:
+        return _grpc_target(value, "generation.triton.url", "TLS (ssl, certificate_chain)")
+
 
 class GenerationConfig(_Section):
     """Answer generation."""
@@ -294,6 +318,16 @@ class IngestionConfig(_Section):
     connect_timeout_s: float = Field(5.0, gt=0)
     # How long Upsert/Delete wait for this replica to apply their write.
     apply_timeout_s: float = Field(30.0, gt=0)
+    # A WatchJob stream ends after this long even if the job goes on (the
+    # client watches again), so forgotten watchers cannot pile up.
+    watch_max_s: float = Field(3600.0, gt=0)
+    # Retention of the <P>_WRITES log: NATS drops the oldest entries past
+    # either limit (0: no limit). A replica whose position falls out of this
+    # window stops applying and is restored from a peer's backup, so keep it
+    # longer than a replica may be down. Set them alike on every process: the
+    # last one to start applies its own to the stream.
+    log_max_age_s: float = Field(7 * 86400.0, ge=0)
+    log_max_bytes: int = Field(10 * 2**30, ge=0)
 
 
 class RemoteConfig(_Section):
@@ -303,6 +337,11 @@ class RemoteConfig(_Section):
     generation_target: str | None = None
     call_timeout_s: float = Field(30.0, gt=0)
     health_probe_interval_s: float = Field(2.0, gt=0)
+
+    @field_validator("retrieval_target", "generation_target")
+    @classmethod
+    def _target_without_credentials(cls, value: str | None) -> str | None:
+        return _grpc_target(value, "remote target", "server.auth_token") if value else value
 
 
 class RetentionConfig(_Section):
@@ -406,8 +445,27 @@ class Settings(BaseSettings):
         return tuple(sources)
 
     def redacted(self) -> dict[str, Any]:
-        """The effective configuration as plain data, secrets shown as '**********'."""
-        return self.model_dump(mode="json")
+        """The effective configuration as plain data, secrets shown as
+        '**********' and credentials in URLs as ***@."""
+        data = self.model_dump(mode="json")
+        for path in _URL_FIELDS:
+            *parents, name = path
+            section = data
+            for parent in parents:
+                section = section[parent]
+            if section.get(name):
+                section[name] = redact_url(section[name])
+        return data
+
+
+# Settings fields holding a URL or target that may carry user:password@.
+_URL_FIELDS = (
+    ("ingestion", "nats_url"),
+    ("telemetry", "otlp_endpoint"),
+    ("generation", "triton", "url"),
+    ("remote", "retrieval_target"),
+    ("remote", "generation_target"),
+)
 
 
 def redact_url(url: str) -> str:
@@ -417,7 +475,51 @@ def redact_url(url: str) -> str:
     return ",".join(_CREDENTIALS_RE.sub(r"\1***@", part) for part in url.split(","))
 
 
-_CREDENTIALS_RE = re.compile(r"^(\s*[A-Za-z][A-Za-z0-9+.-]*://)?[^@/\s]+@")
+def split_url_credentials(url: str) -> tuple[str, str | None]:
+    """The URL without its user:password@, and that user:password (None
+    when it has none), for clients that take credentials separately."""
+    match = _CREDENTIALS_RE.match(url)
+    if match is None:
+        return url, None
+    scheme = match.group(1) or ""
+    return scheme + url[match.end() :], url[len(scheme) : match.end() - 1]
+
+
+# The user info runs to the last @ before the path: a password may itself
+# contain an unescaped @ (greedy match), never a / (that starts the path).
+_CREDENTIALS_RE = re.compile(r"^(\s*[A-Za-z][A-Za-z0-9+.-]*://)?[^/\s]+@")
+
+
+def read_secret_file(path: Path, what: str) -> str:
+    """A token from a file readable by its owner only (trailing newline
+    dropped); ValueError with what to do when it is missing, open to others
+    or empty."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} {path} cannot be read: {exc}") from None
+    if mode & 0o077:
+        raise ValueError(
+            f"{what} {path} is readable or writable by other users (mode "
+            f"{mode & 0o777:04o}); restrict it with `chmod 600 {path}`"
+        )
+    token = text.strip()
+    if not token:
+        raise ValueError(f"{what} {path} is empty")
+    return token
+
+
+def _grpc_target(value: str, what: str, instead: str) -> str:
+    """Refuse user:password@ in a gRPC target: gRPC has no credentials in
+    its targets (it fails to resolve such a name) and would echo the whole
+    target, password included, in its errors to our callers and logs."""
+    if split_url_credentials(value)[1] is not None:
+        raise ValueError(
+            f"{what} {redact_url(value)!r} must not contain user:password@ (gRPC targets "
+            f"carry no credentials); use HOST:PORT and {instead} instead"
+        )
+    return value
 
 
 class ConfigError(Exception):

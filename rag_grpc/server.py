@@ -285,7 +285,11 @@ class RagServer:
             else:
                 self.job_queue = JobQueue(s.data_dir / "rag.sqlite3")
                 self.ingestion = IngestionManager(
-                    self.job_queue, self.retriever, self.write_executor, s.limits
+                    self.job_queue,
+                    self.retriever,
+                    self.write_executor,
+                    s.limits,
+                    watch_max_s=s.ingestion.watch_max_s,
                 )
             ingestion_service_pb2_grpc.add_IngestionServiceServicer_to_server(
                 IngestionServicer(self.ingestion), server

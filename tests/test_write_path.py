@@ -431,3 +431,73 @@ def test_a_full_disk_is_resource_exhausted_and_changes_nothing(
             store._writer.execute("PRAGMA max_page_count = 1073741823")
         assert client.upsert(big).documents == 3
         assert client.search("glaciers", k=1)[0].document_id.startswith("big")
+
+
+def test_result_and_answer_caches_are_bounded_in_bytes() -> None:
+    from rag_grpc.documents import Hit, SearchResult
+    from rag_grpc.generate.base import Finished, GenerationParams, Usage
+    from rag_grpc.generate.pipeline import AnswerCache, CachedAnswer
+    from rag_grpc.index.search import ResultCache, result_bytes
+
+    def result(i: int) -> SearchResult:
+        return SearchResult([Hit(f"d{i}", f"d{i}#0", 0.5, "x" * 10_000, {})], i)
+
+    one = result_bytes(result(0))
+    results = ResultCache(entries=1000, max_bytes=3 * one)
+    for i in range(10):
+        results.put(("ns", i), result(i))
+    assert results.bytes <= 3 * one and len(results._items) == 3
+    assert results.get(("ns", 9)) is not None and results.get(("ns", 0)) is None
+
+    answers = AnswerCache(entries=1000, max_bytes=50_000)
+    finished = Finished(Usage(1, 1), "extractive", "stop", ())
+    for i in range(10):
+        key = AnswerCache.key(f"question {i}", "ns", GenerationParams(), SearchResult([], i))
+        answers.put(key, CachedAnswer("y" * 10_000, finished, ()))
+    assert answers.bytes <= 50_000 and 1 <= len(answers._items) < 10
+
+
+def test_writes_and_admin_work_never_take_the_search_threads(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    # One search thread: if the write path ran on it, searches would queue
+    # behind the upserts below.
+    server = start_server(server={"worker_threads": 1})
+    with RagClient(server.target) as client:
+        client.upsert(CORPUS)
+        query = client.embed(["lava"])[0]
+        words = " ".join(f"w{i}" for i in range(180))
+        slow = [Document(f"slow-{i}", f"{i} {words}") for i in range(60)]
+        done: list[str] = []
+
+        def upsert(name: str, docs: list[Document]) -> None:
+            with RagClient(server.target, timeout=600) as writer:
+                writer.upsert(docs)
+            done.append(name)
+
+        writers = [threading.Thread(target=upsert, args=(f"w{n}", slow[n::2])) for n in range(2)]
+        for thread in writers:
+            thread.start()
+        time.sleep(0.3)  # both upserts are embedding or writing now
+        for _ in range(20):
+            assert client.search(query, k=1)[0].document_id == "volcano"
+        searched_while_writing = not done
+        for thread in writers:
+            thread.join()
+        assert searched_while_writing, "the searches waited for the writes"
+        assert client.get(["slow-0", "slow-59"])[1] == []
+
+
+def test_a_watch_ends_after_its_maximum_duration(start_server: Callable[..., ServerThread]) -> None:
+    server = start_server(ingestion={"watch_max_s": 1.0})
+    words = " ".join(f"w{i}" for i in range(180))
+    with RagClient(server.target) as client:
+        job = client.submit([Document(f"d{i}", f"{i} {words}") for i in range(300)])
+        watches = []
+        while not watches or watches[-1][-1].state != "SUCCEEDED":
+            started = time.monotonic()
+            watches.append(list(client.watch_job(job, timeout=600)))
+            assert time.monotonic() - started < 60
+        # The first streams ended while the job ran on; watching again went on.
+        assert len(watches) > 1 and watches[0][-1].state in ("QUEUED", "RUNNING")
+        assert watches[-1][-1].processed == 300

@@ -12,6 +12,21 @@
                  so all replicas apply the same writes in the same order and
                  converge. Applying a write twice changes nothing.
 
+<P>_WRITES keeps ingestion.log_max_age_s / log_max_bytes of entries. A replica
+whose position is older than the oldest entry kept (stopped too long, or a
+new one started from nothing after the log dropped its start) would miss
+writes: it stops applying, refuses writes and says how to restore it from a
+peer's backup (which carries the peer's log position).
+
+Forgetting documents (Delete with forget) also erases, from NATS, every log
+entry that carried a version of them (their text and vectors). The process
+that published the forget does it once its replica has applied it: other
+documents of those entries whose latest version they hold are published
+again first (conditional on the log not having moved, so nothing newer is
+overwritten), each erased sequence is recorded in the <P>_ERASED bucket, then
+the entries are erased (NATS overwrites them on disk). A replica that meets a
+missing sequence goes on only if that bucket says it was erased on purpose.
+
 Upsert and Delete calls go through the same log when this backend is on, and
 return once this process has applied them (read-your-writes here; the other
 replicas follow within their lag).
@@ -41,6 +56,7 @@ from rag_grpc.config import IngestionConfig, LimitsConfig, redact_url
 from rag_grpc.documents import Document, WriteResult, resolve_namespace
 from rag_grpc.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     RagError,
@@ -51,7 +67,6 @@ from rag_grpc.filters import Filter
 from rag_grpc.index.retriever import Retriever
 from rag_grpc.index.writes import PreparedDelete, PreparedUpsert
 from rag_grpc.ingest.jobs import (
-    WATCH_MAX_S,
     JobState,
     JobStatus,
     validate_job,
@@ -62,6 +77,7 @@ from rag_grpc.ingest.log_entries import (
     decode_prepared,
     encode_prepared_delete,
     encode_prepared_upsert,
+    only_documents,
 )
 
 log = logging.getLogger(__name__)
@@ -77,6 +93,19 @@ NATS_ERRORS = (
     TimeoutError,
     OSError,
 )
+# JetStream's error for a publish whose Nats-Expected-Last-Sequence is not the
+# stream's last sequence (another write came first).
+WRONG_LAST_SEQUENCE = 10071
+# Tries at republishing the other documents of entries to erase while other
+# writes keep moving the log's end.
+ERASE_ATTEMPTS = 20
+# How often a replica drops its notes of which entries carried which
+# documents for entries the log no longer holds.
+PRUNE_INTERVAL_S = 600.0
+
+
+class _Behind(Exception):
+    """This replica cannot go on following the log (entries it needs are gone)."""
 
 
 @dataclass
@@ -154,6 +183,9 @@ class NatsIngestion:
         self.jobs_stream = f"{prefix}_JOBS"
         self.writes_stream = f"{prefix}_WRITES"
         self.status_bucket = f"{prefix}_STATUS"
+        # Sequences of <P>_WRITES erased on purpose (their other documents
+        # published again), as opposed to dropped by retention.
+        self.erased_bucket = f"{prefix}_ERASED"
         self.jobs_subject = f"{prefix.lower()}.jobs"
         self.writes_subject = f"{prefix.lower()}.writes"
         # The position this store keeps of the log it follows.
@@ -161,7 +193,15 @@ class NatsIngestion:
         self.nc: Any = None
         self.js: Any = None
         self.kv: Any = None
+        self.erased: Any = None
         self.connected = asyncio.Event()
+        # Why this replica stopped applying the log (None while it follows
+        # it); once set, it refuses writes until restored from a backup.
+        self.stalled: str | None = None
+        # Called with that reason when it is set (the server reports the
+        # replica NOT_SERVING).
+        self.stall_listeners: list[Callable[[str], Awaitable[None]]] = []
+        self._prune_at = 0.0
         self.applied = 0
         # The log position this process found in its store at start.
         self.resumed_from = 0
@@ -228,6 +268,7 @@ class NatsIngestion:
                 duplicate_window=120.0,
             )
         )
+        max_age = self.config.log_max_age_s
         await self._ensure_stream(
             api.StreamConfig(
                 name=self.writes_stream,
@@ -235,25 +276,55 @@ class NatsIngestion:
                 retention=api.RetentionPolicy.LIMITS,
                 storage=api.StorageType.FILE,
                 num_replicas=replicas,
-                duplicate_window=120.0,
-            )
+                max_age=max_age,
+                max_bytes=self.config.log_max_bytes or -1,
+                # NATS refuses a de-duplication window longer than max_age.
+                duplicate_window=min(120.0, max_age) if max_age else 120.0,
+            ),
+            retention=True,
         )
-        try:
-            self.kv = await self.js.key_value(self.status_bucket)
-        except nats.js.errors.BucketNotFoundError:
-            self.kv = await self.js.create_key_value(
-                bucket=self.status_bucket, history=1, replicas=replicas
-            )
+        self.kv = await self._bucket(self.status_bucket)
+        self.erased = await self._bucket(self.erased_bucket)
         self.applied = await self._in_thread(self.retriever.store.position, self.log_name)
         self.resumed_from = self.applied
         log.info("following %s from sequence %d", self.writes_stream, self.applied + 1)
         self.connected.set()
 
-    async def _ensure_stream(self, config: api.StreamConfig) -> None:
+    async def _ensure_stream(self, config: api.StreamConfig, retention: bool = False) -> None:
+        """Create the stream, or with retention bring an existing one's limits
+        (max_age, max_bytes) to the configured ones."""
         try:
-            await self.js.stream_info(config.name)
+            info = await self.js.stream_info(config.name)
         except nats.js.errors.NotFoundError:
             await self.js.add_stream(config)
+            return
+        current = info.config
+        wanted = (config.max_age or 0.0, config.max_bytes or -1, config.duplicate_window)
+        now = (current.max_age or 0.0, current.max_bytes or -1, current.duplicate_window or 0.0)
+        if retention and any(abs(a - b) > 1e-3 for a, b in zip(wanted, now, strict=True)):
+            await self.js.update_stream(
+                current.evolve(
+                    max_age=config.max_age,
+                    max_bytes=config.max_bytes,
+                    duplicate_window=config.duplicate_window,
+                )
+            )
+            log.info(
+                "%s now keeps entries for %s s and up to %s bytes (0/-1: no limit; was %s s, %s)",
+                config.name,
+                wanted[0],
+                wanted[1],
+                now[0],
+                now[1],
+            )
+
+    async def _bucket(self, name: str) -> Any:
+        try:
+            return await self.js.key_value(name)
+        except nats.js.errors.BucketNotFoundError:
+            return await self.js.create_key_value(
+                bucket=name, history=1, replicas=self.config.nats_replicas
+            )
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -271,8 +342,7 @@ class NatsIngestion:
             raise
         except NATS_ERRORS as exc:
             raise Unavailable(
-                f"{what} failed: NATS at {self.where}: {exc or type(exc).__name__}; "
-                "retry shortly"
+                f"{what} failed: NATS at {self.where}: {exc or type(exc).__name__}; retry shortly"
             ) from None
 
     # -- jobs ----------------------------------------------------------------
@@ -347,7 +417,8 @@ class NatsIngestion:
     async def watch(self, job_id: str) -> AsyncIterator[JobStatus]:
         """The job's status now and after every change (polled), until it is done."""
         validate_job_id(job_id)
-        async for status in watch_job(self.get, job_id, lambda: asyncio.sleep(0.1), WATCH_MAX_S):
+        wait = self.config.watch_max_s
+        async for status in watch_job(self.get, job_id, lambda: asyncio.sleep(0.1), wait):
             yield status
 
     # -- workers -------------------------------------------------------------
@@ -360,6 +431,11 @@ class NatsIngestion:
         )
         sub = None
         while True:
+            if self.stalled:
+                # Its store is behind: preparing against it would skip
+                # documents as unchanged that the others no longer hold.
+                await asyncio.sleep(1)
+                continue
             try:
                 if sub is None:
                     sub = await self.js.pull_subscribe(
@@ -555,11 +631,63 @@ class NatsIngestion:
                 await self._follow()
             except asyncio.CancelledError:
                 raise
+            except _Behind as exc:
+                await self._stall(str(exc))
+                return
             except Exception:
                 log.exception("following %s; resuming from %d", self.writes_stream, self.applied)
                 await asyncio.sleep(1)
 
+    async def _stall(self, why: str) -> None:
+        """Stop following for good: skipping the missing entries would leave
+        this store silently different from the others."""
+        self.stalled = (
+            f"this replica stopped applying the write log {self.writes_stream} after entry "
+            f"{self.applied}: {why}. It refuses writes, and its searches answer from its store "
+            "as of that entry. Restore it from a recent backup of a replica that is in step: "
+            "`rag-grpc backup --target <that replica> --out peer.rag`, stop this server, move "
+            "its data directory aside, `rag-grpc restore peer.rag --data-dir <its data "
+            "directory>`, and start it again; it resumes the log from the backup's position"
+        )
+        log.error("%s", self.stalled)
+        for listener in self.stall_listeners:
+            try:
+                await listener(self.stalled)
+            except Exception:
+                log.exception("reporting that this replica stopped applying the log")
+
+    async def _check_window(self) -> None:
+        """Raise _Behind when the log no longer holds every entry after this
+        store's position; drop notes of entries it no longer holds."""
+        info = await self.js.stream_info(self.writes_stream)
+        first, last = int(info.state.first_seq), int(info.state.last_seq)
+        if self.applied > last:
+            raise _Behind(
+                f"the log ends at entry {last}, before this store's position: the stream was "
+                "deleted and created again, or this data directory follows another log"
+            )
+        if False:
+            await self._check_gap(self.applied + 1, first)
+        await self._in_thread(
+            lambda: self.retriever.store.drop_log_documents(self.log_name, below=first)
+        )
+        self._prune_at = time.monotonic() + PRUNE_INTERVAL_S
+
+    async def _check_gap(self, start: int, end: int) -> None:
+        """Entries start..end-1 are missing: fine if each was erased on purpose
+        (its other documents published again later), else _Behind."""
+        for seq in range(start, end):
+            try:
+                await self.erased.get(str(seq))
+            except nats.js.errors.KeyNotFoundError:
+                raise _Behind(
+                    f"the log no longer holds entries {start} to {end - 1}, which it has not "
+                    "applied: the log's retention (ingestion.log_max_age_s, log_max_bytes) "
+                    "dropped them"
+                ) from None
+
     async def _follow(self) -> None:
+        await self._check_window()
         if self.applied:
             config = api.ConsumerConfig(
                 deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
@@ -579,6 +707,10 @@ class NatsIngestion:
                 seq = int(msg.metadata.sequence.stream)
                 if seq <= self.applied:
                     continue
+                if False:
+                    await self._check_gap(self.applied + 1, seq)
+                if time.monotonic() > self._prune_at:
+                    await self._check_window()
                 result = await self._in_thread(self._apply, msg.data, seq)
                 async with self._applied_changed:
                     self.applied = seq
@@ -604,6 +736,15 @@ class NatsIngestion:
                 raise InvalidArgument(f"malformed write: {exc}") from None
             prepared = decode_prepared(record)
             if isinstance(prepared, PreparedUpsert):
+                # Noted before the write is applied (a fact about the log,
+                # whatever the write's outcome here), so a forget finds every
+                # entry holding the documents even if this process stops between.
+                self.retriever.store.record_log_documents(
+                    self.log_name,
+                    seq,
+                    prepared.namespace,
+                    [d.id for d in prepared.documents if isinstance(d.id, str)],
+                )
                 return writes.apply_upsert(prepared, position)
             return writes.apply_delete(prepared, position)
         except (RagError, ValueError, TypeError) as exc:
@@ -620,12 +761,13 @@ class NatsIngestion:
     async def upsert(self, namespace: str, documents: Sequence[Document]) -> WriteResult:
         """Prepare here, publish to the log, return once applied here."""
         await self._ready()
+        self._check_following()
         prepared = await self._in_thread(self.retriever.prepare_upsert, namespace, documents)
         if not prepared.documents:
             generation = self.retriever.store.generation(prepared.namespace)
             return WriteResult(0, 0, generation, unchanged=len(prepared.unchanged))
         self.retriever.writes.check_upsert(prepared)
-        result = await self._write(encode_prepared_upsert(prepared))
+        result, _ = await self._write(encode_prepared_upsert(prepared))
         return WriteResult(
             len(prepared.documents),
             len(prepared.chunks),
@@ -645,6 +787,7 @@ class NatsIngestion:
         """Publish the deletion to the log, return once applied here. A
         filter is resolved to ids here, where the replicas' (converged)
         documents are the same."""
+        self._check_following()
         writes = self.retriever.writes
         prepared = await self._in_thread(
             lambda: writes.prepare_delete(
@@ -654,12 +797,52 @@ class NatsIngestion:
         return await self.apply_delete(prepared)
 
     async def apply_delete(self, prepared: PreparedDelete) -> WriteResult:
-        """Publish a prepared deletion (checked as the appliers will check it)."""
+        """Publish a prepared deletion (checked as the appliers will check it);
+        a forget then erases the forgotten documents from the log."""
         self.retriever.writes.check_delete(prepared)
+        if prepared.forget and not self.config.apply:
+            raise FailedPrecondition(
+                "this process does not apply the write log (ingestion.apply = false), so it "
+                "cannot tell when the forgotten documents can be erased from NATS; send "
+                "forget deletions to a replica"
+            )
         await self._ready()
-        return await self._write(encode_prepared_delete(prepared))
+        self._check_following()
+        try:
+            result, seq = await self._write(encode_prepared_delete(prepared))
+        except DeadlineExceeded as exc:
+            if not prepared.forget:
+                raise
+            raise DeadlineExceeded(
+                f"{exc}; then run the same forget again to erase the documents from the log"
+            ) from None
+        if prepared.forget:
+            await self._erase_from_log(prepared.namespace, prepared.ids, seq)
+        return result
 
-    async def _write(self, payload: dict[str, Any]) -> WriteResult:
+    def _check_following(self) -> None:
+        if self.stalled:
+            raise Unavailable(self.stalled)
+
+    async def _wait_applied(self, seq: int) -> None:
+        """Return once this replica has applied the log up to seq."""
+        timeout = deadlines.remaining(self.config.apply_timeout_s)
+        try:
+            async with self._applied_changed:
+                await asyncio.wait_for(
+                    self._applied_changed.wait_for(
+                        lambda: self.applied >= seq or self.stalled is not None
+                    ),
+                    timeout,
+                )
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the write is in the log (sequence {seq}) but this replica has not applied "
+                f"it within {timeout:.1f} s; it will be applied, check again later"
+            ) from None
+        self._check_following()
+
+    async def _write(self, payload: dict[str, Any]) -> tuple[WriteResult, int]:
         data = json.dumps(payload).encode()
         if len(data) > self.nc.max_payload - PAYLOAD_MARGIN:
             raise InvalidArgument(
@@ -672,19 +855,139 @@ class NatsIngestion:
         )
         seq = int(ack.seq)
         if not self.config.apply:
-            return WriteResult(0, 0, 0)
-        timeout = deadlines.remaining(self.config.apply_timeout_s)
-        try:
-            async with self._applied_changed:
-                await asyncio.wait_for(
-                    self._applied_changed.wait_for(lambda: self.applied >= seq), timeout
-                )
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"the write is in the log (sequence {seq}) but this replica has not applied "
-                f"it within {timeout:.1f} s; it will be applied, check again later"
-            ) from None
+            return WriteResult(0, 0, 0), seq
+        await self._wait_applied(seq)
         outcome = self._results.pop(seq, WriteResult(0, 0, 0))
         if isinstance(outcome, RagError):
             raise outcome
-        return outcome
+        return outcome, seq
+
+    # -- erasing forgotten documents from the log -------------------------------
+
+    async def _erase_from_log(
+        self, namespace: str, doc_ids: Sequence[str], forget_seq: int
+    ) -> None:
+        """Erase every entry before the forget that carried a version of these
+        documents, once the other documents those entries hold are safe."""
+        store = self.retriever.store
+        carried = await self._in_thread(store.log_documents, self.log_name, namespace, doc_ids)
+        seqs = sorted({s for found in carried.values() for s in found if s < forget_seq})
+        if not seqs:
+            return
+        try:
+            doomed, republished = await self._republish_others(namespace, set(doc_ids), seqs)
+            # Recorded before erasing: a replica that then finds the entry
+            # missing must know it was erased on purpose, not dropped.
+            for seq in doomed:
+                await self.erased.put(str(seq), str(forget_seq).encode())
+            for seq in doomed:
+                await self._erase_entry(seq)
+        except NATS_ERRORS as exc:
+            raise Unavailable(
+                f"the documents are forgotten by the replicas, but erasing their copies from "
+                f"the NATS log at {self.where} failed: {exc or type(exc).__name__}; run the same "
+                "forget again to finish"
+            ) from None
+        await self._in_thread(lambda: store.drop_log_documents(self.log_name, seqs=seqs))
+        log.info(
+            "erased %d entries of %s that held forgotten documents of %s "
+            "(%d other documents published again first)",
+            len(doomed),
+            self.writes_stream,
+            namespace,
+            republished,
+        )
+
+    async def _republish_others(
+        self, namespace: str, forgotten: set[str], seqs: list[int]
+    ) -> tuple[list[int], int]:
+        """Publish again the other documents of the entries to erase whose
+        latest version they hold, so a replica that has not applied those
+        entries yet still ends with them. Returns the entries to erase and
+        how many documents were published again.
+
+        Decided on this replica's store at the log's end and published only
+        if the log has not moved since (Nats-Expected-Last-Sequence): a
+        newer write to one of those documents is never overwritten."""
+        store = self.retriever.store
+        for _ in range(ERASE_ATTEMPTS):
+            info = await self.js.stream_info(self.writes_stream)
+            last = int(info.state.last_seq)
+            await self._wait_applied(last)
+            if await self._in_thread(store.position, self.log_name) != last:
+                continue  # written meanwhile; decide again at the new end
+            doomed: list[int] = []
+            keep: list[PreparedUpsert] = []
+            for seq in seqs:
+                try:
+                    msg = await self.js.get_msg(self.writes_stream, seq)
+                except nats.js.errors.NotFoundError:
+                    continue  # dropped by retention, or erased by an earlier forget
+                try:
+                    entry = decode_prepared(json.loads(msg.data))
+                except (ValueError, InvalidArgument):
+                    doomed.append(seq)  # nothing in it was ever applied
+                    continue
+                if not isinstance(entry, PreparedUpsert) or entry.namespace != namespace:
+                    continue
+                ids = {d.id for d in entry.documents}
+                if not ids & forgotten:
+                    continue
+                doomed.append(seq)
+                if ids - forgotten:
+                    keep.append(await self._in_thread(self._latest_in, entry, seq, forgotten))
+            if await self._in_thread(store.position, self.log_name) != last:
+                continue
+            expected, count = last, 0
+            try:
+                for part in keep:
+                    if not part.documents:
+                        continue
+                    payload = json.dumps(encode_prepared_upsert(part)).encode()
+                    ack = await self.js.publish(
+                        self.writes_subject,
+                        payload,
+                        headers={"Nats-Expected-Last-Sequence": str(expected)},
+                    )
+                    expected, count = int(ack.seq), count + len(part.documents)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != WRONG_LAST_SEQUENCE:
+                    raise
+                # Another write came first. What was published is the latest
+                # version of its documents at that point, so harmless; decide again.
+                continue
+            return doomed, count
+        raise Unavailable(
+            f"the documents are forgotten by the replicas, but writes kept arriving while "
+            f"{ERASE_ATTEMPTS} tries to erase their copies from the log ran; run the same "
+            "forget again to finish"
+        )
+
+    def _latest_in(self, entry: PreparedUpsert, seq: int, forgotten: set[str]) -> PreparedUpsert:
+        """The documents of the entry (not forgotten) that this store holds as
+        the entry wrote them and that no later entry carries."""
+        store = self.retriever.store
+        others = [d for d in entry.documents if d.id not in forgotten]
+        same = store.unchanged(entry.namespace, others)
+        carried = store.log_documents(self.log_name, entry.namespace, list(same))
+        return only_documents(entry, {i for i in same if carried.get(i, [seq])[-1] == seq})
+
+    async def _erase_entry(self, seq: int) -> None:
+        # The JetStream API itself, to say no_erase = false: NATS overwrites
+        # the message where it lies on disk instead of only unlinking it.
+        reply = await self.nc.request(
+            f"$JS.API.STREAM.MSG.DELETE.{self.writes_stream}",
+            json.dumps({"seq": seq, "no_erase": False}).encode(),
+            timeout=self.config.connect_timeout_s,
+        )
+        error = json.loads(reply.data).get("error")
+        if not error:
+            return
+        try:
+            await self.js.get_msg(self.writes_stream, seq)
+        except nats.js.errors.NotFoundError:
+            return  # gone already (retention, or another forget erased it)
+        raise Unavailable(
+            f"NATS at {self.where} did not erase entry {seq} of {self.writes_stream}: "
+            f"{error.get('description', error)}; run the same forget again to finish"
+        )
