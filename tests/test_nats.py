@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,11 @@ def counts(client: RagClient) -> dict[str, tuple[int, int]]:
     return {n.name: (n.documents, n.vectors) for n in client.stats().namespaces}
 
 
+def holds(client: RagClient, expected: dict[str, tuple[int, int]]) -> Callable[[], bool]:
+    """A wait_for condition: the client's server holds these (documents, vectors) per namespace."""
+    return lambda: counts(client) == expected
+
+
 def answers(client: RagClient, queries: list[str]) -> list[list[tuple[str, float]]]:
     return [[(h.chunk_id, round(h.score, 5)) for h in client.search(q, k=5)] for q in queries]
 
@@ -126,7 +132,7 @@ def test_workers_share_the_queue_and_replicas_converge(
         assert final.state == "SUCCEEDED"
         assert (final.processed, final.failed, final.chunks) == (60, 0, 60)
         for client in (ca, cb, cc):
-            wait_for(lambda client=client: counts(client) == {"default": (60, 60)})
+            wait_for(holds(client, {"default": (60, 60)}))
         queries = ["hot lava", "coffee", "chess openings", "sea level"]
         assert answers(ca, queries) == answers(cb, queries) == answers(cc, queries)
         # Both workers took batches from the shared queue; the search-only replica none.
@@ -143,7 +149,7 @@ def test_workers_share_the_queue_and_replicas_converge(
         deleted = ca.delete(["chess", "doc-0"])
         assert deleted.documents == 2
         for client in (ca, cb, cc):
-            wait_for(lambda client=client: counts(client)["default"] == (63, 63))
+            wait_for(holds(client, {"default": (63, 63)}))
         assert answers(ca, queries) == answers(cb, queries) == answers(cc, queries)
         # Re-submitting the same documents changes nothing anywhere.
         again = list(ca.watch_job(ca.submit(docs[1:]), timeout=120))[-1]
@@ -350,3 +356,182 @@ def test_a_new_replica_starts_from_a_backup_and_the_log_position_it_holds(
     wait_for(lambda: replica.applied == log.applied)
     assert replica.resumed_from == position
     assert c.server.store.position(replica.log_name) == log.applied > position
+
+
+def stream_state(server: ServerThread) -> Any:
+    log = server.server.nats
+    assert log is not None
+    return run_on(server, log.js.stream_info(log.writes_stream))
+
+
+def test_log_retention_settings_reach_a_new_and_an_existing_stream(
+    start_server: Callable[..., ServerThread], nats_server: Nats, tmp_path: Path
+) -> None:
+    first = start_server(tmp_path / "a", **on_nats(nats_server.url))
+    wait_for(lambda: first.server.nats is not None and first.server.nats.connected.is_set())
+    config = stream_state(first).config
+    assert (config.max_age, config.max_bytes) == (7 * 86400, 10 * 2**30)
+    first.stop()
+    # Changed settings are applied to the stream the next process finds.
+    again = start_server(
+        tmp_path / "a", **on_nats(nats_server.url, log_max_age_s=30, log_max_bytes=2**20)
+    )
+    wait_for(lambda: again.server.nats is not None and again.server.nats.connected.is_set())
+    config = stream_state(again).config
+    assert (config.max_age, config.max_bytes) == (30, 2**20)
+    # NATS refuses a de-duplication window longer than max_age.
+    assert config.duplicate_window == 30
+
+
+def test_a_replica_behind_the_logs_retention_stops_and_a_peers_backup_brings_it_back(
+    start_server: Callable[..., ServerThread], nats_server: Nats, tmp_path: Path
+) -> None:
+    from tests.test_cli import cli
+
+    # Room for a handful of entries (one document and its vector: ~2.5 KB each).
+    settings = on_nats(nats_server.url, log_max_bytes=16_000)
+    a = start_server(tmp_path / "a", **settings)
+    b = start_server(tmp_path / "b", services=["retrieval", "admin"], **settings)
+    log, lagging = a.server.nats, b.server.nats
+    assert log is not None and lagging is not None
+    docs = documents(20)
+    with RagClient(a.target) as ca:
+        wait_for(log.connected.is_set)
+        for doc in docs[:2]:
+            ca.upsert([doc])
+        with RagClient(b.target) as cb:
+            wait_for(holds(cb, {"default": (2, 2)}))
+        position = lagging.applied
+        b.stop()
+        # Written while b is down: more than the log keeps.
+        for doc in docs[2:]:
+            ca.upsert([doc])
+        ca.delete(["doc-0"])
+        wait_for(holds(ca, {"default": (19, 19)}))
+        assert stream_state(a).state.first_seq > position + 1
+
+    # Back, it does not skip what the log dropped: it stops where it was,
+    # says so and how to recover, and refuses writes.
+    b2 = start_server(tmp_path / "b", services=["retrieval", "admin"], **settings)
+    stale = b2.server.nats
+    assert stale is not None and b2.server.store is not None
+    wait_for(lambda: stale.stalled is not None)
+    assert stale.stalled is not None
+    assert "retention" in stale.stalled and "rag-grpc backup --target" in stale.stalled
+    assert "rag-grpc restore" in stale.stalled
+    with RagClient(b2.target) as cb:
+        with pytest.raises(RpcError) as refused:
+            cb.upsert(CORPUS[:1])
+        assert refused.value.code == "UNAVAILABLE"
+        assert "stopped applying the write log" in refused.value.message
+        assert counts(cb) == {"default": (2, 2)}
+    assert b2.server.store.position(stale.log_name) == position
+    # A new replica starting from nothing would miss the dropped entries too.
+    fresh = start_server(tmp_path / "fresh", services=["retrieval", "admin"], **settings)
+    wait_for(lambda: fresh.server.nats is not None and fresh.server.nats.stalled is not None)
+    b2.stop()
+
+    # The recovery the message gives: a backup of a replica in step, restored
+    # in place of the stale data directory.
+    archive = tmp_path / "peer.rag"
+    made = cli("backup", "--target", a.target, "--out", str(archive), "--unencrypted")
+    assert made.returncode == 0, made.stderr
+    (tmp_path / "b").rename(tmp_path / "b.stale")
+    restored = cli("restore", str(archive), "--data-dir", str(tmp_path / "b"))
+    assert restored.returncode == 0, restored.stderr
+    b3 = start_server(tmp_path / "b", services=["retrieval", "admin"], **settings)
+    back = b3.server.nats
+    assert back is not None
+    with RagClient(a.target) as ca, RagClient(b3.target) as cb:
+        wait_for(back.connected.is_set)
+        wait_for(holds(cb, {"default": (19, 19)}))
+        ca.upsert(CORPUS[:2])
+        wait_for(holds(cb, {"default": (21, 21)}))
+        queries = ["hot lava", "coffee", "chess openings", "sea level"]
+        assert answers(ca, queries) == answers(cb, queries)
+        assert cb.get(["doc-0"]) == ([], ["doc-0"])
+    assert back.stalled is None and back.applied == log.applied
+
+
+def log_entries(server: ServerThread) -> dict[int, bytes]:
+    """Every entry the write log still holds, by sequence."""
+    import nats.js.errors
+
+    log = server.server.nats
+    assert log is not None
+    state = stream_state(server).state
+
+    async def read() -> dict[int, bytes]:
+        found = {}
+        for seq in range(state.first_seq, state.last_seq + 1):
+            try:
+                found[seq] = (await log.js.get_msg(log.writes_stream, seq)).data
+            except nats.js.errors.NotFoundError:
+                pass
+        return found
+
+    return dict(run_on(server, read()))
+
+
+def stored(client: RagClient, ids: list[str]) -> dict[str, str]:
+    found, _ = client.get(ids)
+    return {d.id: d.text for d in found}
+
+
+def test_forget_erases_the_documents_from_the_nats_log_and_keeps_the_others(
+    start_server: Callable[..., ServerThread], nats_server: Nats, tmp_path: Path
+) -> None:
+    settings = on_nats(nats_server.url)
+    a = start_server(tmp_path / "a", **settings)
+    b = start_server(tmp_path / "b", services=["retrieval", "admin"], **settings)
+    log = a.server.nats
+    assert log is not None
+    secret = Document("secret", "Margaret Oyelaran lives at 12 Quillfeather Lane.", {})
+    moved = Document("secret", "Margaret Oyelaran moved to 7 Brackenhurst Row.", {})
+    keep = documents(5, "keep")
+    newer = Document("keep-0", "Note 0, rewritten: volcanoes and their ash clouds.", {})
+    ids = ["secret", *(d.id for d in keep)]
+    with RagClient(a.target) as ca:
+        wait_for(log.connected.is_set)
+        # The secret shares its entries with other documents, in two versions.
+        ca.upsert([secret, keep[0], keep[1]])
+        with RagClient(b.target) as cb:
+            wait_for(holds(cb, {"default": (3, 3)}))
+        b.stop()  # b lags behind what follows
+        ca.upsert([keep[2], moved, keep[3]])
+        ca.upsert([newer, keep[4]])  # keep-0's first version is not its latest
+        ca.delete(["keep-3"])  # nor is keep-3 alive: neither may come back
+        before = log_entries(a)
+        assert sum(b"Oyelaran" in data for data in before.values()) == 2
+        result = ca.delete(["secret"], forget=True)
+        assert result.documents == 1
+        survivors = {"keep-0": newer.text, "keep-1": keep[1].text, "keep-2": keep[2].text}
+        survivors["keep-4"] = keep[4].text
+        assert stored(ca, ids) == survivors
+
+        # Nothing the log holds carries the secret, nor does the NATS store on disk.
+        after = log_entries(a)
+        assert not [seq for seq, data in after.items() if b"Oyelaran" in data]
+        assert not [seq for seq in before if b"Oyelaran" in before[seq] and seq in after]
+        on_disk = [
+            p
+            for p in (tmp_path / "jetstream").rglob("*")
+            if p.is_file() and b"Oyelaran" in p.read_bytes()
+        ]
+        assert not on_disk
+        # The other documents of the erased entries are in the log again.
+        again = b"".join(data for seq, data in after.items() if seq > max(before))
+        assert keep[1].text.encode() in again and keep[2].text.encode() in again
+
+    # b, which had applied the first erased entry and not the second, and a
+    # new replica replaying the log from its start both end with the survivors.
+    b2 = start_server(tmp_path / "b", services=["retrieval", "admin"], **settings)
+    c = start_server(tmp_path / "c", services=["retrieval", "admin"], **settings)
+    for replica in (b2, c):
+        follower = replica.server.nats
+        assert follower is not None
+        with RagClient(replica.target) as client:
+            wait_for(holds(client, {"default": (4, 4)}))
+            assert stored(client, ids) == survivors
+        assert follower.stalled is None
+        wait_for(partial(lambda f: f.applied == log.applied, follower))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Collection
 
 import numpy as np
 
@@ -94,6 +95,17 @@ def encode_prepared_delete(prepared: PreparedDelete) -> dict[str, object]:
         "actor": prepared.actor,
         "older_than": prepared.older_than,
     }
+
+
+def only_documents(prepared: PreparedUpsert, doc_ids: Collection[str]) -> PreparedUpsert:
+    """The part of a prepared upsert that writes these documents (and their
+    chunks), with the original write time."""
+    return PreparedUpsert(
+        prepared.namespace,
+        tuple(d for d in prepared.documents if d.id in doc_ids),
+        tuple(c for c in prepared.chunks if c.doc_id in doc_ids),
+        written_at=prepared.written_at,
+    )
 
 
 def entry_bytes(entry: dict[str, object]) -> bytes:

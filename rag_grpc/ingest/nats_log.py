@@ -666,7 +666,7 @@ class NatsIngestion:
                 f"the log ends at entry {last}, before this store's position: the stream was "
                 "deleted and created again, or this data directory follows another log"
             )
-        if False:
+        if self.applied + 1 < first:
             await self._check_gap(self.applied + 1, first)
         await self._in_thread(
             lambda: self.retriever.store.drop_log_documents(self.log_name, below=first)
@@ -707,7 +707,7 @@ class NatsIngestion:
                 seq = int(msg.metadata.sequence.stream)
                 if seq <= self.applied:
                     continue
-                if False:
+                if seq > self.applied + 1:
                     await self._check_gap(self.applied + 1, seq)
                 if time.monotonic() > self._prune_at:
                     await self._check_window()

@@ -44,6 +44,18 @@ CREATE TABLE IF NOT EXISTS log_positions (
     log TEXT PRIMARY KEY,
     seq INTEGER NOT NULL
 );
+-- Which write-log entries carry each document's content (text and vectors),
+-- so forgetting a document can erase every entry that holds a version of it.
+-- A fact about the log, recorded before the entry is applied: rows go with
+-- the entries (pruned below the log's first sequence, dropped once erased).
+CREATE TABLE IF NOT EXISTS log_documents (
+    namespace TEXT NOT NULL,
+    doc_id TEXT NOT NULL,
+    log TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (namespace, doc_id, log, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS log_documents_by_seq ON log_documents (log, seq);
 CREATE TABLE IF NOT EXISTS namespaces (
     name TEXT PRIMARY KEY,
     generation INTEGER NOT NULL DEFAULT 0,
@@ -406,6 +418,61 @@ class DocumentStore:
             self._reader().execute("SELECT seq FROM log_positions WHERE log = ?", (log,)).fetchone()
         )
         return int(row[0]) if row else 0
+
+    def record_log_documents(
+        self, log: str, seq: int, namespace: str, doc_ids: Sequence[str]
+    ) -> None:
+        """Note that entry seq of the log carries these documents' content."""
+        with self._write_lock:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO log_documents (namespace, doc_id, log, seq) "
+                    "VALUES (?, ?, ?, ?)",
+                    [(namespace, doc_id, log, seq) for doc_id in doc_ids],
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def log_documents(
+        self, log: str, namespace: str, doc_ids: Sequence[str]
+    ) -> dict[str, list[int]]:
+        """The log entries known to carry each of these documents, by id."""
+        found: dict[str, list[int]] = {}
+        conn = self._reader()
+        for doc_id in dict.fromkeys(doc_ids):
+            rows = conn.execute(
+                "SELECT seq FROM log_documents WHERE namespace = ? AND doc_id = ? AND log = ? "
+                "ORDER BY seq",
+                (namespace, doc_id, log),
+            )
+            seqs = [int(row[0]) for row in rows]
+            if seqs:
+                found[doc_id] = seqs
+        return found
+
+    def drop_log_documents(self, log: str, *, seqs: Sequence[int] = (), below: int = 0) -> None:
+        """Forget the rows of erased entries (seqs) and of entries the log no
+        longer holds (below its first sequence)."""
+        with self._write_lock:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    "DELETE FROM log_documents WHERE log = ? AND seq = ?",
+                    [(log, seq) for seq in seqs],
+                )
+                if below:
+                    conn.execute(
+                        "DELETE FROM log_documents WHERE log = ? AND seq < ?", (log, below)
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
 
     @staticmethod
     def _bump(conn: sqlite3.Connection, namespace: str) -> int:
