@@ -62,7 +62,8 @@ class ReferenceEncoder:
                 f"{p}.attention.output.LayerNorm",
             )
             inner = self._linear(x, f"{p}.intermediate.dense")
-            gelu = 0.5 * inner * (1.0 + _erf(inner / math.sqrt(2.0)).astype(np.float64))
+            erf = np.asarray(_erf(inner / math.sqrt(2.0)), dtype=np.float64)
+            gelu = 0.5 * inner * (1.0 + erf)
             x = self._layer_norm(
                 x + self._linear(gelu, f"{p}.output.dense"), f"{p}.output.LayerNorm"
             )

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,7 +31,9 @@ def make_data(seed: int, n: int = N, dim: int = DIM) -> np.ndarray:
     return data.astype(np.float32)
 
 
-def exact(space: str, data: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int):
+def exact(
+    space: str, data: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     if space == "l2":
         dist = ((queries[:, None, :] - data[None, :, :]) ** 2).sum(-1)
     else:
@@ -47,7 +50,7 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / truth.size
 
 
-def build(space: str, data: np.ndarray, labels: np.ndarray, **kwargs: int) -> VectorIndex:
+def build(space: str, data: np.ndarray, labels: np.ndarray, **kwargs: Any) -> VectorIndex:
     index = VectorIndex(DIM, space, max_elements=256, M=16, ef_construction=100, **kwargs)
     index.add(data, labels)
     return index

@@ -493,7 +493,7 @@ def test_a_watch_ends_after_its_maximum_duration(start_server: Callable[..., Ser
     words = " ".join(f"w{i}" for i in range(180))
     with RagClient(server.target) as client:
         job = client.submit([Document(f"d{i}", f"{i} {words}") for i in range(300)])
-        watches = []
+        watches: list[list[Any]] = []
         while not watches or watches[-1][-1].state != "SUCCEEDED":
             started = time.monotonic()
             watches.append(list(client.watch_job(job, timeout=600)))
