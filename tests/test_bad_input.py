@@ -175,19 +175,6 @@ def test_message_over_the_size_limit(start_server: Callable[..., ServerThread]) 
         assert snapshot(client) == before
 
 
-def test_already_expired_deadline(unchanged: RagClient) -> None:
-    stub = retrieval_service_pb2_grpc.RetrievalServiceStub(unchanged.channel)
-    upsert = retrieval_pb2.UpsertRequest(documents=[common_pb2.Document(id="late", text="late")])
-    for call, request in (
-        (stub.Search, retrieval_pb2.SearchRequest(text="lava")),
-        (stub.Upsert, upsert),
-    ):
-        with pytest.raises(grpc.RpcError) as info:
-            call(request, timeout=0)
-        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert unchanged.get(["late"]) == ([], ["late"])
-
-
 def test_empty_requests(unchanged: RagClient) -> None:
     expect("INVALID_ARGUMENT", lambda: unchanged.upsert([]), "at least one document")
     expect("INVALID_ARGUMENT", lambda: unchanged.get([]), "at least one")
