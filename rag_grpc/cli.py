@@ -7,13 +7,14 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from rag_grpc.config import ConfigError, Settings, load_settings
+from rag_grpc.config import ConfigError, Settings, load_settings, read_secret_file
 from rag_grpc.documents import Document, Hit
 
 DEFAULT_TARGET = "localhost:50051"
@@ -31,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, UsageError) as exc:
-        print(f"rag-grpc: {exc}", file=sys.stderr)
+        print(f"rag-grpc: {shown(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -39,9 +40,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         from rag_grpc.client import RpcError
 
         if isinstance(exc, RpcError):
-            print(f"rag-grpc: {exc.code}: {exc.message}", file=sys.stderr)
+            print(f"rag-grpc: {exc.code}: {shown(exc.message)}", file=sys.stderr)
             return 1
         raise
+
+
+# What documents.printable escapes (C0 and C1 controls, DEL, bidi controls,
+# lone surrogates), less tab and newline where a text keeps its lines. Data
+# from a server or a file must not drive the terminal (colours, cursor moves,
+# a title) or reorder what a reader sees (Trojan Source).
+_UNSAFE_IN_LINE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+_UNSAFE_IN_TEXT = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+
+
+def shown(text: str, *, keep_lines: bool = False) -> str:
+    """text safe to print: each control or bidi character as \\uXXXX (the
+    JSON escape, so JSON output stays valid and decodes to the original)."""
+    unsafe = _UNSAFE_IN_TEXT if keep_lines else _UNSAFE_IN_LINE
+    return unsafe.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _json(value: Any) -> str:
+    """One line of JSON that prints safely: json escapes C0 controls itself;
+    C1, bidi controls and lone surrogates (kept by ensure_ascii=False) are
+    escaped by `shown`."""
+    return shown(json.dumps(value, ensure_ascii=False))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -138,10 +165,16 @@ def _parser() -> argparse.ArgumentParser:
         )
         cmd.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
         cmd.add_argument(
-            "--token",
-            default=os.environ.get("RAG_GRPC_TOKEN"),
-            help="bearer token, if the server requires one (default $RAG_GRPC_TOKEN)",
+            "--token-file",
+            type=Path,
+            default=os.environ.get("RAG_GRPC_TOKEN_FILE"),
+            help="file holding the bearer token, if the server requires one (owner-only, "
+            "chmod 600; default $RAG_GRPC_TOKEN_FILE, else the token in $RAG_GRPC_TOKEN)",
         )
+        # Refused with a message rather than dropped: argparse would take an
+        # unknown --token as an abbreviation of --token-file and then name the
+        # token itself in its "cannot read file" error.
+        cmd.add_argument("--token", help=argparse.SUPPRESS)
         cmd.add_argument("--namespace", default="", help="namespace (default: default)")
         return cmd
 
@@ -200,6 +233,15 @@ def _parser() -> argparse.ArgumentParser:
     # The deadline covers the whole stream, so a backup gets hours, not a minute.
     backup.set_defaults(func=_backup, timeout=6 * 3600.0)
 
+    compact = sub.add_parser(
+        "compact",
+        help="reclaim deleted vectors and database space in a data dir no server is using",
+    )
+    compact.add_argument("--data-dir", type=Path, help="data directory (default ./data)")
+    compact.add_argument("--config", type=Path, help="TOML configuration file")
+    compact.add_argument("--namespace", help="only this namespace (default: all)")
+    compact.set_defaults(func=_compact)
+
     stats = client_command("stats", "sizes, models and version of a server")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=_stats)
@@ -249,11 +291,22 @@ def _configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.logging.level, handlers=[handler])
 
 
+def _private_files() -> None:
+    """Files this process creates from now on are its user's alone.
+
+    The store makes rag.sqlite3 (and SQLite its -wal/-shm) 0600 itself, but
+    the index files are written by native code and the model exports by ONNX
+    tooling, both with the process umask (0644 under the usual 022): a umask
+    at process start covers every file, including ones added later."""
+    os.umask(0o077)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from rag_grpc.demo import pydoc_topics
     from rag_grpc.embed.model_files import ModelFilesError
     from rag_grpc.server import serve
 
+    _private_files()
     settings = _settings(args)
     _configure_logging(settings)
     seed = pydoc_topics() if args.seed_demo else None
@@ -299,6 +352,77 @@ def _restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compact(args: argparse.Namespace) -> int:
+    from rag_grpc.embed.chunking import TokenChunker
+    from rag_grpc.embed.loader import load_encoder
+    from rag_grpc.embed.model_files import ModelFilesError
+    from rag_grpc.errors import RagError
+    from rag_grpc.index.retriever import Retriever
+    from rag_grpc.store.sqlite import DocumentStore
+
+    _private_files()
+    settings = _settings(args)
+    database = settings.data_dir / "rag.sqlite3"
+    if not database.is_file():
+        raise UsageError(f"{database} does not exist: nothing to compact in {settings.data_dir}")
+    _refuse_if_in_use(database)
+    bytes_before = _database_bytes(database)
+    try:
+        # The index is rebuilt from the stored vectors; the model is loaded
+        # only for what the server would check too (dimension, tokenizer).
+        encoder = load_encoder(settings.embedding, settings.data_dir)
+    except ModelFilesError as exc:
+        raise UsageError(str(exc)) from None
+    store = DocumentStore(database)
+    try:
+        chunker = TokenChunker(
+            encoder.spec.tokenizer, settings.chunking.chunk_tokens, settings.chunking.overlap_tokens
+        )
+        retriever = Retriever(
+            store, encoder, chunker, settings.data_dir / "index", settings.index, settings.limits
+        )
+        try:
+            slots = retriever.compact(args.namespace or None)
+        except RagError as exc:
+            raise UsageError(str(exc)) from None
+        retriever.save_indexes()
+    finally:
+        store.close()
+    for namespace, (before, after) in sorted(slots.items()):
+        print(f"{shown(namespace)}: index slots {before} -> {after}")
+    print(f"database: {bytes_before} -> {_database_bytes(database)} bytes")
+    return 0
+
+
+def _refuse_if_in_use(database: Path) -> None:
+    """UsageError when another process has the database open (a server).
+
+    Compacting under a running server would rewrite index files it goes on
+    using and saves over at stop. SQLite grants exclusive locking mode on a
+    WAL database only while no other connection has it open, idle ones
+    included, so this asks SQLite rather than guessing from files."""
+    import sqlite3
+
+    conn = sqlite3.connect(database, timeout=0.5, isolation_level=None)
+    try:
+        conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.execute("COMMIT")
+    except sqlite3.OperationalError:
+        raise UsageError(
+            f"{database} is in use by another process (a running server?): stop it, then "
+            "compact; a running server compacts by itself (index.compact_deleted_fraction)"
+        ) from None
+    finally:
+        conn.close()
+
+
+def _database_bytes(database: Path) -> int:
+    """The database and its write-ahead log, as they take space on disk."""
+    wal = database.with_name(database.name + "-wal")
+    return database.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+
+
 def _descriptor(args: argparse.Namespace) -> int:
     from rag_grpc.pb import descriptor_set
 
@@ -341,6 +465,7 @@ def _model_export(args: argparse.Namespace) -> int:
 
     # Before ONNX Runtime's quantisers are imported: they call basicConfig at INFO.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _private_files()
     settings = _model_settings(args)
     e = settings.embedding
     requested = args.variant or e.variant
@@ -451,14 +576,30 @@ def _backup(args: argparse.Namespace) -> int:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     kind = "encrypted (AES-256-GCM)" if last.encrypted else "UNENCRYPTED"
-    print(f"wrote {args.out}: {size} bytes, {kind}, sha256 {last.sha256}")
+    print(f"wrote {args.out}: {size} bytes, {kind}, sha256 {shown(last.sha256)}")
     return 0
 
 
 def _client(args: argparse.Namespace) -> Any:
     from rag_grpc.client import RagClient
 
-    return RagClient(args.target, timeout=args.timeout, token=args.token)
+    return RagClient(args.target, timeout=args.timeout, token=_token(args))
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The bearer token from --token-file or the environment, never argv."""
+    if args.token is not None:
+        raise UsageError(
+            "--token is not accepted: the command line is visible to every user of this "
+            "machine (ps, /proc); give the token in a file readable only by you with "
+            "--token-file FILE (or $RAG_GRPC_TOKEN_FILE), or in $RAG_GRPC_TOKEN"
+        )
+    if args.token_file:
+        try:
+            return read_secret_file(Path(args.token_file), "token file")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    return os.environ.get("RAG_GRPC_TOKEN") or None
 
 
 def _parse_filter(text: str | None) -> Any:
@@ -493,11 +634,11 @@ def _search(args: argparse.Namespace) -> int:
             args.query, k=args.k, namespace=args.namespace, filter=_parse_filter(args.filter)
         )
     if args.json:
-        print(json.dumps([_hit_json(h) for h in hits], ensure_ascii=False))
+        print(_json([_hit_json(h) for h in hits]))
         return 0
     for rank, hit in enumerate(hits, start=1):
-        snippet = " ".join(hit.text.split())[:160]
-        print(f"{rank:2d}. {hit.score:.3f}  {hit.chunk_id}\n    {snippet}")
+        snippet = shown(" ".join(hit.text.split())[:160])
+        print(f"{rank:2d}. {hit.score:.3f}  {shown(hit.chunk_id)}\n    {snippet}")
     if not hits:
         print("no hits")
     return 0
@@ -521,12 +662,12 @@ def _ask(args: argparse.Namespace) -> int:
                 citations = event
                 if args.json:
                     cites = [{"index": c.index, **_hit_json(c.hit)} for c in event]
-                    print(json.dumps({"citations": cites}, ensure_ascii=False), flush=True)
+                    print(_json({"citations": cites}), flush=True)
             elif isinstance(event, str):
                 if args.json:
-                    print(json.dumps({"delta": event}, ensure_ascii=False), flush=True)
+                    print(_json({"delta": event}), flush=True)
                 else:
-                    print(event, end="", flush=True)
+                    print(shown(event, keep_lines=True), end="", flush=True)
             elif isinstance(event, AskSummary):
                 if args.json:
                     usage = {
@@ -535,7 +676,7 @@ def _ask(args: argparse.Namespace) -> int:
                         "total_tokens": event.usage.total_tokens,
                     }
                     print(
-                        json.dumps(
+                        _json(
                             {
                                 "usage": usage,
                                 "timings": event.timings,
@@ -546,10 +687,10 @@ def _ask(args: argparse.Namespace) -> int:
                         )
                     )
                 else:
-                    print(f"\n\n(answer by the {event.generator} generator)")
+                    print(f"\n\n(answer by the {shown(event.generator)} generator)")
                     for c in citations:
                         if c.index in event.cited or not event.cited:
-                            print(f"[{c.index}] {c.hit.chunk_id} (score {c.hit.score:.3f})")
+                            print(f"[{c.index}] {shown(c.hit.chunk_id)} (score {c.hit.score:.3f})")
     return 0
 
 
@@ -557,17 +698,13 @@ def _get(args: argparse.Namespace) -> int:
     with _client(args) as client:
         found, missing = client.get(args.ids, namespace=args.namespace)
     if args.json:
-        print(
-            json.dumps(
-                [{"id": d.id, "text": d.text, "metadata": d.metadata} for d in found],
-                ensure_ascii=False,
-            )
-        )
+        print(_json([{"id": d.id, "text": d.text, "metadata": d.metadata} for d in found]))
     else:
         for doc in found:
-            print(f"== {doc.id} {json.dumps(doc.metadata, ensure_ascii=False)}\n{doc.text}\n")
+            text = shown(doc.text, keep_lines=True)
+            print(f"== {shown(doc.id)} {_json(doc.metadata)}\n{text}\n")
     for doc_id in missing:
-        print(f"rag-grpc: not found: {doc_id}", file=sys.stderr)
+        print(f"rag-grpc: not found: {shown(doc_id)}", file=sys.stderr)
     return 1 if missing else 0
 
 
@@ -579,7 +716,7 @@ def _delete(args: argparse.Namespace) -> int:
         result = client.delete(args.ids, namespace=args.namespace, filter=flt, forget=args.forget)
     print(f"{'forgot' if args.forget else 'deleted'} {result.documents} document(s)")
     for doc_id in result.not_found_ids:
-        print(f"rag-grpc: not found: {doc_id}", file=sys.stderr)
+        print(f"rag-grpc: not found: {shown(doc_id)}", file=sys.stderr)
     return 1 if result.not_found_ids else 0
 
 
@@ -608,13 +745,15 @@ def _stats(args: argparse.Namespace) -> int:
     if args.json:
         from dataclasses import asdict
 
-        print(json.dumps(asdict(stats)))
+        print(_json(asdict(stats)))
         return 0
-    print(
-        f"rag-grpc {stats.version}; generator {stats.generator}; models {', '.join(stats.models)}"
-    )
+    models = shown(", ".join(stats.models))
+    print(f"rag-grpc {shown(stats.version)}; generator {shown(stats.generator)}; models {models}")
     for ns in stats.namespaces:
-        print(f"  {ns.name}: {ns.documents} documents, {ns.chunks} chunks, {ns.vectors} vectors")
+        print(
+            f"  {shown(ns.name)}: {ns.documents} documents, {ns.chunks} chunks, "
+            f"{ns.vectors} vectors"
+        )
     return 0
 
 
@@ -698,7 +837,7 @@ def _ingest(args: argparse.Namespace) -> int:
         f"({len(documents) / max(elapsed, 1e-9):.1f} docs/s)"
     )
     for doc_id, message in errors:
-        print(f"rag-grpc: failed: {doc_id}: {message}", file=sys.stderr)
+        print(f"rag-grpc: failed: {shown(doc_id)}: {shown(message)}", file=sys.stderr)
     return 1 if errors else 0
 
 

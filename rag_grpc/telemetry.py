@@ -9,11 +9,13 @@ server installs its Telemetry.
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from opentelemetry import propagate, trace
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -25,11 +27,22 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from rag_grpc import __version__
-from rag_grpc.config import TelemetryConfig
+from rag_grpc.config import TelemetryConfig, split_url_credentials
 
 log = logging.getLogger(__name__)
 
 _NOOP_TRACER = trace.NoOpTracer()
+
+
+def _otlp_endpoint(url: str) -> tuple[str, dict[str, str] | None]:
+    """The collector endpoint without credentials, and the Basic
+    authorization header that carries them (None when there are none)."""
+    endpoint, credentials = split_url_credentials(url)
+    if credentials is None:
+        return endpoint, None
+    user, _, password = credentials.partition(":")
+    basic = f"{unquote(user)}:{unquote(password)}".encode()
+    return endpoint, {"authorization": f"Basic {base64.b64encode(basic).decode()}"}
 
 
 @dataclass
@@ -62,20 +75,27 @@ class Telemetry:
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
+            # The exporters name their endpoint in every failure they log, so
+            # user:password@ never reaches them: it travels as a Basic
+            # authorization header instead (what a collector's basicauth expects).
+            endpoint, headers = _otlp_endpoint(config.otlp_endpoint)
             self.tracer_provider.add_span_processor(
                 BatchSpanProcessor(
-                    OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=config.otlp_insecure),
+                    OTLPSpanExporter(
+                        endpoint=endpoint, insecure=config.otlp_insecure, headers=headers
+                    ),
                     schedule_delay_millis=int(config.export_interval_s * 1000),
                 )
             )
             readers.append(
                 PeriodicExportingMetricReader(
                     OTLPMetricExporter(
-                        endpoint=config.otlp_endpoint, insecure=config.otlp_insecure
+                        endpoint=endpoint, insecure=config.otlp_insecure, headers=headers
                     ),
                     export_interval_millis=int(config.export_interval_s * 1000),
                 )
             )
+            log.info("exporting traces and metrics over OTLP to %s", endpoint)
         self.prometheus_port = 0
         if config.prometheus_port is not None:
             from opentelemetry.exporter.prometheus import PrometheusMetricReader
