@@ -913,7 +913,14 @@ class NatsIngestion:
         for _ in range(ERASE_ATTEMPTS):
             info = await self.js.stream_info(self.writes_stream)
             last = int(info.state.last_seq)
-            await self._wait_applied(last)
+            try:
+                await self._wait_applied(last)
+            except DeadlineExceeded:
+                raise DeadlineExceeded(
+                    "the documents are forgotten by this replica, but it had not caught up "
+                    f"with the log's end (entry {last}) in time to erase their copies from "
+                    "it; run the same forget again to finish"
+                ) from None
             if await self._in_thread(store.position, self.log_name) != last:
                 continue  # written meanwhile; decide again at the new end
             doomed: list[int] = []
