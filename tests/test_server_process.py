@@ -91,6 +91,14 @@ def test_health_reports_each_service(server_process: Callable[..., ServerProcess
     with pytest.raises(grpc.RpcError) as info:
         health_status(proc.target, "rag.v1.NoSuchService")
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    # Watch (what Envoy and Kubernetes probes may use) streams the status,
+    # and a change: NOT_SERVING when the server starts draining.
+    with grpc.insecure_channel(proc.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        proc.proc.send_signal(15)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
     proc.stop()
 
 

@@ -293,8 +293,14 @@ def _wrap_stream(
         CLIENT.set(observe.client_identity(context))
         try:
             await _precheck(request, context)
-            async for item in behavior(request, context):
-                yield item
+            produced = behavior(request, context)
+            if hasattr(produced, "__aiter__"):
+                async for item in produced:
+                    yield item
+            else:
+                # A handler that writes with context.write and returns nothing
+                # (grpc_health's Watch) is a coroutine, not a generator.
+                await produced
         except errors.RagError as exc:
             code = status_of(exc).name
             await _abort_for(exc, context, method)
