@@ -325,6 +325,7 @@ class RagServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         if self.nats is not None:
+            self.nats.stall_listeners.append(self._stalled)
             self.nats.start()
         elif self.ingestion is not None:
             self.ingestion.start()
@@ -432,6 +433,13 @@ class RagServer:
                     )
                 except Exception:  # the sweeper must outlive one bad pass
                     log.exception("retention sweep of %s failed", namespace)
+
+    async def _stalled(self, reason: str) -> None:
+        """A replica that can no longer follow the write log serves stale data:
+        every service says NOT_SERVING so probes and gateways route around it."""
+        for name in [*self.settings.services, ""]:
+            service = SERVICE_NAMES[name] if name else ""
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _writes(self) -> WriteBackend:
         assert self.writes is not None, "writes need a local store"

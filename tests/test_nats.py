@@ -425,6 +425,18 @@ def test_a_replica_behind_the_logs_retention_stops_and_a_peers_backup_brings_it_
         assert refused.value.code == "UNAVAILABLE"
         assert "stopped applying the write log" in refused.value.message
         assert counts(cb) == {"default": (2, 2)}
+    # Probes and gateways see it out of service (its data is stale).
+    from grpc_health.v1 import health_pb2
+
+    from tests.test_server_process import health_status
+
+    def out_of_service() -> bool:
+        return all(
+            health_status(b2.target, service) == health_pb2.HealthCheckResponse.NOT_SERVING
+            for service in ("", "rag.v1.RetrievalService")
+        )
+
+    wait_for(out_of_service)
     assert b2.server.store.position(stale.log_name) == position
     # A new replica starting from nothing would miss the dropped entries too.
     fresh = start_server(tmp_path / "fresh", services=["retrieval", "admin"], **settings)

@@ -293,7 +293,7 @@ def _wrap_stream(
         CLIENT.set(observe.client_identity(context))
         try:
             await _precheck(request, context)
-            produced = behavior(request, context)
+            produced: Any = behavior(request, context)
             if hasattr(produced, "__aiter__"):
                 async for item in produced:
                     yield item
