@@ -4,6 +4,7 @@ core library, standard health checking, reflection and the interceptor."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -488,8 +489,14 @@ class RagServer:
         loop = asyncio.get_running_loop()
         # Core work already running on the pool (an ingestion batch whose task
         # was cancelled, say) finishes before anything it uses is closed.
-        await loop.run_in_executor(None, self.executor.shutdown, True)
-        await loop.run_in_executor(None, self.write_executor.shutdown, True)
+        # Queued work that has not started is dropped (it is durable where it
+        # matters: a job resumes, a caller already got its status).
+        await loop.run_in_executor(
+            None, functools.partial(self.executor.shutdown, True, cancel_futures=True)
+        )
+        await loop.run_in_executor(
+            None, functools.partial(self.write_executor.shutdown, True, cancel_futures=True)
+        )
         if self.retriever is not None:
             await loop.run_in_executor(None, self.retriever.save_indexes)
         if self.embedder is not None:

@@ -24,7 +24,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TypeVar
 
-from rag_grpc import telemetry
+from rag_grpc import deadlines, telemetry
 from rag_grpc.config import LimitsConfig
 from rag_grpc.documents import Document, printable, resolve_namespace, validate_document_id
 from rag_grpc.errors import (
@@ -408,9 +408,12 @@ class IngestionManager:
             self._changed.notify_all()
 
     async def _in_thread(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        # In the worker's scope: when stop() cancels the task, the batch being
+        # embedded stops at its next check instead of holding shutdown.
+        return await deadlines.in_thread(self.executor, fn, *args)
 
     async def _run(self) -> None:
+        deadlines.enter_call(None)
         while True:
             try:
                 job = await self._in_thread(self.queue.next_queued)
