@@ -501,3 +501,26 @@ def test_a_watch_ends_after_its_maximum_duration(start_server: Callable[..., Ser
         # The first streams ended while the job ran on; watching again went on.
         assert len(watches) > 1 and watches[0][-1].state in ("QUEUED", "RUNNING")
         assert watches[-1][-1].processed == 300
+
+
+def test_retention_under_nats_deletes_through_the_log_on_every_replica(
+    start_server: Callable[..., ServerThread], nats_node: Nats, tmp_path: Path
+) -> None:
+    retention = {"ttl_s": {"aging": 1.0}, "sweep_interval_s": 0.3}
+    sweeper = start_server(tmp_path / "a", retention=retention, **on_nats(nats_node.url))
+    # A replica without a sweeper of its own: it can only learn of the
+    # deletion from the log.
+    follower = start_server(tmp_path / "b", **on_nats(nats_node.url, worker=False))
+    for node in (sweeper, follower):
+        assert node.server.nats is not None
+        wait_for(node.server.nats.connected.is_set)
+    with RagClient(sweeper.target) as a, RagClient(follower.target) as b:
+        a.upsert(CORPUS[:3], namespace="aging")
+        a.upsert(CORPUS[:1], namespace="kept")
+        wait_for(lambda: b.get([CORPUS[0].id], namespace="aging")[1] == [])
+
+        def aged_out(client: RagClient) -> bool:
+            return client.get([d.id for d in CORPUS[:3]], namespace="aging")[0] == []
+
+        wait_for(lambda: aged_out(a) and aged_out(b), timeout=60)
+        assert b.get([CORPUS[0].id], namespace="kept")[1] == []
