@@ -1,9 +1,11 @@
 """Each namespace's vector index: opened from its saved copy and caught up
 with the store, rebuilt when missing or damaged, saved, snapshotted, and the
-per-namespace write lock that keeps store and index in step.
+per-namespace write lock that keeps store and index in step. Beside it, the
+namespace's payload index (metadata values -> labels, for filters), built
+from the store at start and changed with the vector index.
 
-SQLite is the truth; an index is derived from its ``chunks`` rows and can
-always be rebuilt from them.
+SQLite is the truth; both indexes are derived from its rows and can always
+be rebuilt from them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import numpy as np
 from rag_grpc.config import IndexConfig
 from rag_grpc.documents import resolve_namespace
 from rag_grpc.errors import NotFound
+from rag_grpc.index.payload import PayloadIndex, PayloadRow
 from rag_grpc.native import VectorIndex
 from rag_grpc.store.sqlite import DocumentStore
 
@@ -39,12 +42,14 @@ class NamespaceIndexes:
         self.index_dir = index_dir
         self.config = config
         self._indexes: dict[str, VectorIndex] = {}
+        self._payloads: dict[str, PayloadIndex] = {}
         # One writer per namespace keeps store generation and index in step.
         self._write_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         index_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for namespace in store.namespaces():
             self._indexes[namespace] = self._open(namespace)
+            self._payloads[namespace] = self._open_payload(namespace)
 
     # -- access ------------------------------------------------------------
 
@@ -57,6 +62,13 @@ class NamespaceIndexes:
         if index is None:
             raise NotFound(f"namespace {namespace!r} does not exist; write a document to create it")
         return index
+
+    def payload(self, namespace: str) -> PayloadIndex:
+        """The namespace's payload index; NotFound if it does not exist."""
+        payload = self._payloads.get(namespace)
+        if payload is None:
+            raise NotFound(f"namespace {namespace!r} does not exist; write a document to create it")
+        return payload
 
     def existing(self, namespace: str) -> str:
         """A validated namespace name that has an index; NotFound otherwise."""
@@ -92,23 +104,38 @@ class NamespaceIndexes:
 
     # -- changes (callers hold the namespace's write lock) -------------------
 
-    def add(self, namespace: str, vectors: np.ndarray, labels: np.ndarray) -> None:
-        """Add vectors, creating the namespace's index on its first write."""
+    def add(
+        self,
+        namespace: str,
+        vectors: np.ndarray,
+        labels: np.ndarray,
+        payload: Sequence[PayloadRow] = (),
+    ) -> None:
+        """Add vectors and their chunks' metadata values (payload), creating
+        the namespace's indexes on its first write."""
         index = self._indexes.get(namespace)
         if index is None:
             index = self._indexes[namespace] = self.new_index(len(labels))
+        self._payloads.setdefault(namespace, PayloadIndex()).add(payload)
         if len(labels):
             index.add(vectors, labels)
 
-    def remove(self, namespace: str, labels: np.ndarray) -> None:
-        """Mark labels deleted (hnswlib keeps their slots until a rebuild)."""
+    def remove(
+        self, namespace: str, labels: np.ndarray, payload: Sequence[PayloadRow] = ()
+    ) -> None:
+        """Mark labels deleted (hnswlib keeps their slots until a rebuild) and
+        drop their chunks' metadata values (payload: the rows they had)."""
         index = self._indexes.get(namespace)
         if index is not None and len(labels):
             index.delete(labels)
+        payload_index = self._payloads.get(namespace)
+        if payload_index is not None:
+            payload_index.remove(payload)
 
     def rebuild(self, namespace: str) -> VectorIndex:
         """A fresh index from the store's rows, swapped in and saved over the
-        old files, so deleted vectors (hnswlib only marks them) are gone."""
+        old files, so deleted vectors (hnswlib only marks them) are gone.
+        The payload index stays: labels are row ids, the same after a rebuild."""
         index = self._build(namespace)
         self._indexes[namespace] = index
         self._save(namespace, index)
@@ -169,6 +196,20 @@ class NamespaceIndexes:
             time.perf_counter() - started,
         )
         return index
+
+    def _open_payload(self, namespace: str) -> PayloadIndex:
+        """The payload index from the store: one pass over its metadata rows
+        joined with chunks (never saved, so never out of date at start)."""
+        started = time.perf_counter()
+        rows = self.store.metadata_rows(namespace)
+        payload = PayloadIndex.build(rows)
+        log.info(
+            "built the payload index of %s: %d values in %.2f s",
+            namespace,
+            len(rows),
+            time.perf_counter() - started,
+        )
+        return payload
 
     def _build(self, namespace: str) -> VectorIndex:
         index = self.new_index(len(self.store.labels(namespace)))

@@ -36,6 +36,7 @@ from rag_grpc.embed.encoder import Embedder
 from rag_grpc.errors import InvalidArgument, NotFound, RagError, ResourceExhausted
 from rag_grpc.filters import Filter, validate_filter
 from rag_grpc.index.namespaces import NamespaceIndexes
+from rag_grpc.index.payload import chunk_rows
 from rag_grpc.store.sqlite import DocumentStore, NewChunk
 
 log = logging.getLogger(__name__)
@@ -292,7 +293,9 @@ class WritePath:
                 f"({room}, embedding.max_queue_texts); send fewer or smaller documents per call "
                 "or use IngestionService"
             )
-        step = max(1, min(room, 1024))
+        # Jobs embed in small slices so a stopping server (or a cancelled
+        # call) waits for one slice at most, not for the whole batch.
+        step = max(1, min(room, 1024 if whole_call else 64))
         vectors = np.empty((len(texts), self.embedder.dimension), dtype=np.float32)
         for start in range(0, len(texts), step):
             deadlines.check("embedding the documents")
@@ -328,16 +331,24 @@ class WritePath:
                     self.store.set_position(*position)
                 return WriteResult(0, 0, self.store.generation(namespace), unchanged=unchanged)
             self._check_namespace_room(namespace)
+            # The replaced documents' metadata rows, read under the write lock
+            # before they go, so the payload index drops exactly what it held.
+            old_payload = self.store.metadata_rows(namespace, [d.id for d in documents])
             outcome = self.store.replace_documents(
                 namespace, documents, chunks, position=position, written_at=prepared.written_at
             )
-            self.indexes.remove(namespace, outcome.removed_labels)
+            self.indexes.remove(namespace, outcome.removed_labels, old_payload)
             vectors = (
                 np.stack([c.vector for c in chunks])
                 if chunks
                 else np.zeros((0, self.embedder.dimension), np.float32)
             )
-            self.indexes.add(namespace, vectors, outcome.added_labels)
+            new_payload = chunk_rows(
+                outcome.added_labels.tolist(),
+                [c.doc_id for c in chunks],
+                {d.id: d.metadata for d in documents},
+            )
+            self.indexes.add(namespace, vectors, outcome.added_labels, new_payload)
             self._maybe_compact(namespace)
         return WriteResult(len(documents), len(chunks), outcome.generation, unchanged=unchanged)
 
@@ -389,6 +400,9 @@ class WritePath:
             raise NotFound(f"namespace {namespace!r} does not exist")
         with self.indexes.write_lock(namespace):
             deadlines.check("deleting the documents")
+            # Read before the rows go (see apply_upsert); retention may spare
+            # some of these documents, so only the deleted labels' rows count.
+            payload = self.store.metadata_rows(namespace, prepared.ids)
             deleted, labels, generation = self.store.delete_documents(
                 namespace,
                 prepared.ids,
@@ -396,7 +410,8 @@ class WritePath:
                 position=position,
                 older_than=prepared.older_than,
             )
-            self.indexes.remove(namespace, labels)
+            removed = set(labels.tolist())
+            self.indexes.remove(namespace, labels, [row for row in payload if row[0] in removed])
             if prepared.forget:
                 # hnswlib only marks deleted vectors: rebuild without them.
                 self.indexes.rebuild(namespace)

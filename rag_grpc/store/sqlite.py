@@ -634,6 +634,33 @@ class DocumentStore:
             )
             return np.fromiter((r[0] for r in rows), dtype=np.uint64)
 
+    def metadata_rows(
+        self, namespace: str, doc_ids: Sequence[str] | None = None
+    ) -> list[tuple[int, str, MetadataScalar]]:
+        """(chunk label, key, value) for each chunk and metadata key of the
+        namespace's documents, or of these documents only: what the in-memory
+        payload index holds. Numbers come back as floats, as they are stored
+        and compared."""
+        sql = (
+            "SELECT c.label, m.key, m.kind, m.s, m.n FROM metadata m JOIN chunks c "
+            "ON c.namespace = m.namespace AND c.doc_id = m.doc_id WHERE m.namespace = ?"
+        )
+        conn = self._reader()
+        if doc_ids is None:
+            parts: list[list[Any]] = [[namespace]]
+        else:
+            ids = list(dict.fromkeys(doc_ids))
+            sql += " AND m.doc_id IN (SELECT value FROM json_each(?))"
+            parts = [
+                [namespace, json.dumps(ids[start : start + 10_000])]
+                for start in range(0, len(ids), 10_000)
+            ]
+        return [
+            (int(label), key, s if kind == "s" else bool(n) if kind == "b" else float(n))
+            for params in parts
+            for label, key, kind, s, n in conn.execute(sql, params)
+        ]
+
 
 def _record_bytes(record: ChunkRecord) -> int:
     return 200 + len(record.text) + len(record.doc_id) + 64 * len(record.metadata)
