@@ -93,6 +93,17 @@ NATS_ERRORS = (
     TimeoutError,
     OSError,
 )
+# NATS could not be reached or had no leader to answer (a cluster electing):
+# the next try may succeed, and every document of a batch would fail alike.
+NATS_UNREACHABLE = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    TimeoutError,
+    OSError,
+)
 # JetStream's error for a publish whose Nats-Expected-Last-Sequence is not the
 # stream's last sequence (another write came first).
 WRONG_LAST_SEQUENCE = 10071
@@ -463,20 +474,47 @@ class NatsIngestion:
                 log.error("dropping a malformed message from %s", self.jobs_stream)
                 await msg.ack()
         for job_id, items in by_job.items():
-            try:
-                await self._work_job(job_id, items)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                last_try = all(
-                    m.metadata.num_delivered >= self.config.max_deliver for m, _ in items
-                )
-                log.exception("ingestion of job %s failed (final attempt: %s)", job_id, last_try)
-                if last_try:
-                    errors = [(b["doc"]["id"], f"ingestion failed: {exc}") for _, b in items]
-                    await self._count(job_id, items, 0, errors)
-                    for msg, _ in items:
-                        await msg.ack()
+            await self._work_items(job_id, items)
+
+    async def _work_items(self, job_id: str, items: list[tuple[Any, dict[str, Any]]]) -> None:
+        """Work a job's documents of a batch; when the batch fails, each alone,
+        so one document that can never be written (say, an entry NATS
+        refuses) fails by itself after max_deliver tries, not its batch-mates."""
+        try:
+            await self._work_job(job_id, items)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            failure = exc
+        unreachable = isinstance(failure, NATS_UNREACHABLE) or not self.nc.is_connected
+        if len(items) > 1 and not unreachable:
+            log.warning(
+                "ingestion of %d documents of job %s failed (%s); trying them one by one",
+                len(items),
+                job_id,
+                failure,
+            )
+            for item in items:
+                await self._work_items(job_id, [item])
+            return
+        delivered = min(m.metadata.num_delivered for m, _ in items)
+        last_try = delivered >= self.config.max_deliver
+        log.error(
+            "ingestion of job %s failed (delivery %d of %d)",
+            job_id,
+            delivered,
+            self.config.max_deliver,
+            exc_info=failure,
+        )
+        if last_try:
+            errors = [
+                (b["doc"]["id"], f"ingestion failed after {delivered} attempts: {failure}")
+                for _, b in items
+            ]
+            await self._count(job_id, items, 0, errors)
+            for msg, _ in items:
+                await msg.ack()
 
     async def _work_job(self, job_id: str, items: list[tuple[Any, dict[str, Any]]]) -> None:
         status, _ = await self._load(job_id)
