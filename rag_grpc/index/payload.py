@@ -103,10 +103,17 @@ class NumberColumn:
         if found:
             self._set(np.delete(self.values, found), np.delete(self.labels, found))
 
-    def equal(self, value: float) -> np.ndarray:
-        start = np.searchsorted(self.values, value, side="left")
-        end = np.searchsorted(self.values, value, side="right")
-        return self.labels[start:end]
+    def equal(self, values: np.ndarray) -> np.ndarray:
+        """Labels holding any of these distinct values."""
+        starts = np.searchsorted(self.values, values, side="left")
+        ends = np.searchsorted(self.values, values, side="right")
+        if len(values) == 1:
+            return self.labels[starts[0] : ends[0]]
+        # The runs gathered in one step: any_of with hundreds of values
+        # took 1.5 ms as a Python loop of slices.
+        lengths = ends - starts
+        offsets = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
+        return self.labels[np.arange(int(lengths.sum())) + offsets]
 
     def between(self, flt: Range) -> np.ndarray:
         start, end = 0, len(self.values)
@@ -216,19 +223,26 @@ class PayloadIndex:
         values = (flt.value,) if isinstance(flt, Equals) else flt.values
         # A document holds one value per key, so the parts are disjoint and
         # their concatenation is the union.
-        found: list[Labels] = []
-        # Distinct values by kind too: False == 0.0 in Python, not in a filter.
+        # Distinct values by kind: False == 0.0 in Python, not in a filter.
         distinct = dict.fromkeys((type(v), v) for v in map(_canonical, values))
-        for _, value in distinct:
-            if isinstance(value, float):
-                column = self._numbers.get(flt.key)
-                part = column.equal(value) if column is not None else _EMPTY
-            else:
-                part = self._sets.get((flt.key, _kind(value), value), _EMPTY)
-            if len(part):
-                found.append(part)
+        numbers = np.array([v for _, v in distinct if isinstance(v, float)], dtype=np.float64)
+        column = self._numbers.get(flt.key)
+        found: list[Labels] = []
+        if len(numbers) and column is not None:
+            found.append(column.equal(numbers))
+        bitmaps = [
+            bitmap
+            for _, value in distinct
+            if not isinstance(value, float)
+            and (bitmap := self._sets.get((flt.key, _kind(value), value))) is not None
+        ]
+        if bitmaps:
+            found.append(bitmaps[0] if len(bitmaps) == 1 else self._bitmap.union(*bitmaps))
+        found = [part for part in found if len(part)]
         if len(found) == 1:
             return found[0]
+        # A document holds one value per key, so numbers and the rest are
+        # disjoint and their concatenation is the union.
         return np.concatenate([_as_array(part) for part in found]) if found else _EMPTY
 
     def _as_bitmap(self, labels: Labels) -> Bitmap:
