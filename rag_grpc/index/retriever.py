@@ -3,7 +3,8 @@ chunks out (the searcher), over the store and each namespace's index.
 Synchronous and thread-safe; the services call it from worker threads.
 
 The parts live in their own modules: `namespaces` (index files, catch-up,
-write locks), `writes` (prepare and apply), `search` (queries and the result
+write locks), `payload` (each namespace's metadata values -> labels, for
+filters), `writes` (prepare and apply), `search` (queries and the result
 cache). This class wires them together and is what servers, tests and
 benchmarks hold.
 """
