@@ -786,3 +786,38 @@ def test_a_document_that_fails_every_try_fails_alone_after_max_deliver(
         assert consumer(server).num_ack_pending == 0
     finally:
         tap.close()
+
+
+def test_a_document_counted_before_its_worker_died_is_acked_when_it_comes_again(
+    start_server: Callable[..., ServerThread], nats_server: Nats, tmp_path: Path
+) -> None:
+    server = start_server(tmp_path / "data", **on_nats(nats_server.url, ack_wait_s=1))
+    log = server.server.nats
+    assert log is not None
+    wait_for(log.connected.is_set)
+    docs = documents(3)
+    with RagClient(server.target, timeout=60) as client:
+        job_id = client.submit(docs)
+        final = list(client.watch_job(job_id, timeout=120))[-1]
+        assert (final.state, final.processed) == ("SUCCEEDED", 3)
+        # What a worker killed between counting a document and acking it
+        # leaves: the same message in the queue again (re-published here,
+        # as NATS would redeliver it; the id header is left off so NATS's
+        # de-duplication does not drop it).
+        again = json.dumps(
+            {"job": job_id, "namespace": "default", "seq": 1, "doc": {"id": "doc-1", "text": "x"}}
+        ).encode()
+        run_on(server, log.js.publish(log.jobs_subject, again))
+        # The worker acks it without working it again: the queue empties and
+        # the job's counts stay exact.
+        wait_for(lambda: consumer(server).delivered.stream_seq == 4)
+
+        def queued() -> int:
+            return int(run_on(server, log.js.stream_info(log.jobs_stream)).state.messages)
+
+        wait_for(lambda: queued() == 0, timeout=20)
+        info = consumer(server)
+        assert (info.num_ack_pending, info.num_redelivered, info.num_pending) == (0, 0, 0)
+        after = client.get_job(job_id)
+        assert (after.processed, after.failed, after.chunks) == (3, 0, 3)
+        assert counts(client) == {"default": (3, 3)}

@@ -522,11 +522,13 @@ class NatsIngestion:
             for msg, _ in items:
                 await msg.ack()
             return
-        items = [(m, b) for m, b in items if not status.has(b["seq"])]
+        # Documents counted already come again when their worker died between
+        # counting and acking: acked below, not worked again.
+        fresh = [(m, b) for m, b in items if not status.has(b["seq"])]
         namespace = status.namespace
         errors: list[tuple[str, str]] = []
         documents: list[Document] = []
-        for _, body in items:
+        for _, body in fresh:
             try:
                 documents.append(_decode_document(body["doc"]))
             except (KeyError, TypeError, ValueError) as exc:
@@ -544,10 +546,10 @@ class NatsIngestion:
                 errors += too_big
                 skipped = {doc_id for doc_id, _ in too_big}
                 chunks = sum(1 for c in prepared.chunks if c.doc_id not in skipped)
-        await self._count(job_id, items, chunks, errors)
+        await self._count(job_id, fresh, chunks, errors)
         for msg, _ in items:
             await msg.ack()
-        self.worked += len(items)
+        self.worked += len(fresh)
 
     async def _set_running(self, job_id: str) -> None:
         def running(status: _Status) -> bool:
