@@ -75,8 +75,12 @@ def test_labels_past_32_bits_widen_the_bitmaps() -> None:
 
 def test_removing_rows_leaves_no_empty_values_behind() -> None:
     index = PayloadIndex.build([(i, "id", f"doc-{i}") for i in range(100)])
+    index.add([(i, "n", float(i)) for i in range(100)])
+    assert index.content_bytes() > 100 * 8
     index.remove([(i, "id", f"doc-{i}") for i in range(100)])
-    assert not index._sets and not index._numbers
+    index.remove([(i, "n", float(i)) for i in range(100)])
+    assert index.content_bytes() == 0
+    assert labels_of(index, Or((Equals("id", "doc-1"), Range("n", gte=0)))) == set()
 
 
 # -- randomized equivalence with the SQL reference ----------------------------

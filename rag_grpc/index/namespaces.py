@@ -116,7 +116,10 @@ class NamespaceIndexes:
         index = self._indexes.get(namespace)
         if index is None:
             index = self._indexes[namespace] = self.new_index(len(labels))
-        self._payloads.setdefault(namespace, PayloadIndex()).add(payload)
+        payload_index = self._payloads.get(namespace)
+        if payload_index is None:
+            payload_index = self._payloads[namespace] = PayloadIndex()
+        payload_index.add(payload)
         if len(labels):
             index.add(vectors, labels)
 

@@ -194,6 +194,14 @@ class PayloadIndex:
         self._bitmap = BitMap64
         self._sets = {slot: BitMap64(bitmap) for slot, bitmap in self._sets.items()}
 
+    def content_bytes(self) -> int:
+        """Bytes of the labels and values held: the numeric arrays and the
+        roaring containers (their serialized size), without Python's
+        per-object overhead (measure RSS for that). O(size): for stats only."""
+        with self._lock:
+            numbers = sum(c.values.nbytes + c.labels.nbytes for c in self._numbers.values())
+            return numbers + sum(len(bitmap.serialize()) for bitmap in self._sets.values())
+
     # -- queries -------------------------------------------------------------
 
     def matching(self, flt: Filter) -> np.ndarray:

@@ -641,9 +641,13 @@ class DocumentStore:
         namespace's documents, or of these documents only: what the in-memory
         payload index holds. Numbers come back as floats, as they are stored
         and compared."""
+        # By document: metadata and chunks are read in the same order (left
+        # to itself SQLite took metadata_by_n and 0.96 s for 300k rows; this
+        # plan 0.38 s).
         sql = (
-            "SELECT c.label, m.key, m.kind, m.s, m.n FROM metadata m JOIN chunks c "
-            "ON c.namespace = m.namespace AND c.doc_id = m.doc_id WHERE m.namespace = ?"
+            "SELECT c.label, m.key, m.kind, m.s, m.n FROM metadata m INDEXED BY metadata_by_doc "
+            "JOIN chunks c ON c.namespace = m.namespace AND c.doc_id = m.doc_id "
+            "WHERE m.namespace = ?"
         )
         conn = self._reader()
         if doc_ids is None:
