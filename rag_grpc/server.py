@@ -233,6 +233,7 @@ class RagServer:
                 ServiceInterceptor(
                     s.server.auth_token.get_secret_value() if s.server.auth_token else None,
                     trusted_proxies=s.server.trusted_proxies,
+                    call_log_sample_ratio=s.logging.call_log_sample_ratio,
                 )
             ],
             options=[

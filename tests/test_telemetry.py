@@ -5,6 +5,7 @@ and the structured log line of each call."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import urllib.request
@@ -21,7 +22,7 @@ from opentelemetry.proto.collector.metrics.v1 import (
 )
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from rag_grpc.client import RagClient
+from rag_grpc.client import RagClient, RpcError
 from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
 from tests.conftest import CORPUS, ServerProcess, ServerThread, ask_summary, free_port
 from tests.test_envoy import CERTS_SH, Envoy
@@ -208,7 +209,9 @@ def test_log_lines_are_json_with_trace_and_gateway_identity(tmp_path: Path) -> N
 def test_client_identity_is_ignored_from_untrusted_peers(
     start_server: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = start_server(server={"trusted_proxies": ["10.9.9.9"]})
+    server = start_server(
+        server={"trusted_proxies": ["10.9.9.9"]}, logging={"call_log_sample_ratio": 1.0}
+    )
     with caplog.at_level("INFO", logger="rag_grpc.rpc"), grpc.insecure_channel(server.target) as ch:
         stub = admin_service_pb2_grpc.AdminServiceStub(ch)
         xfcc = (("x-forwarded-client-cert", "URI=spiffe://forged/identity"),)
@@ -217,6 +220,29 @@ def test_client_identity_is_ignored_from_untrusted_peers(
         r for r in caplog.records if getattr(r, "method", "") == "/rag.v1.AdminService/Stats"
     ]
     assert records and getattr(records[0], "client", None) == ""
+
+
+def test_successful_calls_are_logged_by_sample_errors_always(
+    start_server: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = start_server(logging={"call_log_sample_ratio": 0.0})
+    with caplog.at_level("DEBUG", logger="rag_grpc.rpc"), RagClient(server.target) as client:
+        for _ in range(5):
+            client.stats()
+        with pytest.raises(RpcError):
+            client.search("lava", namespace="nowhere")
+        # The server logs a call as it ends, which may be just after the
+        # client has its answer.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(caplog.records) < 6:
+            time.sleep(0.05)
+    by_method: dict[str, list[logging.LogRecord]] = {}
+    for record in caplog.records:
+        by_method.setdefault(getattr(record, "method", ""), []).append(record)
+    stats = by_method["/rag.v1.AdminService/Stats"]
+    assert len(stats) == 5 and {r.levelno for r in stats} == {logging.DEBUG}
+    (failed,) = by_method["/rag.v1.RetrievalService/Search"]
+    assert failed.levelno == logging.INFO and getattr(failed, "code", "") == "NOT_FOUND"
 
 
 def test_xfcc_identity_takes_the_nearest_hop() -> None:

@@ -124,7 +124,7 @@ class Searcher:
                 if (
                     namespace not in busy
                     and not self.indexes.write_lock(namespace).locked()
-                    and self.store.generation(namespace) == keys[i][1]
+                    and self.indexes.generation(namespace) == keys[i][1]
                 ):
                     self.results.put(keys[i], result)
         results = [r for r in found if r is not None]
@@ -139,7 +139,7 @@ class Searcher:
             else ("vector", np.asarray(query.vector, dtype=np.float32).tobytes())
         )
         ef = max(query.ef or self.config.ef_search, k)
-        return (namespace, self.store.generation(namespace), what, query.filter, k, ef)
+        return (namespace, self.indexes.generation(namespace), what, query.filter, k, ef)
 
     def _search(
         self, queries: Sequence[SearchQuery], plans: list[tuple[str, int]], started: float
@@ -165,7 +165,7 @@ class Searcher:
         results: list[SearchResult | None] = [None] * len(queries)
         for (namespace, flt, k, ef), rows in groups.items():
             t0 = time.perf_counter()
-            generation = self.store.generation(namespace)
+            generation = self.indexes.generation(namespace)
             # Filters are answered in memory by the namespace's payload index
             # (SQLite took tens of ms at 20k documents, growing with the matches).
             allowed = self.indexes.payload(namespace).matching(flt) if flt is not None else None

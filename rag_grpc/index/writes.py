@@ -349,6 +349,7 @@ class WritePath:
                 {d.id: d.metadata for d in documents},
             )
             self.indexes.add(namespace, vectors, outcome.added_labels, new_payload)
+            self.indexes.set_generation(namespace, outcome.generation)
             self._maybe_compact(namespace)
         return WriteResult(len(documents), len(chunks), outcome.generation, unchanged=unchanged)
 
@@ -412,6 +413,7 @@ class WritePath:
             )
             removed = set(labels.tolist())
             self.indexes.remove(namespace, labels, [row for row in payload if row[0] in removed])
+            self.indexes.set_generation(namespace, generation)
             if prepared.forget:
                 # hnswlib only marks deleted vectors: rebuild without them.
                 self.indexes.rebuild(namespace)

@@ -11,6 +11,7 @@ import asyncio
 import contextvars
 import hmac
 import logging
+import random
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -110,10 +111,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     token of rag.v1 calls when one is configured."""
 
     def __init__(
-        self, auth_token: str | None = None, trusted_proxies: tuple[str, ...] = ()
+        self,
+        auth_token: str | None = None,
+        trusted_proxies: tuple[str, ...] = (),
+        call_log_sample_ratio: float = 1.0,
     ) -> None:
         self._expected = f"Bearer {auth_token}".encode() if auth_token else None
         self._trusted = frozenset(trusted_proxies)
+        self._log_ratio = call_log_sample_ratio
 
     async def intercept_service(
         self,
@@ -132,7 +137,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             if not hmac.compare_digest(given, self._expected):
                 return _unauthenticated(handler, method)
         decode = _safe(handler.request_deserializer, method)
-        observe = _Observer(method, metadata, self._trusted)
+        observe = _Observer(method, metadata, self._trusted, self._log_ratio)
         if handler.unary_unary is not None:
             return handler._replace(  # type: ignore[attr-defined]
                 request_deserializer=decode,
@@ -163,10 +168,18 @@ def _unauthenticated(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMet
 class _Observer:
     """One call's span, metrics and log line."""
 
-    def __init__(self, method: str, metadata: dict[str, str], trusted: frozenset[str]) -> None:
+    def __init__(
+        self,
+        method: str,
+        metadata: dict[str, str],
+        trusted: frozenset[str],
+        log_ratio: float = 1.0,
+    ) -> None:
         self.method = method
         self.metadata = metadata
         self.trusted = trusted
+        # Share of successful, untraced calls logged at INFO (the rest at DEBUG).
+        self.log_ratio = log_ratio
 
     def client_identity(self, context: grpc.aio.ServicerContext) -> str:
         """The gateway's x-forwarded-client-cert identity, if the peer is a trusted gateway."""
@@ -208,9 +221,17 @@ class _Observer:
             span.set_attribute("client.identity", client)
         if code != "OK":
             span.set_status(trace.Status(trace.StatusCode.ERROR, code))
-        trace_id = telemetry.trace_id()
+        traced = span.is_recording()
         span.end()
-        log.info(
+        if code == "OK" and not traced and random.random() >= self.log_ratio:
+            if not log.isEnabledFor(logging.DEBUG):
+                return
+            level = logging.DEBUG
+        else:
+            level = logging.INFO
+        trace_id = telemetry.trace_id()
+        log.log(
+            level,
             "rpc %s %s %.2fms",
             self.method,
             code,
