@@ -4,6 +4,7 @@ chunk rows."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -207,7 +208,9 @@ class Searcher:
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:
-    norm = float(np.linalg.norm(vector))
+    # sqrt of a dot product: a third of np.linalg.norm's call overhead on a
+    # 384-d vector, which shows on a 0.2 ms search.
+    norm = math.sqrt(float(vector @ vector))
     return vector / norm if norm > 0 else vector
 
 
