@@ -1,19 +1,29 @@
 """ANN benchmark: the native core beside hnswlib's Python binding, faiss
 IndexHNSWFlat and usearch, on the same data in one run.
 
-    python bench/ann.py [--n 100000] [--dim 384] [--queries 1000]
+    python bench/ann.py [--n 100000] [--dim 384] [--queries 1000] [--sections ...]
 
-1. Recall@10 and QPS across ef (batch, all cores), single-query latency.
+1. Recall@10 and QPS across ef (batch, all cores), single-query latency; the
+   core both ways: int8 walk with float32 vectors memory-mapped from its saved
+   file (the default), and float32 records (quantized=False).
 2. Filtered search at selectivity 50/10/1/0.1 %: the core's plan vs hnswlib's
    filter= callable vs post-filtering (over-fetch, then drop).
 3. The exact-scan switch-over: graph walk vs exact scan by allowed-set size.
+4. Memory: RSS per vector (each index built or loaded in a fresh process)
+   for hnswlib, the float32 core and the int8 core, before and after
+   searching, and after deleting half of an index and compacting it.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import gc
+import multiprocessing
 import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -38,14 +48,27 @@ M, EF_CONSTRUCTION, K = 16, 200, 10
 THREADS = os.cpu_count() or 1
 
 
-def build_all(data: np.ndarray, labels: np.ndarray) -> tuple[dict[str, object], list[list[object]]]:
+def build_all(
+    data: np.ndarray, labels: np.ndarray, saved: Path
+) -> tuple[dict[str, object], list[list[object]]]:
     dim = data.shape[1]
     built: dict[str, object] = {}
     rows = []
 
     ours = VectorIndex(dim, "ip", max_elements=len(data), M=M, ef_construction=EF_CONSTRUCTION)
     rows.append(["rag-native", timed(lambda: ours.add(data, labels, num_threads=THREADS))])
+    # Saved, so searches re-rank from the memory-mapped file as a server's
+    # loaded index does (save() remaps the float32 vectors onto it).
+    ours.save(saved / "rag-native.hnsw")
     built["rag-native"] = ours
+
+    floats = VectorIndex(
+        dim, "ip", max_elements=len(data), M=M, ef_construction=EF_CONSTRUCTION, quantized=False
+    )
+    rows.append(
+        ["rag-native float walk", timed(lambda: floats.add(data, labels, num_threads=THREADS))]
+    )
+    built["rag-native float walk"] = floats
 
     binding = hnswlib.Index(space="ip", dim=dim)
     binding.init_index(max_elements=len(data), M=M, ef_construction=EF_CONSTRUCTION)
@@ -70,7 +93,7 @@ SearchFn = Callable[[np.ndarray, int], np.ndarray]
 
 def search_fn(name: str, index: Any, ef: int) -> SearchFn:
     """A function (queries, threads) -> labels [q, K] for one library at one ef."""
-    if name == "rag-native":
+    if name.startswith("rag-native"):
         return lambda q, t: index.search(q, k=K, ef=ef, num_threads=t)[0]
     if name == "hnswlib binding":
         index.set_ef(ef)
@@ -205,6 +228,131 @@ def switch_over(ours: VectorIndex, data: np.ndarray, queries: np.ndarray):  # ty
     return rows
 
 
+# -- memory ---------------------------------------------------------------------
+#
+# Each measurement runs in a fresh interpreter (spawned, not forked), which
+# reads the data, notes its RSS, then builds or loads one index: the RSS
+# growth is that index's, not what earlier builds left in malloc's arenas.
+
+
+def rss_bytes() -> dict[str, int]:
+    """This process's VmRSS and its anonymous and file-backed parts, in bytes."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+def memory_child(kind: str, work: str) -> list[dict[str, Any]]:
+    """Build or load one index of kind in this (fresh) process; one dict per state measured."""
+    folder = Path(work)
+    data = np.load(folder / "data.npy")
+    queries = np.load(folder / "queries.npy")
+    truth = np.load(folder / "truth.npy")
+    n, dim = data.shape
+    labels = np.arange(n, dtype=np.uint64)
+    gc.collect()
+    base = rss_bytes()
+    states: list[dict[str, Any]] = []
+
+    def note(state: str, index: Any = None, found: np.ndarray | None = None) -> None:
+        now = rss_bytes()
+        states.append(
+            {
+                "kind": kind,
+                "state": state,
+                "rss": now["VmRSS"] - base["VmRSS"],
+                "anon": now["RssAnon"] - base["RssAnon"],
+                "file": now["RssFile"] + now["RssShmem"] - base["RssFile"] - base["RssShmem"],
+                "memory_bytes": getattr(index, "memory_bytes", None),
+                "recall": None if found is None else recall_at_k(found.astype(np.int64), truth),
+            }
+        )
+
+    def searched(index: Any) -> np.ndarray:
+        search = search_fn("rag-native" if isinstance(index, VectorIndex) else kind, index, 100)
+        found = search(queries, THREADS)
+        for i in range(min(500, len(queries))):
+            search(queries[i : i + 1], 1)
+        return found
+
+    if kind == "hnswlib binding":
+        binding = hnswlib.Index(space="ip", dim=dim)
+        binding.init_index(max_elements=n, M=M, ef_construction=EF_CONSTRUCTION)
+        binding.set_num_threads(THREADS)
+        binding.add_items(data, labels)
+        note("built")
+        note("built, searched", found=searched(binding))
+    elif kind in ("float", "int8"):
+        index = VectorIndex(
+            dim, "ip", max_elements=n, M=M, ef_construction=EF_CONSTRUCTION,
+            quantized=kind == "int8",
+        )  # fmt: skip
+        index.add(data, labels, num_threads=THREADS)
+        note("built (in memory)", index)
+        index.save(folder / f"{kind}.hnsw")
+        note("built, saved", index)
+    elif kind in ("float loaded", "int8 loaded"):
+        path = folder / f"{kind.split()[0]}.hnsw"
+        index = VectorIndex.load(path, quantized=kind.startswith("int8"))
+        note("loaded", index)
+        note("loaded, searched", index, searched(index))
+    elif kind == "compaction":
+        # A loaded int8 index loses half its vectors, then is rebuilt from
+        # the live ones the way the server compacts (a new index, saved,
+        # swapped in; the old one dropped).
+        old = VectorIndex.load(folder / "int8.hnsw")
+        note("loaded", old)
+        live = labels[1::2]
+        old.delete(labels[::2])
+        fresh = VectorIndex(dim, "ip", max_elements=len(live), M=M, ef_construction=EF_CONSTRUCTION)
+        fresh.add(data[live.astype(np.int64)], live, num_threads=THREADS)
+        fresh.save(folder / "compacted.hnsw")
+        del old
+        gc.collect()
+        note("half deleted, compacted", fresh)
+    return states
+
+
+def memory(data: np.ndarray, queries: np.ndarray, truth: np.ndarray, work: Path):  # type: ignore[no-untyped-def]
+    np.save(work / "data.npy", data)
+    np.save(work / "queries.npy", queries)
+    np.save(work / "truth.npy", truth)
+    states = []
+    kinds = ["hnswlib binding", "float", "int8", "float loaded", "int8 loaded", "compaction"]
+    for kind in kinds:
+        with concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
+            states += pool.submit(memory_child, kind, str(work)).result()
+    n = len(data)
+    reference = next(s["rss"] for s in states if s["kind"] == "hnswlib binding") / n
+    before_compaction = next(
+        s["rss"] for s in states if s["kind"] == "compaction" and s["state"] == "loaded"
+    )
+    rows = []
+    for s in states:
+        rows.append(
+            [
+                s["kind"],
+                s["state"],
+                s["rss"] / n,
+                s["anon"] / n,
+                s["file"] / n,
+                "" if s["memory_bytes"] is None else s["memory_bytes"] / n,
+                s["rss"] / n / reference,
+                "" if s["recall"] is None else s["recall"],
+                "" if s["kind"] != "compaction" else s["rss"] / before_compaction,
+            ]
+        )
+    return rows
+
+
+SECTIONS = ("unfiltered", "filtered", "switch_over", "memory")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=100_000)
@@ -217,6 +365,13 @@ def main() -> None:
         default="embedding-like",
         help="vectors drawn like MiniLM embeddings, or uniform on the sphere",
     )
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        help="which parts to run (default: all)",
+    )
     parser.add_argument("--no-record", action="store_true", help="print, do not append RESULTS.md")
     args = parser.parse_args()
 
@@ -228,20 +383,42 @@ def main() -> None:
         queries = embedding_like(args.queries, seed=2)
     labels = np.arange(args.n, dtype=np.uint64)
     truth = exact_top_k(data, queries, K)
-    built, build_rows = build_all(data, labels)
-    results = {
-        "build": build_rows,
-        "unfiltered": unfiltered(built, queries, truth, args.ef),
-        "filtered": filtered(built["rag-native"], built["hnswlib binding"], data, queries),  # type: ignore[arg-type]
-        "switch_over": switch_over(built["rag-native"], data, queries),  # type: ignore[arg-type]
-    }
+    with tempfile.TemporaryDirectory(prefix="ann-bench-") as work:
+        results, parts = run_sections(args, data, labels, queries, truth, Path(work))
     body = "\n\n".join(
         [
             f"{args.n:,} {args.data} unit vectors, d={args.dim}, {args.queries} queries, k={K}, "
             f"M={M}, ef_construction={EF_CONSTRUCTION}, {THREADS} threads for builds and batches.",
-            "Build (seconds):\n\n" + table(["library", "build s"], build_rows),
+            *parts,
+        ]
+    )
+    record(
+        "ANN: native core vs hnswlib, faiss, usearch",
+        command_line(),
+        "hnswlib 0.8.0 Python binding, faiss-cpu 1.15.1 IndexHNSWFlat, usearch 2.26.6",
+        body,
+        results,
+        save=not args.no_record,
+    )
+
+
+def run_sections(  # type: ignore[no-untyped-def]
+    args, data: np.ndarray, labels: np.ndarray, queries: np.ndarray, truth: np.ndarray, work: Path
+) -> tuple[dict[str, object], list[str]]:
+    """Run the chosen sections; their results and their Markdown parts."""
+    results: dict[str, object] = {}
+    parts: list[str] = []
+    if set(args.sections) - {"memory"}:
+        built, build_rows = build_all(data, labels, work)
+        results["build"] = build_rows
+        parts.append("Build (seconds):\n\n" + table(["library", "build s"], build_rows))
+    if "unfiltered" in args.sections:
+        results["unfiltered"] = unfiltered(built, queries, truth, args.ef)
+        parts.append(
             "Unfiltered: batch QPS uses all cores in one call; single-query latency is one "
-            "query per call on one thread.\n\n"
+            "query per call on one thread. rag-native walks int8 codes and re-ranks the beam "
+            "from float32 vectors memory-mapped from its saved file; the float walk keeps "
+            "float32 records in RAM.\n\n"
             + table(
                 [
                     "ef",
@@ -252,11 +429,19 @@ def main() -> None:
                     "single p99 µs",
                     "single QPS",
                 ],
-                results["unfiltered"],
-            ),
+                results["unfiltered"],  # type: ignore[arg-type]
+            )
+        )
+    if "filtered" in args.sections:
+        results["filtered"] = filtered(built["rag-native"], built["hnswlib binding"], data, queries)  # type: ignore[arg-type]
+        parts.append(
             "Filtered (one thread, ef=100): the core picks exact scan or the filtered graph walk "
             "by the allowed-set size.\n\n"
-            + table(["selectivity", "method", "recall@10", "QPS"], results["filtered"]),
+            + table(["selectivity", "method", "recall@10", "QPS"], results["filtered"])  # type: ignore[arg-type]
+        )
+    if "switch_over" in args.sections:
+        results["switch_over"] = switch_over(built["rag-native"], data, queries)  # type: ignore[arg-type]
+        parts.append(
             "Exact-scan switch-over (one thread, ef=100, 200 queries; one per call, or one batch)"
             ":\n\n"
             + table(
@@ -269,18 +454,38 @@ def main() -> None:
                     "exact batch QPS",
                     "exact recall@10",
                 ],
-                results["switch_over"],
-            ),
-        ]
-    )
-    record(
-        "ANN: native core vs hnswlib, faiss, usearch",
-        command_line(),
-        "hnswlib 0.8.0 Python binding, faiss-cpu 1.15.1 IndexHNSWFlat, usearch 2.26.6",
-        body,
-        results,
-        save=not args.no_record,
-    )
+                results["switch_over"],  # type: ignore[arg-type]
+            )
+        )
+    if "memory" in args.sections:
+        if set(args.sections) - {"memory"}:
+            del built  # this process's indexes play no part in the children's RSS
+            gc.collect()
+        results["memory"] = memory(data, queries, truth, work)
+        parts.append(
+            "Memory: RSS growth of a fresh process (spawned) that builds or loads one index "
+            "(VmRSS; anonymous and file-backed parts), divided by the full n; memory_bytes is "
+            "VectorIndex's own estimate; searched = after 1,000 batch and 500 single queries "
+            "at ef=100, whose re-ranks map pages of the float32 file (page cache, reclaimable). "
+            "Compaction: a loaded int8 index deletes every other label, a new index is built "
+            "from the live half and saved, the old one dropped; RSS against its loaded state."
+            "\n\n"
+            + table(
+                [
+                    "index",
+                    "state",
+                    "RSS B/vector",
+                    "anon B/vector",
+                    "file B/vector",
+                    "memory_bytes B/vector",
+                    "RSS / hnswlib",
+                    "recall@10 (ef=100)",
+                    "RSS / before compaction",
+                ],
+                results["memory"],  # type: ignore[arg-type]
+            )
+        )
+    return results, parts
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@ operations run without the GIL on native threads.
 Arguments are validated and made contiguous here, in Python; the work itself
 happens in rag_native.h. Searches and adds share a reader lock (hnswlib's
 add and search are safe together); resize and save take the writer lock.
+
+A quantized index (the default for ip and cosine) keeps int8 codes in the
+graph's records and its float32 vectors outside RAM where it can: in the
+saved index file, memory-mapped, read only to re-rank each walk's beam
+(vectors.h says why and how).
 """
 
 import hashlib
@@ -23,19 +28,23 @@ from libcpp.string cimport string
 from libcpp.vector cimport vector
 
 from core cimport (
+    FloatStore,
     HierarchicalNSW,
     IndexFileSummary,
     InnerProductSpace,
+    Int8Space,
     L2Space,
     SpaceInterface,
-    Int8Codes,
     add_batch,
     check_index_file,
     default_threads,
     delete_labels,
-    encode_all,
-    encode_labels,
     live_labels,
+    load_graph,
+    malloc_trim,
+    map_file_vectors,
+    memory_bytes,
+    save_graph,
     search_batch,
     shared_mutex,
 )
@@ -60,11 +69,13 @@ cdef class VectorIndex:
 
     space: "ip" (distance 1 - dot), "l2" (squared euclidean) or "cosine"
     (vectors normalised on the way in, distance 1 - cosine).
+    quantized: walk the graph on int8 codes and keep the float32 vectors,
+    used to re-rank, out of the graph (ip and cosine; l2 is never quantized).
     """
 
     cdef HierarchicalNSW[float]* _graph
     cdef SpaceInterface[float]* _space
-    cdef Int8Codes* _codes
+    cdef FloatStore* _store
     cdef shared_mutex* _rw
     cdef readonly int dim
     cdef readonly str space
@@ -75,7 +86,7 @@ cdef class VectorIndex:
     def __cinit__(self):
         self._graph = NULL
         self._space = NULL
-        self._codes = NULL
+        self._store = NULL
         self._rw = new shared_mutex()
         self._pending = 0
         self._add_lock = threading.Lock()
@@ -85,9 +96,13 @@ cdef class VectorIndex:
             del self._graph
         if self._space != NULL:
             del self._space
-        if self._codes != NULL:
-            del self._codes
+        if self._store != NULL:
+            del self._store  # unmaps the file and the anonymous vectors
         del self._rw
+        # hnswlib frees its upper-level link lists and label map in many
+        # small blocks that glibc keeps for reuse; a dropped index (a
+        # compaction's old copy) should give its memory back to the system.
+        malloc_trim(0)
 
     def __init__(self, int dim, str space="ip", size_t max_elements=1024, size_t M=16,
                  size_t ef_construction=200, size_t exact_threshold=DEFAULT_EXACT_THRESHOLD,
@@ -98,31 +113,32 @@ cdef class VectorIndex:
             raise ValueError(f"M must be between 2 and 2048, got {M}")
         if ef_construction < 1:
             raise ValueError("ef_construction must be at least 1")
-        self._make_space(dim, space)
+        self._make_space(dim, space, quantized)
         self._graph = new HierarchicalNSW[float](
             self._space, max(max_elements, 1), M, ef_construction, random_seed, False
         )
+        if self._quantizes(quantized):
+            self._store = new FloatStore(dim, self._graph.getMaxElements())
         self.exact_threshold = exact_threshold
-        self._use_codes(quantized)
 
-    cdef _use_codes(self, bint quantized):
-        # int8 walk for inner-product spaces; l2 keeps the float walk.
-        if quantized and self.space != "l2":
-            self._codes = new Int8Codes(self.dim)
-            self._codes.resize(self._graph.getMaxElements())
+    cdef bint _quantizes(self, bint quantized):
+        # int8 codes for inner-product spaces; l2 keeps float32 records.
+        return quantized and self.space != "l2"
 
     @property
     def quantized(self):
-        """Whether searches walk the graph on int8 copies (then re-rank exactly)."""
-        return self._codes != NULL
+        """Whether searches walk the graph on int8 codes (then re-rank exactly)."""
+        return self._store != NULL
 
-    cdef _make_space(self, int dim, str space):
+    cdef _make_space(self, int dim, str space, bint quantized):
         if space not in SPACES:
             raise ValueError(f"unknown space {space!r}; choose one of {', '.join(SPACES)}")
         self.dim = dim
         self.space = space
         if space == "l2":
             self._space = new L2Space(dim)
+        elif self._quantizes(quantized):
+            self._space = new Int8Space(dim)
         else:
             self._space = new InnerProductSpace(dim)
 
@@ -149,6 +165,20 @@ cdef class VectorIndex:
     @property
     def ef_construction(self):
         return self._graph.ef_construction_
+
+    @property
+    def memory_bytes(self):
+        """RAM this index holds, in bytes (an estimate from its structures):
+        the graph, and float32 vectors not yet in a saved file. The page cache
+        behind the mapped file is not counted; the kernel reclaims it."""
+        cdef size_t total = 0
+        with nogil:
+            self._rw.lock_shared()
+            try:
+                total = memory_bytes(deref(self._graph), self._store, _CORES)
+            finally:
+                self._rw.unlock_shared()
+        return total
 
     def labels(self):
         """Live labels as a uint64 array."""
@@ -231,9 +261,8 @@ cdef class VectorIndex:
             with nogil:
                 self._rw.lock_shared()
                 try:
-                    add_batch(deref(self._graph), &data[0, 0], &ids[0], n, self.dim, threads)
-                    if self._codes != NULL:
-                        encode_labels(deref(self._graph), deref(self._codes), &ids[0], n, threads)
+                    add_batch(deref(self._graph), self._store, &data[0, 0], &ids[0], n, self.dim,
+                              threads)
                 finally:
                     self._rw.unlock_shared()
         finally:
@@ -271,8 +300,8 @@ cdef class VectorIndex:
             self._rw.lock()
             try:
                 self._graph.resizeIndex(max_elements)
-                if self._codes != NULL:
-                    self._codes.resize(max_elements)
+                if self._store != NULL:
+                    self._store.resize(max_elements)
             finally:
                 self._rw.unlock()
 
@@ -310,30 +339,42 @@ cdef class VectorIndex:
             try:
                 search_batch(deref(self._graph), &data[0, 0], nq, self.dim, k, ef,
                              permitted_ptr, n_permitted, self.exact_threshold, threads,
-                             &labels_view[0, 0], &distances_view[0, 0], self._codes)
+                             &labels_view[0, 0], &distances_view[0, 0], self._store)
             finally:
                 self._rw.unlock_shared()
         return out_labels, out_distances
 
     # -- files ---------------------------------------------------------------
 
-    def save(self, path):
-        """Write the index to ``path`` and its checksum and parameters to
-        ``path.meta.json``, each through a temporary file and an atomic rename."""
+    def save(self, path, bint remap=True):
+        """Write the index to ``path`` (hnswlib 0.8.0's file layout, float32
+        vectors) and its checksum and parameters to ``path.meta.json``, each
+        through a temporary file and an atomic rename.
+
+        remap: a quantized index then reads its float32 vectors from the saved
+        file (memory-mapped) and frees the RAM that held them, unless an add
+        ran meanwhile; pass False for a copy that will be moved or deleted.
+        """
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         cdef string location = os.fsencode(tmp)
         cdef size_t elements = 0
+        cdef size_t slots = 0
+        cdef uint64_t batches = 0
         with nogil:
             self._rw.lock()
             try:
-                self._graph.saveIndex(location)
+                save_graph(deref(self._graph), self._store, self.dim, location)
                 # Counted under the same lock, so a delete racing the save
                 # cannot make the description disagree with the file.
                 elements = self._graph.getCurrentElementCount() - self._graph.getDeletedCount()
+                slots = self._graph.getCurrentElementCount()
+                if self._store != NULL:
+                    batches = self._store.batches_written()
             finally:
                 self._rw.unlock()
         _fsync(tmp)
+        size = tmp.stat().st_size
         meta = {
             "format": FORMAT,
             "dim": self.dim,
@@ -341,47 +382,98 @@ cdef class VectorIndex:
             "M": self.M,
             "ef_construction": self.ef_construction,
             "elements": elements,
-            "bytes": tmp.stat().st_size,
+            "bytes": size,
             "sha256": _sha256(tmp),
         }
         meta_path = _meta_path(path)
         meta_tmp = meta_path.with_name(meta_path.name + ".tmp")
         meta_tmp.write_text(json.dumps(meta))
         _fsync(meta_tmp)
-        # The data first, then its description: a crash in between leaves a
-        # checksum mismatch that load() reports, never a silently wrong index.
-        # Both files are on disk before either rename, and the directory
-        # after them, so a power cut cannot bring back an old name.
-        os.replace(tmp, path)
-        os.replace(meta_tmp, meta_path)
-        _fsync(path.parent)
+        # Opened before the rename, so the mapping below is of this file
+        # whatever later takes its name.
+        fd = os.open(tmp, os.O_RDONLY) if remap and self._store != NULL else -1
+        try:
+            # The data first, then its description: a crash in between leaves a
+            # checksum mismatch that load() reports, never a silently wrong index.
+            # Both files are on disk before either rename, and the directory
+            # after them, so a power cut cannot bring back an old name.
+            os.replace(tmp, path)
+            os.replace(meta_tmp, meta_path)
+            _fsync(path.parent)
+            if fd >= 0:
+                self._map_saved(fd, size, slots, batches)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    cdef _map_saved(self, int fd, size_t size, size_t slots, uint64_t batches):
+        with nogil:
+            self._rw.lock()
+            try:
+                # An add since the file was written changed vectors it lacks.
+                if self._store.batches_written() == batches:
+                    map_file_vectors(deref(self._graph), deref(self._store), fd, size, slots,
+                                     self.dim)
+            finally:
+                self._rw.unlock()
 
     @staticmethod
     def load(path, exact_threshold=DEFAULT_EXACT_THRESHOLD, quantized=True):
         """Load an index written by save(); ValueError if it is missing,
         damaged, truncated, not ours, or holds a graph that could not be
-        searched safely (check_index_file in rag_native.h says what is checked)."""
+        searched safely (check_index_file in index_file.h says what is
+        checked). A quantized index maps the file's float32 vectors instead
+        of reading them into RAM, so the file must stay as it is (save()
+        replaces files by rename, never in place)."""
         path = Path(path)
-        dim, space, M, capacity = _check_file(path)
+        dim, space, M, expected_bytes, expected_sha256 = _read_meta(path)
         cdef VectorIndex index = VectorIndex.__new__(VectorIndex)
-        index._make_space(dim, space)
-        cdef string location = os.fsencode(path)
-        try:
-            index._graph = new HierarchicalNSW[float](index._space, location, False, capacity, False)
-        except Exception as exc:
-            # std::runtime_error, std::bad_alloc and the rest arrive as
-            # RuntimeError, MemoryError, ...: all mean this file cannot be used.
-            raise ValueError(f"index file {path} cannot be loaded: {exc!r}") from None
+        index._make_space(dim, space, quantized)
         index.exact_threshold = exact_threshold
-        index._use_codes(quantized)
-        if index._codes != NULL:
-            encode_all(deref(index._graph), deref(index._codes), _CORES)
+        cdef IndexFileSummary summary
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size != expected_bytes:
+                    raise ValueError(f"index file {path} is missing or truncated")
+                # One mapping serves the checksum, the graph check and the
+                # load, without a second copy of the file in memory (mmap
+                # refuses empty files).
+                with (mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else _Empty()) as contents:
+                    if hashlib.sha256(contents).hexdigest() != expected_sha256:
+                        raise ValueError(f"index file {path} is damaged (checksum mismatch)")
+                    problem = _check_graph(contents, dim, M, summary)
+                    if problem:
+                        raise ValueError(f"index file {path} holds an unusable graph: {problem}")
+                    capacity = min(summary.capacity, 2 * summary.elements + LOADED_SPARE_CAPACITY)
+                    index._load(contents, M, max(capacity, 1), quantized, fh.fileno())
+        except OSError as exc:
+            raise ValueError(f"index file {path} is missing or unreadable: {exc}") from None
+        except (MemoryError, RuntimeError) as exc:
+            # std::bad_alloc, std::runtime_error and the rest: all mean this
+            # file cannot be used.
+            raise ValueError(f"index file {path} cannot be loaded: {exc!r}") from None
         return index
 
+    cdef _load(self, const unsigned char[::1] contents, size_t M, size_t capacity,
+               bint quantized, int fd):
+        # A method of its own so the memoryview on the mapping is released
+        # before the mapping is closed.
+        cdef const unsigned char* start = &contents[0]
+        cdef size_t size = contents.shape[0]
+        self._graph = new HierarchicalNSW[float](self._space, capacity, M, M, 100, False)
+        if self._quantizes(quantized):
+            self._store = new FloatStore(self.dim, capacity)
+        with nogil:
+            load_graph(deref(self._graph), start, self.dim, _CORES)
+            if self._store != NULL:
+                map_file_vectors(deref(self._graph), deref(self._store), fd, size,
+                                 self._graph.getCurrentElementCount(), self.dim)
 
-def _check_file(path):
-    """The (dim, space, M, capacity to load with) of the index at ``path``
-    once its meta file, checksum and graph are checked; ValueError if not sound."""
+
+def _read_meta(path):
+    """The (dim, space, M, file size, sha256) that ``path``'s meta file
+    states; ValueError if it is missing or not ours."""
     meta_path = _meta_path(path)
     try:
         meta = json.loads(meta_path.read_text())
@@ -393,25 +485,10 @@ def _check_file(path):
     if not (_is_int(dim) and 1 <= dim <= MAX_DIM and space in SPACES
             and _is_int(M) and 2 <= M <= 2048 and _is_int(meta.get("bytes"))
             and isinstance(meta.get("sha256"), str)):
-        raise ValueError(f"{meta_path} has a missing or out-of-range dim, space, M, bytes or sha256")
-    cdef IndexFileSummary summary
-    try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size != meta["bytes"]:
-                raise ValueError(f"index file {path} is missing or truncated")
-            # One mapping serves the checksum and the graph check, without a
-            # second copy of the file in memory (mmap refuses empty files).
-            with (mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else _Empty()) as contents:
-                if hashlib.sha256(contents).hexdigest() != meta["sha256"]:
-                    raise ValueError(f"index file {path} is damaged (checksum mismatch)")
-                problem = _check_graph(contents, dim, M, summary)
-    except OSError as exc:
-        raise ValueError(f"index file {path} is missing or unreadable: {exc}") from None
-    if problem:
-        raise ValueError(f"index file {path} holds an unusable graph: {problem}")
-    capacity = min(summary.capacity, 2 * summary.elements + LOADED_SPARE_CAPACITY)
-    return dim, space, M, max(capacity, 1)
+        raise ValueError(
+            f"{meta_path} has a missing or out-of-range dim, space, M, bytes or sha256"
+        )
+    return dim, space, M, meta["bytes"], meta["sha256"]
 
 
 cdef str _check_graph(const unsigned char[::1] contents, size_t dim, size_t M,

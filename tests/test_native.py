@@ -72,7 +72,9 @@ def test_recall_against_brute_force(space: str, labelled) -> None:  # type: igno
         queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     index = build(space, data, labels)
     assert len(index) == N and index.max_elements >= N
-    found, distances = index.search(queries, k=10, ef=100)
+    # ef=160: at ef=100 every space sits at 0.950-0.955 on this data (the
+    # threads' insertion order varies the graph), too close to the bar.
+    found, distances = index.search(queries, k=10, ef=160)
     truth, truth_dist = exact(space, data, labels, queries, 10)
     assert found.dtype == np.uint64 and distances.dtype == np.float32
     assert recall(found, truth) >= 0.95
@@ -89,7 +91,7 @@ def test_recall_against_brute_force(space: str, labelled) -> None:  # type: igno
         )
         assert np.allclose(np.sort(distances[row]), own[0], atol=1e-4)
     assert recall(found[:, :1], truth[:, :1]) >= 0.9 and truth_dist.shape == (200, 10)
-    one_labels, _ = index.search(queries[0], k=10, ef=100)  # a single [d] query
+    one_labels, _ = index.search(queries[0], k=10, ef=160)  # a single [d] query
     assert one_labels.shape == (1, 10) and (one_labels[0] == found[0]).all()
 
 
@@ -212,11 +214,13 @@ def test_bad_arguments() -> None:
     assert index.max_elements == 1000
 
 
-def test_concurrent_search_add_delete_stress() -> None:
+@pytest.mark.parametrize("space", ["l2", "cosine"])  # float32 records; int8 codes
+def test_concurrent_search_add_delete_stress(space: str) -> None:
     dim = 32
     rng = np.random.default_rng(5)
     base = rng.standard_normal((4000, dim)).astype(np.float32)
-    index = VectorIndex(dim, "l2", max_elements=64, M=12, ef_construction=64)
+    index = VectorIndex(dim, space, max_elements=64, M=12, ef_construction=64)
+    assert index.quantized == (space == "cosine")
     index.add(base[:2000], np.arange(2000))
     errors: list[BaseException] = []
     deleted: set[int] = set()
@@ -231,8 +235,10 @@ def test_concurrent_search_add_delete_stress() -> None:
                 with deleted_lock:
                     gone = set(deleted)  # deletes that returned before this search began
                 queries = base[r.integers(0, 2000, 16)]
-                found, _ = index.search(queries, k=10, ef=50, num_threads=2)
+                found, distances = index.search(queries, k=10, ef=50, num_threads=2)
                 assert not (set(found.ravel().tolist()) & gone)
+                # Vectors met while their add is running get a real distance too.
+                assert np.isfinite(distances).all() and (distances >= -1e-3).all()
                 searches.append(len(queries))
         except BaseException as exc:
             errors.append(exc)
@@ -269,6 +275,119 @@ def test_concurrent_search_add_delete_stress() -> None:
     queries = base[kept[:100]] + 0.001
     found, _ = index.search(queries, k=1, ef=64)
     assert (found[:, 0] == kept[:100]).mean() >= 0.97
+
+
+def test_quantized_vectors_leave_ram_when_saved(tmp_path: Path, labelled) -> None:  # type: ignore[no-untyped-def]
+    data, labels, queries = labelled
+    index = build("cosine", data, labels)
+    floats = build("cosine", data, labels, quantized=False)
+    in_ram = index.memory_bytes
+    # Before a save the float32 copies are in RAM beside the int8 records.
+    assert in_ram > N * DIM * 4
+    before = index.search(queries, k=10, ef=64)
+    path = tmp_path / "vectors.hnsw"
+    index.save(path)
+    # Now they are read from the saved file: the RAM left is the graph with
+    # int8 records, well under the float32 index's.
+    assert index.memory_bytes <= in_ram - N * DIM * 4
+    # int8 records (DIM + 4 bytes of vector) instead of float32 ones.
+    assert floats.memory_bytes - index.memory_bytes >= N * (DIM * 4 - DIM - 4)
+    assert str(path) in maps()
+    after = index.search(queries, k=10, ef=64)
+    assert (before[0] == after[0]).all() and np.array_equal(before[1], after[1])
+
+    # Writes after the save: a new label goes to RAM, a replaced one too
+    # (a private copy of the file's page); the saved file does not change.
+    saved = path.read_bytes()
+    mapped = index.memory_bytes
+    index.add(queries[:1], np.array([7], np.uint64))
+    index.add(queries[1:2], labels[5:6])
+    assert path.read_bytes() == saved
+    found, distances = index.search(queries[:2], k=1, ef=64)
+    assert found[:, 0].tolist() == [7, labels[5]] and np.allclose(distances, 0, atol=1e-5)
+    assert index.memory_bytes >= mapped + 2 * DIM * 4
+    index.save(path)  # maps the new file; the old one is released
+    loaded = VectorIndex.load(path)
+    assert loaded.quantized and len(loaded) == N + 1
+    a, b = index.search(queries, k=10, ef=64), loaded.search(queries, k=10, ef=64)
+    assert (a[0] == b[0]).all() and np.allclose(a[1], b[1], atol=1e-6)
+
+
+def test_save_without_remap_keeps_vectors_in_ram(tmp_path: Path, labelled) -> None:  # type: ignore[no-untyped-def]
+    data, labels, queries = labelled
+    index = build("ip", data, labels)
+    in_ram = index.memory_bytes
+    index.save(tmp_path / "copy.hnsw", remap=False)
+    assert index.memory_bytes == in_ram and str(tmp_path / "copy.hnsw") not in maps()
+    (tmp_path / "copy.hnsw").unlink()  # a copy moved away: the index does not notice
+    assert (index.search(queries, k=5)[0] == index.search(queries, k=5)[0]).all()
+
+
+def test_one_file_layout_for_both_record_kinds(tmp_path: Path, labelled) -> None:  # type: ignore[no-untyped-def]
+    """Files keep hnswlib's float32 layout whichever way the index held its
+    vectors, so either kind loads either file, with the same results."""
+    data, labels, queries = labelled
+    data = data / np.linalg.norm(data, axis=1, keepdims=True)
+    int8, floats = build("ip", data, labels), build("ip", data, labels, quantized=False)
+    int8.save(tmp_path / "int8.hnsw")
+    floats.save(tmp_path / "floats.hnsw")
+    header = struct.Struct("<QQQQQQiIQQQdQ")
+    for name in ("int8", "floats"):
+        fields = header.unpack_from((tmp_path / f"{name}.hnsw").read_bytes())
+        assert fields[3] == 4 + 8 * 16 + 4 * DIM + 8  # float32 records of 48 dims, M=16
+    for name, source in (("int8", int8), ("floats", floats)):
+        expected = source.search(queries, k=10, ef=64)
+        same_kind = VectorIndex.load(tmp_path / f"{name}.hnsw", quantized=source.quantized)
+        again = same_kind.search(queries, k=10, ef=64)
+        assert (again[0] == expected[0]).all() and np.allclose(again[1], expected[1], atol=1e-6)
+        other = VectorIndex.load(tmp_path / f"{name}.hnsw", quantized=not source.quantized)
+        truth, _ = exact("ip", data, labels, queries, 10)
+        assert other.quantized != source.quantized
+        found, distances = other.search(queries, k=10, ef=100)
+        assert recall(found, truth) >= recall(source.search(queries, k=10, ef=100)[0], truth) - 0.02
+        position = {int(label): i for i, label in enumerate(labels)}
+        best = data[[position[int(x)] for x in found[:, 0]]]
+        assert np.allclose(distances[:, 0], 1.0 - np.einsum("ij,ij->i", queries, best), atol=1e-5)
+
+
+def test_filters_and_exact_scan_read_the_mapped_vectors(tmp_path: Path, labelled) -> None:  # type: ignore[no-untyped-def]
+    data, labels, queries = labelled
+    data = data / np.linalg.norm(data, axis=1, keepdims=True)
+    index = build("ip", data, labels, exact_threshold=100)
+    index.save(tmp_path / "vectors.hnsw")
+    loaded = VectorIndex.load(tmp_path / "vectors.hnsw", exact_threshold=100)
+    rng = np.random.default_rng(3)
+    for size in (50, 2000):  # exact scan, then the filtered walk
+        allowed = rng.choice(labels, size, replace=False)
+        mask = np.isin(labels, allowed)
+        truth, truth_dist = exact("ip", data[mask], labels[mask], queries, 10)
+        for source in (index, loaded):
+            found, distances = source.search(queries, k=10, ef=100, allowed=allowed)
+            assert set(found.ravel().tolist()) <= set(allowed.tolist())
+            assert recall(found, truth) >= (1.0 if size <= 100 else 0.95)
+            if size <= 100:  # exact float32 distances, from the file
+                assert np.allclose(distances, truth_dist, atol=1e-5)
+
+
+def test_dropped_index_releases_its_mapping(tmp_path: Path, labelled) -> None:  # type: ignore[no-untyped-def]
+    data, labels, _ = labelled
+    path = tmp_path / "vectors.hnsw"
+    build("ip", data, labels).save(path)
+    loaded = VectorIndex.load(path)
+    assert str(path) in maps()
+    # Compaction: a new index from the live half, saved over the old file.
+    compacted = build("ip", data[::2], labels[::2])
+    compacted.save(path)
+    assert maps().count(str(path)) == 2  # the old file (deleted) and the new one
+    del loaded
+    assert maps().count(str(path)) == 1 and "(deleted)" not in maps()
+    del compacted
+    assert str(path) not in maps()
+
+
+def maps() -> str:
+    """The files this process has mapped, one line per mapping."""
+    return Path("/proc/self/maps").read_text()
 
 
 # -- saved files that lie --------------------------------------------------
