@@ -593,7 +593,10 @@ def test_documents_a_killed_worker_held_go_to_another_worker_once(
     log = replica.server.nats
     assert log is not None
     wait_for(log.connected.is_set)
-    # Short ack_wait: what the dead worker held comes back after 3 s, not a minute.
+    # Short ack_wait: what the dead worker held comes back after 3 s, not a
+    # minute. The workers keep no store (apply = false), so a redelivered
+    # document is embedded and written again rather than found unchanged,
+    # and the job's chunk count is exact.
     config = worker_config(tmp_path, nats_server.url, ack_wait_s=3, batch_documents=10, apply=False)
     first = server_process(tmp_path / "w1", "--config", str(config))
     total = 300
@@ -673,12 +676,12 @@ def test_a_nats_leader_killed_during_a_job_loses_no_document(
             while (status := job_status(client, job_id)).state in ("QUEUED", "RUNNING"):
                 assert time.monotonic() < deadline, f"the job did not finish: {status}"
                 time.sleep(0.5)
-            assert (status.state, status.processed, status.failed, status.chunks) == (
-                "SUCCEEDED",
-                total,
-                0,
-                total,
-            )
+            assert (status.state, status.processed, status.failed) == ("SUCCEEDED", total, 0)
+            # A batch written to the log whose count or ack the election broke
+            # comes again; this worker's replica has applied it by then, so the
+            # retry finds its documents unchanged and counts no chunk for them:
+            # the job's chunk count can fall short; the store's counts must not.
+            assert 0 < status.chunks <= total
             assert consumer(server).cluster.leader != leader
             wait_for(holds(client, {"default": (total, total)}), timeout=90)
             found, missing = client.get([d.id for d in docs])
