@@ -214,7 +214,7 @@ class RagClient:
 
     def search(
         self,
-        query: str | Sequence[float],
+        query: str | Sequence[float] | np.ndarray,
         *,
         k: int = 0,
         namespace: str = "",
@@ -226,7 +226,7 @@ class RagClient:
 
     def search_result(
         self,
-        query: str | Sequence[float],
+        query: str | Sequence[float] | np.ndarray,
         *,
         k: int = 0,
         namespace: str = "",
@@ -367,7 +367,7 @@ class RagClient:
 
 
 def _query(
-    query: str | Sequence[float], k: int, namespace: str, flt: Filter | None, ef: int
+    query: str | Sequence[float] | np.ndarray, k: int, namespace: str, flt: Filter | None, ef: int
 ) -> SearchQuery:
     if isinstance(query, str):
         return SearchQuery(namespace=namespace, text=query, k=k, filter=flt, ef=ef)

@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
+import numpy as np
+
 from rag_grpc.errors import InvalidArgument
 
 MetadataScalar: TypeAlias = str | int | float | bool
@@ -22,6 +24,14 @@ MAX_ID_BYTES = 512
 
 
 @dataclass(frozen=True)
+class GivenChunk:
+    """A chunk whose vector the caller computed (bring your own vectors)."""
+
+    text: str
+    vector: np.ndarray = field(compare=False)
+
+
+@dataclass(frozen=True)
 class Document:
     """A stored document: id unique within its namespace, text, flat metadata."""
 
@@ -30,6 +40,10 @@ class Document:
     metadata: Metadata = field(default_factory=dict)
     # MIME type of text: "" or text/plain, or text/markdown (not stored).
     content_type: str = field(default="", compare=False)
+    # The caller's own chunks and vectors (empty: the server chunks and
+    # embeds text), and the model they came from.
+    chunks: tuple[GivenChunk, ...] = field(default=(), compare=False)
+    vector_model_id: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)

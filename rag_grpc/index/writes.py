@@ -46,6 +46,8 @@ SUPPORTED_CONTENT_TYPES = frozenset({"", "text/plain", "text/markdown"})
 # Chunks of one document: far above what max_document_bytes can produce with
 # any sane chunk size, low enough that a forged log entry cannot ask for more.
 MAX_CHUNKS_PER_DOCUMENT = 100_000
+# Chunks one document may bring with its own vectors.
+MAX_GIVEN_CHUNKS = 10_000
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,17 @@ class PreparedDelete:
     forget: bool = False
     actor: str = ""
     older_than: float | None = None
+
+
+def given_chunks(documents: Sequence[Document]) -> list[NewChunk]:
+    """The chunks of documents that brought their own vectors, normalised:
+    the index ranks by inner product of unit vectors (cosine)."""
+    chunks = []
+    for doc in documents:
+        for seq, chunk in enumerate(doc.chunks):
+            vector = np.asarray(chunk.vector, dtype=np.float32)
+            chunks.append(NewChunk(doc.id, seq, chunk.text, vector / np.linalg.norm(vector)))
+    return chunks
 
 
 class WritePath:
@@ -176,6 +189,42 @@ class WritePath:
                 f"document {name} is {size} bytes with its metadata; the limit is "
                 f"{limits.max_document_bytes} bytes (split it into several documents)"
             )
+        if doc.chunks:
+            self._validate_given_chunks(doc, name)
+
+    def _validate_given_chunks(self, doc: Document, name: str) -> None:
+        """The caller's own vectors: from the model queries are embedded with,
+        of the index's dimension, finite and not zero; chunk texts present."""
+        model = self.embedder.model_id
+        if doc.vector_model_id != model:
+            given = printable(doc.vector_model_id[:80]) if doc.vector_model_id else "(none given)"
+            raise InvalidArgument(
+                f"document {name} brings vectors of model {given}; "
+                f"this index holds vectors of {model!r} (set vector_model_id to it, and embed "
+                "with the same model)"
+            )
+        if len(doc.chunks) > MAX_GIVEN_CHUNKS:
+            raise InvalidArgument(
+                f"document {name} brings {len(doc.chunks)} chunks; at most {MAX_GIVEN_CHUNKS}"
+            )
+        dimension = self.embedder.dimension
+        for number, chunk in enumerate(doc.chunks):
+            vector = np.asarray(chunk.vector)
+            if vector.shape != (dimension,):
+                raise InvalidArgument(
+                    f"document {name} chunk {number} has a vector of {vector.size} values; "
+                    f"this index has dimension {dimension}"
+                )
+            if not np.isfinite(vector).all():
+                raise InvalidArgument(
+                    f"document {name} chunk {number} has NaN or infinite values in its vector"
+                )
+            if not vector.any():
+                raise InvalidArgument(
+                    f"document {name} chunk {number} has an all-zero vector (no direction)"
+                )
+            if not isinstance(chunk.text, str) or not chunk.text.strip():
+                raise InvalidArgument(f"document {name} chunk {number} has no text")
 
     def _check_namespace_room(self, namespace: str) -> None:
         if namespace in self.indexes or self.store.has_namespace(namespace):
@@ -270,9 +319,13 @@ class WritePath:
             self._check_namespace_room(namespace)
         # Re-submitting what is already stored does no work (no embedding, no
         # write, no new generation): idempotent by document id and content.
-        same = self.store.unchanged(namespace, valid) if valid else set()
+        # Documents bringing their own vectors are always written: their
+        # vectors may be all that changed.
+        texts = [d for d in valid if not d.chunks]
+        same = self.store.unchanged(namespace, texts) if texts else set()
         fresh = [d for d in valid if d.id not in same]
-        chunks = self._chunk_and_embed(fresh, whole_call=not per_document)
+        chunks = self._chunk_and_embed([d for d in fresh if not d.chunks], not per_document)
+        chunks += given_chunks([d for d in fresh if d.chunks])
         return PreparedUpsert(
             namespace,
             tuple(fresh),

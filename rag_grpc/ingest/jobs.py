@@ -35,6 +35,7 @@ from rag_grpc.errors import (
 )
 from rag_grpc.index.retriever import Retriever
 from rag_grpc.index.writes import PreparedUpsert
+from rag_grpc.ingest.document_json import document_from_json, document_to_json
 from rag_grpc.store.sqlite import connect
 
 log = logging.getLogger(__name__)
@@ -191,9 +192,7 @@ class JobQueue:
             (
                 job_id,
                 seq,
-                json.dumps(
-                    {"id": d.id, "text": d.text, "metadata": d.metadata, "type": d.content_type}
-                ),
+                json.dumps(document_to_json(d)),
             )
             for seq, d in enumerate(documents)
         ]
@@ -272,7 +271,7 @@ class JobQueue:
                 (job_id, start, count),
             ).fetchall()
         docs = [json.loads(r[0]) for r in rows]
-        return [Document(d["id"], d["text"], d["metadata"], d.get("type", "")) for d in docs]
+        return [document_from_json(d) for d in docs]
 
     def record(self, status: JobStatus) -> None:
         """Commit a job's progress; a finished job's documents are dropped."""

@@ -20,6 +20,7 @@ import nats.js.errors
 
 from rag_grpc.documents import Document
 from rag_grpc.errors import NotFound
+from rag_grpc.ingest.document_json import document_from_json, document_to_json
 from rag_grpc.ingest.jobs import JobState, JobStatus
 
 log = logging.getLogger(__name__)
@@ -81,13 +82,13 @@ class JobRecord:
 
 def job_message(job_id: str, namespace: str, seq: int, doc: Document) -> bytes:
     """The <P>_JOBS message carrying the document at position seq of a job."""
-    encoded = {"id": doc.id, "text": doc.text, "metadata": doc.metadata, "type": doc.content_type}
+    encoded = document_to_json(doc)
     return json.dumps({"job": job_id, "namespace": namespace, "seq": seq, "doc": encoded}).encode()
 
 
 def decode_document(raw: dict[str, Any]) -> Document:
-    """The document of a <P>_JOBS message (its "doc" field)."""
-    return Document(raw["id"], raw["text"], raw["metadata"], raw.get("type", ""))
+    """The document of a <P>_JOBS message (its "doc" field); ValueError if malformed."""
+    return document_from_json(raw)
 
 
 class JobStatuses:

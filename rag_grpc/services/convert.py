@@ -11,7 +11,15 @@ from collections.abc import Mapping
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from rag_grpc.documents import Document, Hit, MetadataScalar, SearchResult, SearchTimings
+from rag_grpc.documents import (
+    Document,
+    GivenChunk,
+    Hit,
+    MetadataScalar,
+    SearchResult,
+    SearchTimings,
+    printable,
+)
 from rag_grpc.errors import InvalidArgument
 from rag_grpc.filters import And, AnyOf, Equals, Filter, Or, Range
 from rag_grpc.generate.base import GenerationParams, Passage, Usage
@@ -58,14 +66,39 @@ def fill_metadata(
 
 
 def document_from_pb(doc: common_pb2.Document) -> Document:
-    """A core Document from its message."""
-    return Document(doc.id, doc.text, metadata_from_pb(doc.metadata), doc.content_type)
+    """A core Document from its message; InvalidArgument for both vector forms at once."""
+    if doc.vector and doc.chunks:
+        raise InvalidArgument(
+            f"document {printable(doc.id[:80])} sets both vector and chunks; set one"
+        )
+    chunks: tuple[GivenChunk, ...] = ()
+    if doc.vector:
+        chunks = (GivenChunk(doc.text, np.asarray(doc.vector, dtype=np.float32)),)
+    elif doc.chunks:
+        chunks = tuple(
+            GivenChunk(c.text, np.asarray(c.vector, dtype=np.float32)) for c in doc.chunks
+        )
+    return Document(
+        doc.id,
+        doc.text,
+        metadata_from_pb(doc.metadata),
+        doc.content_type,
+        chunks,
+        doc.vector_model_id,
+    )
 
 
 def document_to_pb(doc: Document) -> common_pb2.Document:
-    """A Document message."""
-    message = common_pb2.Document(id=doc.id, text=doc.text, content_type=doc.content_type)
+    """A Document message (with the caller's own vectors, when it has them)."""
+    message = common_pb2.Document(
+        id=doc.id,
+        text=doc.text,
+        content_type=doc.content_type,
+        vector_model_id=doc.vector_model_id,
+    )
     fill_metadata(message.metadata, doc.metadata)
+    for chunk in doc.chunks:
+        message.chunks.add(text=chunk.text, vector=np.asarray(chunk.vector).tolist())
     return message
 
 
