@@ -176,6 +176,10 @@ class LimitsConfig(_Section):
     max_ef: int = Field(4096, ge=1, le=65_536)
     # Namespaces this store may hold (each has its own index in memory).
     max_namespaces: int = Field(1000, ge=1)
+    # RAM all vector indexes may hold together; a write that would pass it
+    # gets RESOURCE_EXHAUSTED (never the OOM killer). None: 70 % of this
+    # machine's physical memory; 0: no limit.
+    max_index_bytes: int | None = Field(None, ge=0)
     max_document_bytes: int = Field(1024 * 1024, ge=1)
     max_documents_per_upsert: int = Field(1000, ge=1)
     max_ids_per_request: int = Field(10_000, ge=1)

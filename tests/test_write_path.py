@@ -524,3 +524,37 @@ def test_retention_under_nats_deletes_through_the_log_on_every_replica(
 
         wait_for(lambda: aged_out(a) and aged_out(b), timeout=60)
         assert b.get([CORPUS[0].id], namespace="kept")[1] == []
+
+
+def test_a_write_past_the_memory_limit_is_refused_and_changes_nothing(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    probe = start_server()
+    assert probe.server.retriever is not None
+    with RagClient(probe.target) as client:
+        client.upsert(CORPUS)
+        used = probe.server.retriever.indexes.memory_bytes()
+    probe.stop()
+    # Room for what CORPUS needs and a little more, not for 200 documents.
+    server = start_server(limits={"max_index_bytes": used + 40_000})
+    with RagClient(server.target) as client:
+        client.upsert(CORPUS)
+        model = client.stats().models[0]
+        from rag_grpc.documents import GivenChunk
+
+        rng = np.random.default_rng(3)
+        many = [
+            Document(
+                f"m{i}",
+                f"note {i}",
+                chunks=(GivenChunk(f"note {i}", rng.standard_normal(384).astype(np.float32)),),
+                vector_model_id=model,
+            )
+            for i in range(200)
+        ]
+        message = expect("RESOURCE_EXHAUSTED", lambda: client.upsert(many), "max_index_bytes")
+        assert "delete documents" in message
+        assert client.get(["m0", "m199"])[1] == ["m0", "m199"]
+        assert [n.documents for n in client.stats().namespaces] == [len(CORPUS)]
+        assert client.search("lava", k=1)[0].document_id == "volcano"
+        assert client.upsert(many[:5]).documents == 5  # small writes still fit

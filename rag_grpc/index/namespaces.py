@@ -68,6 +68,11 @@ class NamespaceIndexes:
             raise NotFound(f"namespace {namespace!r} does not exist; write a document to create it")
         return index
 
+    def memory_bytes(self) -> int:
+        """RAM every namespace's vector index holds (the payload indexes are
+        a few per cent of it and not counted)."""
+        return sum(index.memory_bytes for index in list(self._indexes.values()))
+
     def generation(self, namespace: str) -> int:
         """The namespace's generation as of its last applied write (0: none)."""
         return self._generations.get(namespace, 0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -80,6 +81,16 @@ class PreparedDelete:
     older_than: float | None = None
 
 
+def memory_limit(configured: int | None) -> int:
+    """limits.max_index_bytes in bytes: 0 for no limit, None for 70 % of RAM."""
+    if configured is not None:
+        return configured
+    try:
+        return int(0.7 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError):
+        return 0
+
+
 def given_chunks(documents: Sequence[Document]) -> list[NewChunk]:
     """The chunks of documents that brought their own vectors, normalised:
     the index ranks by inner product of unit vectors (cosine)."""
@@ -112,6 +123,7 @@ class WritePath:
         # Called with a namespace after documents in it were forgotten, so
         # caches holding their text (results, answers) drop it.
         self.forget_listeners: list[Callable[[str], None]] = []
+        self.memory_limit = memory_limit(limits.max_index_bytes)
         self.compactions = 0
 
     # -- validation ----------------------------------------------------------
@@ -225,6 +237,26 @@ class WritePath:
                 )
             if not isinstance(chunk.text, str) or not chunk.text.strip():
                 raise InvalidArgument(f"document {name} chunk {number} has no text")
+
+    def _check_memory(self, namespace: str, new_vectors: int) -> None:
+        """ResourceExhausted when new_vectors more would take the indexes past
+        limits.max_index_bytes (checked under the namespace's write lock,
+        before anything is stored)."""
+        limit = self.memory_limit
+        if not limit or not new_vectors:
+            return
+        used = self.indexes.memory_bytes()
+        # What one more vector costs: its int8 code, its float32 copy until
+        # the index is saved, its links at level 0, and bookkeeping.
+        dim, m = self.embedder.dimension, self.config.m
+        per_vector = 5 * dim + 8 * m + 96
+        needed = used + new_vectors * per_vector
+        if needed > limit:
+            raise ResourceExhausted(
+                f"the write adds {new_vectors} vectors (~{new_vectors * per_vector:,} bytes) to "
+                f"indexes holding {used:,} bytes; the limit is {limit:,} bytes "
+                "(limits.max_index_bytes): delete documents and compact, or raise the limit"
+            )
 
     def _check_namespace_room(self, namespace: str) -> None:
         if namespace in self.indexes or self.store.has_namespace(namespace):
@@ -384,6 +416,7 @@ class WritePath:
                     self.store.set_position(*position)
                 return WriteResult(0, 0, self.store.generation(namespace), unchanged=unchanged)
             self._check_namespace_room(namespace)
+            self._check_memory(namespace, len(chunks))
             # The replaced documents' metadata rows, read under the write lock
             # before they go, so the payload index drops exactly what it held.
             old_payload = self.store.metadata_rows(namespace, [d.id for d in documents])
