@@ -6,9 +6,7 @@ generator in this process or behind remote gRPC services.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from rag_grpc.generate.base import (
     validate_generation,
 )
 from rag_grpc.index.retriever import Retriever, SearchQuery
+from rag_grpc.lru import BoundedLRU
 
 
 class SearchBackend(Protocol):
@@ -92,7 +91,7 @@ class CachedAnswer:
     cited: tuple[int, ...]
 
 
-class AnswerCache:
+class AnswerCache(BoundedLRU[tuple[Any, ...], CachedAnswer]):
     """Answers by (question, parameters, namespace, passages, index generation).
 
     The key holds the generation the retrieval read, so any write to the
@@ -102,13 +101,7 @@ class AnswerCache:
     """
 
     def __init__(self, entries: int, max_bytes: int = 32 * 1024 * 1024) -> None:
-        self.entries = entries
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._items: OrderedDict[tuple[Any, ...], tuple[CachedAnswer, int]] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
+        super().__init__(entries, max_bytes, _answer_bytes)
 
     @staticmethod
     def key(
@@ -117,35 +110,14 @@ class AnswerCache:
         passages = tuple((h.chunk_id, round(h.score, 6)) for h in result.hits)
         return (question, namespace, params, passages, result.index_generation)
 
-    def get(self, key: tuple[Any, ...]) -> CachedAnswer | None:
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return item[0]
-
-    def put(self, key: tuple[Any, ...], answer: CachedAnswer) -> None:
-        # The question, the answer and the key's chunk ids, roughly.
-        size = 256 + len(str(key[0])) + len(repr(answer)) + 64 * len(key[3])
-        if size > self.max_bytes:
-            return
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self.bytes -= old[1]
-            self._items[key] = (answer, size)
-            self.bytes += size
-            while len(self._items) > self.entries or self.bytes > self.max_bytes:
-                self.bytes -= self._items.popitem(last=False)[1][1]
-
     def drop_namespace(self, namespace: str) -> None:
         """Forget every answer from a namespace (after documents in it were forgotten)."""
-        with self._lock:
-            for key in [k for k in self._items if k[1] == namespace]:
-                self.bytes -= self._items.pop(key)[1]
+        self.drop(lambda key: key[1] == namespace)
+
+
+def _answer_bytes(key: tuple[Any, ...], answer: CachedAnswer) -> int:
+    # The question, the answer and the key's chunk ids, roughly.
+    return 256 + len(str(key[0])) + len(repr(answer)) + 64 * len(key[3])
 
 
 class RagPipeline:

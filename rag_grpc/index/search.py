@@ -5,9 +5,7 @@ chunk rows."""
 from __future__ import annotations
 
 import math
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +19,7 @@ from rag_grpc.embed.encoder import Embedder
 from rag_grpc.errors import InvalidArgument
 from rag_grpc.filters import Filter, validate_filter
 from rag_grpc.index.namespaces import NamespaceIndexes
+from rag_grpc.lru import BoundedLRU
 from rag_grpc.native import MISSING_LABEL
 from rag_grpc.store.sqlite import DocumentStore
 
@@ -234,43 +233,13 @@ def result_bytes(result: SearchResult) -> int:
     )
 
 
-class ResultCache:
-    """A thread-safe LRU of search results, bounded in entries and in bytes."""
+class ResultCache(BoundedLRU[tuple[Any, ...], SearchResult]):
+    """Search results by (namespace, generation, query, filter, k, ef),
+    bounded in entries and in bytes."""
 
     def __init__(self, entries: int, max_bytes: int = 64 * 1024 * 1024) -> None:
-        self.entries = entries
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._items: OrderedDict[tuple[Any, ...], tuple[SearchResult, int]] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: tuple[Any, ...]) -> SearchResult | None:
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return item[0]
+        super().__init__(entries, max_bytes, lambda _, result: result_bytes(result))
 
     def drop_namespace(self, namespace: str) -> None:
         """Forget every cached result of a namespace (their hits hold text)."""
-        with self._lock:
-            for key in [k for k in self._items if k[0] == namespace]:
-                self.bytes -= self._items.pop(key)[1]
-
-    def put(self, key: tuple[Any, ...], result: SearchResult) -> None:
-        size = result_bytes(result)
-        if size > self.max_bytes:
-            return
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self.bytes -= old[1]
-            self._items[key] = (result, size)
-            self.bytes += size
-            while len(self._items) > self.entries or self.bytes > self.max_bytes:
-                self.bytes -= self._items.popitem(last=False)[1][1]
+        self.drop(lambda key: key[0] == namespace)
