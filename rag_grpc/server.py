@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import shutil
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -138,6 +139,10 @@ class RagServer:
         if local_retrieval:
             assert self.embedder is not None
             s.data_dir.mkdir(parents=True, exist_ok=True)
+            # Copies of snapshots a crash interrupted: nothing reads them again.
+            for leftover in s.data_dir.glob(".snapshot-*"):
+                log.warning("removing %s, left by an interrupted snapshot", leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
             self.store = DocumentStore(s.data_dir / "rag.sqlite3")
             assert self.encoder is not None
             chunker = TokenChunker(

@@ -558,3 +558,16 @@ def test_a_write_past_the_memory_limit_is_refused_and_changes_nothing(
         assert [n.documents for n in client.stats().namespaces] == [len(CORPUS)]
         assert client.search("lava", k=1)[0].document_id == "volcano"
         assert client.upsert(many[:5]).documents == 5  # small writes still fit
+
+
+def test_a_snapshot_copy_left_by_a_crash_is_removed_at_start(
+    start_server: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    leftover = data / ".snapshot-k2j4"
+    (leftover / "index").mkdir(parents=True)
+    (leftover / "rag.sqlite3").write_bytes(b"a copy of every document, taking disk space")
+    server = start_server(data)
+    assert not leftover.exists()
+    with RagClient(server.target) as client:
+        client.upsert(CORPUS[:1])
