@@ -92,6 +92,10 @@ class IndexConfig(_Section):
     compact_deleted_fraction: float = Field(0.3, ge=0.0, le=1.0)
     # Below this many slots an index is never compacted automatically.
     compact_min_slots: int = Field(1024, ge=0)
+    # Indexes written since their last save are saved this often (0: only at
+    # shutdown and on compaction): a restart then catches up fewer rows, and
+    # the float32 vectors of new chunks move from RAM to the mapped file.
+    save_interval_s: float = Field(300.0, ge=0)
 
 
 class EmbeddingConfig(_Section):

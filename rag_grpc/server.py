@@ -113,6 +113,7 @@ class RagServer:
         self.telemetry: Telemetry | None = None
         self._triton_task: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._saver: asyncio.Task[None] | None = None
 
     # -- assembly ----------------------------------------------------------
 
@@ -342,6 +343,8 @@ class RagServer:
             self._probe_task = asyncio.create_task(self._probe_remotes(), name="remote-probe")
         if self.retriever is not None and s.retention.ttl_s:
             self._sweeper = asyncio.create_task(self._sweep(), name="retention")
+        if self.retriever is not None and s.index.save_interval_s:
+            self._saver = asyncio.create_task(self._save_periodically(), name="index-saver")
         if self.triton is not None:
             await self._apply_triton_health(await self.triton.probe())
             self._triton_task = asyncio.create_task(self._probe_triton(), name="triton-probe")
@@ -441,6 +444,22 @@ class RagServer:
                 except Exception:  # the sweeper must outlive one bad pass
                     log.exception("retention sweep of %s failed", namespace)
 
+    async def _save_periodically(self) -> None:
+        """Save indexes written since their last save, every save_interval_s."""
+        assert self.retriever is not None
+        retriever = self.retriever
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.index.save_interval_s)
+            try:
+                saved = await loop.run_in_executor(
+                    self.write_executor, functools.partial(retriever.save_indexes, True)
+                )
+                if saved:
+                    log.info("saved %d changed indexes", saved)
+            except Exception:  # a failed save must not end the saver
+                log.exception("saving the indexes failed; retrying at the next interval")
+
     async def _stalled(self, reason: str) -> None:
         """A replica that can no longer follow the write log serves stale data:
         every service says NOT_SERVING so probes and gateways route around it."""
@@ -482,6 +501,8 @@ class RagServer:
             self._triton_task.cancel()
         if self._sweeper:
             self._sweeper.cancel()
+        if self._saver:
+            self._saver.cancel()
         if self.server is not None:
             await self.server.stop(grace)
         if self.ingestion is not None:

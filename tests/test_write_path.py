@@ -571,3 +571,24 @@ def test_a_snapshot_copy_left_by_a_crash_is_removed_at_start(
     assert not leftover.exists()
     with RagClient(server.target) as client:
         client.upsert(CORPUS[:1])
+
+
+def test_written_indexes_are_saved_periodically(
+    start_server: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    from rag_grpc.native import VectorIndex
+
+    data = tmp_path / "data"
+    server = start_server(data, index={"save_interval_s": 0.3})
+    retriever = server.server.retriever
+    assert retriever is not None
+    with RagClient(server.target) as client:
+        client.upsert(CORPUS)
+        # Saved while serving (no shutdown): a kill -9 now would restart from
+        # this file instead of rebuilding, and the new vectors left RAM.
+        path = data / "index" / "default.hnsw"
+        wait_for(lambda: path.exists() and len(VectorIndex.load(path)) == len(CORPUS))
+        saved = path.stat().st_mtime_ns
+        time.sleep(1.0)
+        assert path.stat().st_mtime_ns == saved  # unchanged indexes are not saved again
+        assert client.search("lava", k=1)[0].document_id == "volcano"

@@ -47,6 +47,8 @@ class NamespaceIndexes:
         # here so a search reads it without a SQLite query (it was 11 % of a
         # vector Search's server time); writes set it under the write lock.
         self._generations: dict[str, int] = {}
+        # The generation each namespace's index files were last saved at.
+        self._saved_at: dict[str, int] = {}
         # One writer per namespace keeps store generation and index in step.
         self._write_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -197,6 +199,9 @@ class NamespaceIndexes:
                 if index.dim != self.dimension:
                     raise ValueError(f"dimension {index.dim}, model has {self.dimension}")
                 added = self._catch_up(namespace, index, int(meta["last_label"]), live)
+                if not added:
+                    # Nothing newer than the file: no periodic save needed yet.
+                    self._saved_at[namespace] = generation
                 log.info(
                     "loaded index %s saved at generation %s, %d newer vectors applied; "
                     "store at generation %d",
@@ -254,23 +259,35 @@ class NamespaceIndexes:
             raise ValueError("its labels differ from the store's chunks after catching up")
         return added
 
-    def save_all(self) -> None:
-        """Persist every namespace's index with the last label it applied."""
+    def save_all(self, changed_only: bool = False) -> int:
+        """Persist every namespace's index with the last label it applied
+        (changed_only: those written since their last save); returns how many."""
+        saved = 0
         for namespace in list(self._indexes):
             with self.write_lock(namespace):
+                if changed_only and self._saved_at.get(namespace) == self.generation(namespace):
+                    continue
                 self._save(namespace, self._indexes[namespace])
+                saved += 1
+        return saved
 
     def _save(self, namespace: str, index: VectorIndex) -> None:
         path, meta_path = self.paths(namespace)
+        # Saving also moves vectors added since the last save from RAM to the
+        # mapped file (VectorIndex.save remaps).
         index.save(path)
-        write_json(meta_path, self.meta(index, self.store.generation(namespace)))
+        generation = self.store.generation(namespace)
+        write_json(meta_path, self.meta(index, generation))
+        self._saved_at[namespace] = self.generation(namespace)
 
     def save_copy(self, namespace: str, out_dir: Path, generation: int) -> None:
         """Save the namespace's index into out_dir (caller holds its write lock)."""
         index = self._indexes.get(namespace)
         if index is None:
             return
-        index.save(out_dir / f"{namespace}.hnsw")
+        # remap=False: the live index keeps reading its own file, never the
+        # snapshot's copy (which is deleted once the archive is sent).
+        index.save(out_dir / f"{namespace}.hnsw", remap=False)
         write_json(out_dir / f"{namespace}.json", self.meta(index, generation))
 
     def meta(self, index: VectorIndex, generation: int) -> dict[str, int]:

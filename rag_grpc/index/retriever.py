@@ -145,9 +145,10 @@ class Retriever:
 
     # -- files -------------------------------------------------------------
 
-    def save_indexes(self) -> None:
-        """Persist every namespace's index with the last label it applied."""
-        self.indexes.save_all()
+    def save_indexes(self, changed_only: bool = False) -> int:
+        """Persist the namespaces' indexes (changed_only: those written since
+        their last save) with the last label each applied; returns how many."""
+        return self.indexes.save_all(changed_only)
 
     def snapshot(self, out_dir: Path) -> tuple[dict[str, Path], dict[str, int]]:
         """Copy the database and every index into out_dir at one point in time
