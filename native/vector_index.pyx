@@ -307,11 +307,14 @@ cdef class VectorIndex:
 
     # -- search --------------------------------------------------------------
 
-    def search(self, queries, int k=10, int ef=100, allowed=None, int num_threads=0):
+    def search(self, queries, int k=10, int ef=100, allowed=None, int num_threads=0,
+               exact_threshold=None):
         """Nearest labels per query: (uint64 [q, k], float32 [q, k]) in hnswlib's
         distance convention, best first; missing results are 2**64-1 / inf.
 
         allowed: None, or a uint64 array of the only labels that may be returned.
+        exact_threshold: scan the allowed vectors exactly when there are at
+        most this many (default: the index's exact_threshold).
         """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
@@ -324,6 +327,11 @@ cdef class VectorIndex:
         cdef const uint64_t* permitted_ptr = NULL
         cdef size_t n_permitted = 0
         cdef uint64_t placeholder = 0
+        cdef size_t threshold = self.exact_threshold
+        if exact_threshold is not None:
+            if exact_threshold < 0:
+                raise ValueError(f"exact_threshold must be >= 0, got {exact_threshold}")
+            threshold = exact_threshold
         if allowed is not None:
             permitted = self._labels(allowed, "allowed")
             n_permitted = permitted.shape[0]
@@ -338,7 +346,7 @@ cdef class VectorIndex:
             self._rw.lock_shared()
             try:
                 search_batch(deref(self._graph), &data[0, 0], nq, self.dim, k, ef,
-                             permitted_ptr, n_permitted, self.exact_threshold, threads,
+                             permitted_ptr, n_permitted, threshold, threads,
                              &labels_view[0, 0], &distances_view[0, 0], self._store)
             finally:
                 self._rw.unlock_shared()

@@ -114,6 +114,27 @@ def test_filtered_recall(selectivity: float, labelled) -> None:  # type: ignore[
         assert np.isinf(distances[:, len(allowed) :]).all()
 
 
+def test_exact_threshold_per_call_picks_the_plan(labelled) -> None:  # type: ignore[no-untyped-def]
+    data, labels, queries = labelled
+    allowed = labels[::4]
+    mask = np.isin(labels, allowed)
+    index = build("l2", data, labels, exact_threshold=0)
+    truth, truth_distances = exact("l2", data[mask], labels[mask], queries, 10)
+    # A per-call threshold above the allowed count scans them exactly: every
+    # distance equals brute force's, whatever the index's own threshold.
+    scanned, distances = index.search(
+        queries, k=10, ef=10, allowed=allowed, exact_threshold=len(allowed)
+    )
+    assert recall(scanned, truth) == 1.0
+    assert np.allclose(distances, truth_distances, atol=1e-3)
+    # Below it, the filtered walk (ef 10: visibly inexact).
+    walked, _ = index.search(queries, k=10, ef=10, allowed=allowed, exact_threshold=0)
+    assert set(walked.ravel().tolist()) <= set(allowed.tolist())
+    assert recall(walked, truth) < 1.0
+    with pytest.raises(ValueError, match="exact_threshold"):
+        index.search(queries, k=10, allowed=allowed, exact_threshold=-1)
+
+
 def test_int8_walk_matches_the_float_walk(labelled) -> None:  # type: ignore[no-untyped-def]
     data, labels, queries = labelled
     data = data / np.linalg.norm(data, axis=1, keepdims=True)

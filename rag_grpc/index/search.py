@@ -20,7 +20,7 @@ from rag_grpc.errors import InvalidArgument
 from rag_grpc.filters import Filter, validate_filter
 from rag_grpc.index.namespaces import NamespaceIndexes
 from rag_grpc.lru import BoundedLRU
-from rag_grpc.native import MISSING_LABEL
+from rag_grpc.native import MISSING_LABEL, VectorIndex
 from rag_grpc.store.sqlite import DocumentStore
 
 
@@ -170,8 +170,9 @@ class Searcher:
             # (SQLite took tens of ms at 20k documents, growing with the matches).
             allowed = self.indexes.payload(namespace).matching(flt) if flt is not None else None
             with telemetry.span("index.search", namespace=namespace, queries=len(rows), k=k):
-                labels, distances = self.indexes.get(namespace).search(
-                    vectors[rows], k, ef, allowed
+                index = self.indexes.get(namespace)
+                labels, distances = index.search(
+                    vectors[rows], k, ef, allowed, exact_threshold=self._exact_threshold(index, ef)
                 )
             search_ms = (time.perf_counter() - t0) * 1000 / len(rows)
             for row, row_labels, row_distances in zip(rows, labels, distances, strict=True):
@@ -185,6 +186,15 @@ class Searcher:
                 )
                 results[row] = SearchResult(hits, generation, timings)
         return [r for r in results if r is not None]
+
+    def _exact_threshold(self, index: VectorIndex, ef: int) -> int:
+        """Allowed vectors up to which a filtered search scans them exactly.
+
+        The filtered walk costs about ef / selectivity, the scan the allowed
+        count; measured switch-overs (5k allowed at 20k live vectors and ef 64,
+        12-15k at 100k and ef 100, bench/RESULTS.md) fit sqrt(19 ef live),
+        capped by index.exact_scan_threshold."""
+        return min(self.config.exact_scan_threshold, int(math.sqrt(19 * ef * max(len(index), 1))))
 
     def _hydrate(self, labels: np.ndarray, scores: np.ndarray) -> list[Hit]:
         wanted = [int(x) for x in labels.tolist() if x != MISSING_LABEL]

@@ -47,6 +47,7 @@ class VectorIndex:
         ef: int = 100,
         allowed: npt.ArrayLike | None = None,
         num_threads: int = 0,
+        exact_threshold: int | None = None,
     ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.float32]]: ...
     def save(self, path: str | PathLike[str], remap: bool = True) -> None: ...
     @staticmethod
