@@ -311,8 +311,9 @@ def test_quantized_vectors_leave_ram_when_saved(tmp_path: Path, labelled) -> Non
     # Now they are read from the saved file: the RAM left is the graph with
     # int8 records, well under the float32 index's.
     assert index.memory_bytes <= in_ram - N * DIM * 4
-    # int8 records (DIM + 4 bytes of vector) instead of float32 ones.
-    assert floats.memory_bytes - index.memory_bytes >= N * (DIM * 4 - DIM - 4)
+    # int8 records (DIM + 4 bytes of vector) instead of float32 ones. (Not to
+    # the byte: the two builds' upper levels differ a little, by thread timing.)
+    assert floats.memory_bytes - index.memory_bytes >= 0.95 * N * (DIM * 4 - DIM - 4)
     assert str(path) in maps()
     after = index.search(queries, k=10, ef=64)
     assert (before[0] == after[0]).all() and np.array_equal(before[1], after[1])
