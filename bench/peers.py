@@ -596,9 +596,11 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", default=["rag-grpc", "chroma", "milvus"])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--no-record", action="store_true")
-    # Before each server's run: wait up to --patience s for the load to drop.
+    # Wait up to --patience s for the load to drop before the first server,
+    # up to --between s before each next one (for the last one's load to fade).
     parser.add_argument("--quiet-load", type=float, default=1.5)
     parser.add_argument("--patience", type=float, default=900)
+    parser.add_argument("--between", type=float, default=120)
     parser.add_argument("--driver", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -607,6 +609,7 @@ def main() -> None:
         return
     from bench.common import embedding_like, record, table
 
+    first = True
     for n in args.sizes:
         workdir = Path(tempfile.mkdtemp(prefix="rag-bench-peers-", dir=CACHE))
         try:
@@ -623,7 +626,8 @@ def main() -> None:
             del vectors
             results = {}
             for system in args.systems:
-                wait_for_quiet(args.quiet_load, args.patience)
+                wait_for_quiet(args.quiet_load, args.patience if first else args.between)
+                first = False
                 print(f"--- {n:,}: {system}", flush=True)
                 results[system] = run_system(system, workdir, args.seconds)
             body, data = size_table(n, args, results, truth, table)
