@@ -81,6 +81,8 @@ class Peer(Protocol):
 
     def version(self) -> str: ...
 
+    def set_ef(self, ef: int) -> None: ...
+
     pid: int
     proc: subprocess.Popen[bytes]
 
@@ -162,8 +164,11 @@ class RagGrpc:
     """`rag-grpc serve` fed through Upsert with the documents' own vectors."""
 
     def __init__(self, workdir: Path) -> None:
-        self.workdir, self.port = workdir, free_port()
+        self.workdir, self.port, self.ef = workdir, free_port(), EF
         self.target = f"127.0.0.1:{self.port}"
+
+    def set_ef(self, ef: int) -> None:
+        self.ef = ef
 
     def start(self) -> None:
         from bench.load import start_server
@@ -215,6 +220,8 @@ class RagGrpc:
         from rag_grpc.client import RagClient
         from rag_grpc.filters import Equals
 
+        outer = self
+
         class Client:
             def __init__(self, target: str) -> None:
                 self.rag = RagClient(target)
@@ -222,7 +229,7 @@ class RagGrpc:
 
             def search(self, vector: np.ndarray, key: str | None = None) -> list[int]:
                 flt = Equals(key, 0) if key else None
-                hits = self.rag.search(vector, k=K, ef=EF, filter=flt)
+                hits = self.rag.search(vector, k=K, ef=outer.ef, filter=flt)
                 return [int(h.document_id[1:]) for h in hits]
 
             def noop(self) -> object:
@@ -243,6 +250,12 @@ class Chroma:
     def __init__(self, workdir: Path) -> None:
         self.workdir, self.port = workdir, free_port()
 
+    def set_ef(self, ef: int) -> None:
+        import chromadb  # type: ignore[import-not-found]  # the peer's venv only
+
+        collection = chromadb.HttpClient(host="127.0.0.1", port=self.port).get_collection("bench")
+        collection.modify(configuration={"hnsw": {"ef_search": ef}})
+
     def start(self) -> None:
         log = self.workdir / "chroma.log"
         self.proc = subprocess.Popen(
@@ -260,7 +273,7 @@ class Chroma:
             stderr=subprocess.STDOUT,
         )
         self.pid = self.proc.pid
-        import chromadb  # type: ignore[import-not-found]  # the peer's venv only
+        import chromadb
 
         wait_until(
             lambda: chromadb.HttpClient(host="127.0.0.1", port=self.port).heartbeat(),
@@ -330,6 +343,10 @@ class Milvus:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir, self.port, self.consistency = workdir, free_port(), "Bounded"
+        self.ef = EF
+
+    def set_ef(self, ef: int) -> None:
+        self.ef = ef
 
     def start(self) -> None:
         log = self.workdir / "milvus.log"
@@ -401,7 +418,7 @@ class Milvus:
                     data=[vector.tolist()],
                     limit=K,
                     filter=f"{key} == 0" if key else "",
-                    search_params={"metric_type": "IP", "params": {"ef": EF}},
+                    search_params={"metric_type": "IP", "params": {"ef": outer.ef}},
                     consistency_level=outer.consistency,
                 )
                 return [int(hit["id"]) for hit in reply[0]]
@@ -491,7 +508,7 @@ def measure(peer: Peer, queries: np.ndarray, seconds: float, seq_count: int) -> 
     return out
 
 
-def drive(peer: Peer, workdir: Path, seconds: float) -> dict[str, Any]:
+def drive(peer: Peer, workdir: Path, seconds: float, efs: list[int]) -> dict[str, Any]:
     """The whole measurement of one server: ingest, restart, searches, RSS."""
     vectors = np.load(workdir / "vectors.npy", mmap_mode="r")
     queries = np.load(workdir / "queries.npy")
@@ -516,12 +533,19 @@ def drive(peer: Peer, workdir: Path, seconds: float) -> dict[str, Any]:
             # Read-your-writes costs Milvus a wait for its time tick per search.
             peer.consistency = "Strong"
             out["strong"] = measure(peer, queries, seconds, STRONG_QUERIES)
+            peer.consistency = "Bounded"
+        # Wider searches on the same server, to compare at equal recall.
+        out["ef"] = {}
+        for ef in efs:
+            if ef != EF:
+                peer.set_ef(ef)
+                out["ef"][str(ef)] = measure(peer, queries, seconds, 500)
     finally:
         peer.stop()
     return out
 
 
-def driver_main(system: str, workdir: Path, seconds: float) -> None:
+def driver_main(system: str, workdir: Path, seconds: float, efs: list[int]) -> None:
     (workdir / system).mkdir(exist_ok=True)
     peers: dict[str, Callable[[Path], Peer]] = {
         "rag-grpc": RagGrpc,
@@ -529,7 +553,7 @@ def driver_main(system: str, workdir: Path, seconds: float) -> None:
         "milvus": Milvus,
     }
     peer = peers[system](workdir / system)
-    result = drive(peer, workdir, seconds)
+    result = drive(peer, workdir, seconds, efs)
     (workdir / f"{system}.json").write_text(json.dumps(result))
 
 
@@ -552,7 +576,7 @@ def load_average() -> str:
     return Path("/proc/loadavg").read_text().split()[0]
 
 
-def run_system(system: str, workdir: Path, seconds: float) -> dict[str, Any]:
+def run_system(system: str, workdir: Path, seconds: float, efs: list[int]) -> dict[str, Any]:
     load_before = load_average()
     command = [
         str(venv_python(system)),
@@ -564,6 +588,8 @@ def run_system(system: str, workdir: Path, seconds: float) -> dict[str, Any]:
         str(workdir),
         "--seconds",
         str(seconds),
+        "--ef",
+        *map(str, efs),
     ]
     subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     result = json.loads((workdir / f"{system}.json").read_text())
@@ -595,6 +621,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--systems", nargs="+", default=["rag-grpc", "chroma", "milvus"])
     parser.add_argument("--seconds", type=float, default=10.0)
+    # ef={EF} for every server; more values are measured on the same servers.
+    parser.add_argument("--ef", type=int, nargs="+", default=[EF])
     parser.add_argument("--no-record", action="store_true")
     # Wait up to --patience s for the load to drop before the first server,
     # up to --between s before each next one (for the last one's load to fade).
@@ -605,7 +633,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.driver:
-        driver_main(args.driver, args.workdir, args.seconds)
+        driver_main(args.driver, args.workdir, args.seconds, args.ef)
         return
     from bench.common import embedding_like, record, table
 
@@ -629,7 +657,7 @@ def main() -> None:
                 wait_for_quiet(args.quiet_load, args.patience if first else args.between)
                 first = False
                 print(f"--- {n:,}: {system}", flush=True)
-                results[system] = run_system(system, workdir, args.seconds)
+                results[system] = run_system(system, workdir, args.seconds, args.ef)
             body, data = size_table(n, args, results, truth, table)
             versions = "; ".join(r["version"] for r in results.values())
             record(
@@ -658,6 +686,7 @@ def size_table(
     for system, r in results.items():
         data[system] = {key: value for key, value in r.items() if not key.startswith("found")}
         modes = [(runs[system], r)]
+        modes += [(f"{runs[system]} ef={ef}", m) for ef, m in r.get("ef", {}).items()]
         if "strong" in r:  # the same Milvus server, searched with Strong consistency
             modes.append(("Milvus Strong (same server)", r["strong"]))
         for name, m in modes:
@@ -718,9 +747,10 @@ def size_table(
         f"(10 %); recall@10 over the first {RECALL_QUERIES} queries (Strong "
         f"{STRONG_QUERIES}) against exact search (among the allowed documents when "
         "filtered). No-op: rag-grpc grpc.health.v1.Health/Check, Chroma heartbeat, Milvus "
-        "has_collection, the same threads for half the time. Servers one after another, "
-        "client and server sharing this machine's cores; 1-minute load average read at the "
-        "start and end of each server's run.\n\n" + table(headers, rows)
+        "has_collection, the same threads for half the time. Rows `ef=N`: the same server "
+        "searched wider (ingest, start-up, RSS and no-op are that server's). Servers one "
+        "after another, client and server sharing this machine's cores; 1-minute load "
+        "average read at the start and end of each server's run.\n\n" + table(headers, rows)
     )
     return body, data
 
