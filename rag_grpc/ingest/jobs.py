@@ -36,7 +36,7 @@ from rag_grpc.errors import (
 from rag_grpc.index.retriever import Retriever
 from rag_grpc.index.writes import PreparedUpsert
 from rag_grpc.ingest.document_json import document_from_json, document_to_json
-from rag_grpc.store.sqlite import connect
+from rag_grpc.store.sqlite import connect, storage_error
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -86,10 +86,12 @@ def transient(exc: BaseException) -> bool:
     database, a dependency away), as opposed to a bad document."""
     if isinstance(exc, Unavailable | ResourceExhausted):
         return True
-    if isinstance(exc, sqlite3.OperationalError):
-        text = str(exc).lower()
-        return any(w in text for w in ("locked", "busy", "full", "disk i/o", "unable to open"))
-    return isinstance(exc, OSError)
+    if storage_error(exc) is not None or isinstance(exc, OSError):
+        return True
+    # An I/O error of the database file may pass too (a remount, a full disk
+    # SQLite reports as I/O).
+    text = str(exc).lower() if isinstance(exc, sqlite3.OperationalError) else ""
+    return "disk i/o" in text or "unable to open" in text
 
 
 def validate_job(documents: Sequence[Document], limits: LimitsConfig) -> None:

@@ -12,7 +12,6 @@ import contextvars
 import hmac
 import logging
 import random
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -24,6 +23,7 @@ from opentelemetry import trace
 
 from rag_grpc import errors, telemetry
 from rag_grpc.deadlines import enter_call
+from rag_grpc.store.sqlite import storage_error as store_storage_error
 
 # The calling client's identity (from a trusted gateway's
 # x-forwarded-client-cert), for the handlers: "" when unknown.
@@ -43,20 +43,11 @@ STATUS_OF: dict[type[errors.RagError], grpc.StatusCode] = {
 
 
 def storage_error(exc: Exception) -> errors.RagError | None:
-    """The caller-facing error for a database that is busy or full (retry
-    later), rather than INTERNAL; None for anything else."""
-    if not isinstance(exc, sqlite3.OperationalError):
-        return None
-    text = str(exc).lower()
-    if "locked" in text or "busy" in text:
-        log.warning("database busy: %s", exc)
-        return errors.Unavailable("the database is busy with another writer; retry shortly")
-    if "full" in text:
-        log.error("database full: %s", exc)
-        return errors.ResourceExhausted(
-            "the server's disk is full; nothing was written (free space, then retry)"
-        )
-    return None
+    """A busy or full database as the error callers see (logged here)."""
+    known = store_storage_error(exc)
+    if known is not None:
+        log.warning("database: %s", exc)
+    return known
 
 
 def status_of(exc: errors.RagError) -> grpc.StatusCode:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from rag_grpc.documents import DEFAULT_NAMESPACE, Document, Metadata, MetadataScalar
-from rag_grpc.errors import Unavailable
+from rag_grpc.errors import RagError, ResourceExhausted, Unavailable
 from rag_grpc.filters import And, AnyOf, Equals, Filter, Or, Range
 
 # Chunk records kept in memory for hydrating hits: at most this many, and
@@ -750,6 +750,21 @@ def interruptible(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
     finally:
         conn.set_progress_handler(None, 0)
+
+
+def storage_error(exc: BaseException) -> RagError | None:
+    """The caller-facing error for a database that is busy or full (retry
+    later), or None when exc is not one of those."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return None
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return Unavailable("the database is busy with another writer; retry shortly")
+    if "full" in text:
+        return ResourceExhausted(
+            "the server's disk is full; nothing was written (free space, then retry)"
+        )
+    return None
 
 
 def private_file(path: Path) -> None:
