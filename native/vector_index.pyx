@@ -52,7 +52,7 @@ from core cimport (
 SPACES = ("ip", "l2", "cosine")
 MISSING_LABEL = np.uint64(2**64 - 1)
 FORMAT = "rag-grpc-hnsw-1"
-# Filters allowing at most this many live vectors are answered by exact scan.
+# Filters allowing at most this many labels are answered by exact scan.
 # Measured on the benchmark machine (bench/RESULTS.md): below it the scan is
 # faster than the filtered graph walk and has recall 1.0.
 DEFAULT_EXACT_THRESHOLD = 12_000
