@@ -34,3 +34,11 @@ class DeadlineExceeded(RagError):
 
 class Cancelled(RagError):
     """The caller cancelled the call; the work stopped."""
+
+
+class Unauthenticated(RagError):
+    """The caller's identity is missing or its credential is not valid."""
+
+
+class PermissionDenied(RagError):
+    """The caller is known but its role does not allow this request."""

@@ -1,0 +1,1 @@
+"""Identity, authorization, tenancy, quotas, usage and audit."""
