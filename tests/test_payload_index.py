@@ -5,6 +5,9 @@ upsert, replacement, delete, forget, retention, compaction and restart."""
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import logging
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -19,6 +22,7 @@ from rag_grpc.documents import Document, MetadataScalar
 from rag_grpc.embed.chunking import TokenChunker
 from rag_grpc.embed.encoder import EmbedOutput
 from rag_grpc.filters import And, AnyOf, Equals, Filter, Or, Range
+from rag_grpc.index import payload_file
 from rag_grpc.index.payload import PayloadIndex
 from rag_grpc.index.retriever import Retriever
 from rag_grpc.store.sqlite import DocumentStore
@@ -171,7 +175,9 @@ def assert_same_as_sql(
         assert labels_of(payload, flt) == expected, f"seed {seed}: {flt}"
 
 
-def test_answers_match_sql_after_random_writes_and_a_restart(tmp_path: Path) -> None:
+def test_answers_match_sql_after_random_writes_and_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     data = tmp_path / "data"
@@ -207,8 +213,10 @@ def test_answers_match_sql_after_random_writes_and_a_restart(tmp_path: Path) -> 
         retriever.save_indexes()
     finally:
         retriever.store.close()
-    # After a restart the payload index is built from SQLite alone.
-    reopened = open_retriever(data)
+    # After a restart the payload index is the saved one.
+    with caplog.at_level(logging.INFO, logger="rag_grpc.index.namespaces"):
+        reopened = open_retriever(data)
+    assert "loaded the payload index of default, 0 newer values" in caplog.text
     try:
         assert_same_as_sql(reopened, rng, seed)
         everything = Or(tuple(AnyOf(key, (True, False, *STRINGS)) for key in KEYS))
@@ -234,6 +242,180 @@ def test_search_takes_allowed_labels_from_the_payload_index_not_sqlite(
         assert sorted(h.document_id for h in result.hits) == [f"d{i}" for i in range(5)]
     finally:
         retriever.store.close()
+
+
+def test_a_saved_payload_index_catches_up_with_later_writes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    data = tmp_path / "data"
+    ids = [f"d{i}" for i in range(30)]
+    retriever = open_retriever(data)
+    try:
+        retriever.upsert("default", [random_document(rng, i) for i in ids[:20]])
+        retriever.save_indexes()
+        # Written after the save, never saved: new labels only.
+        retriever.upsert("default", [random_document(rng, i) for i in ids[20:]])
+    finally:
+        retriever.store.close()
+    with caplog.at_level(logging.INFO, logger="rag_grpc.index.namespaces"):
+        reopened = open_retriever(data)
+    try:
+        assert "loaded the payload index of default" in caplog.text
+        assert "0 newer values" not in caplog.text
+        assert_same_as_sql(reopened, rng, seed)
+        # A delete after the save: the saved file cannot drop the deleted
+        # documents' values, so the next start builds from the store.
+        reopened.delete("default", ids[:5])
+    finally:
+        reopened.store.close()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rag_grpc.index.namespaces"):
+        third = open_retriever(data)
+    try:
+        assert "built the payload index of default" in caplog.text
+        assert_same_as_sql(third, rng, seed)
+    finally:
+        third.store.close()
+
+
+def test_a_damaged_payload_file_is_rebuilt_from_the_store(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    data = tmp_path / "data"
+    retriever = open_retriever(data)
+    try:
+        retriever.upsert("default", [random_document(rng, f"d{i}") for i in range(20)])
+        retriever.save_indexes()
+        path = retriever.indexes.payload_path("default")
+    finally:
+        retriever.store.close()
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with caplog.at_level(logging.INFO, logger="rag_grpc.index.namespaces"):
+        reopened = open_retriever(data)
+    try:
+        assert "is not the file its meta describes" in caplog.text
+        assert "built the payload index of default" in caplog.text
+        assert_same_as_sql(reopened, rng, seed)
+    finally:
+        reopened.store.close()
+
+
+def _forged(arrays: dict[str, np.ndarray], path: Path) -> dict[str, object]:
+    """Write arrays as a payload file and describe it as its meta would: a
+    forger who rewrote both files, so only the content checks remain."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    path.write_bytes(buffer.getvalue())
+    return {
+        "format": payload_file.FORMAT,
+        "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
+        "bytes": len(buffer.getvalue()),
+    }
+
+
+def _header(value: object) -> np.ndarray:
+    return np.frombuffer(json.dumps(value).encode(), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "reason"),
+    [
+        ({"header": _header([1, 2])}, "unknown header"),
+        (
+            {
+                "header": _header(
+                    {"format": 1, "wide": False, "sets": [["k", "s", True, 0, 8]], "numbers": []}
+                ),
+                "bitmaps": np.zeros(8, dtype=np.uint8),
+            },
+            "wrong kind",
+        ),
+        (
+            {
+                "header": _header(
+                    {"format": 1, "wide": False, "sets": [["k", "s", "v", 0, 99]], "numbers": []}
+                ),
+                "bitmaps": np.zeros(8, dtype=np.uint8),
+            },
+            "do not tile",
+        ),
+        (
+            {
+                "header": _header(
+                    {"format": 1, "wide": False, "sets": [["k", "s", "v", 0, 8]], "numbers": []}
+                ),
+                "bitmaps": np.full(8, 0x41, dtype=np.uint8),
+            },
+            "deserialize",
+        ),
+        (
+            {
+                "header": _header({"format": 1, "wide": False, "sets": [], "numbers": ["n"]}),
+                "bitmaps": np.zeros(0, dtype=np.uint8),
+                "values_0": np.array([2.0, 1.0]),
+                "labels_0": np.array([1, 2], dtype=np.uint64),
+            },
+            "not sorted",
+        ),
+        (
+            {
+                "header": _header({"format": 1, "wide": False, "sets": [], "numbers": ["n"]}),
+                "bitmaps": np.zeros(0, dtype=np.uint8),
+                "values_0": np.array([1.0, np.nan]),
+                "labels_0": np.array([1, 2], dtype=np.uint64),
+            },
+            "not sorted",
+        ),
+        (
+            {
+                "header": _header({"format": 1, "wide": False, "sets": [], "numbers": ["n"]}),
+                "bitmaps": np.zeros(0, dtype=np.uint8),
+                "values_0": np.array([1.0]),
+            },
+            "malformed",
+        ),
+        (
+            {
+                "header": _header({"format": 1, "wide": False, "sets": [], "numbers": ["n"]}),
+                "bitmaps": np.zeros(0, dtype=np.uint8),
+                "values_0": np.array([1.0, 2.0]),
+                "labels_0": np.array([1, 2], dtype=np.int8),
+            },
+            "wrong type",
+        ),
+    ],
+)
+def test_a_forged_payload_file_is_refused(
+    tmp_path: Path, arrays: dict[str, np.ndarray], reason: str
+) -> None:
+    path = tmp_path / "default.payload.npz"
+    meta = _forged(arrays, path)
+    with pytest.raises(ValueError, match=reason):
+        payload_file.load(path, meta)
+
+
+def test_a_payload_file_round_trips(tmp_path: Path) -> None:
+    index = PayloadIndex.build(
+        [
+            (1, "tag", "a"),
+            (2, "tag", "b"),
+            (3, "flag", True),
+            (1, "n", 2.0),
+            (2, "n", 2.0),
+            (3, "n", -1.5),
+            (2**33, "tag", "a"),
+        ]
+    )
+    path = tmp_path / "default.payload.npz"
+    loaded = payload_file.load(path, payload_file.save(index, path))
+    for flt in (Equals("tag", "a"), Equals("flag", True), Range("n", gte=0), Equals("n", 2)):
+        assert labels_of(loaded, flt) == labels_of(index, flt), flt
 
 
 # -- through a real server -----------------------------------------------------
@@ -281,7 +463,7 @@ def test_filtered_search_follows_upsert_delete_and_forget(
     }
 
 
-def test_a_restarted_server_builds_the_payload_index_from_sqlite(
+def test_a_restarted_server_has_the_payload_index_of_before(
     start_server: Callable[..., ServerThread], tmp_path: Path
 ) -> None:
     data = tmp_path / "data"

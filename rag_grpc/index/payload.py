@@ -76,6 +76,10 @@ class NumberColumn:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def restore(self, values: np.ndarray, labels: np.ndarray) -> None:
+        """Hold these arrays, already sorted by value then label (a saved file's)."""
+        self._set(values, labels)
+
     def add(self, values: np.ndarray, labels: np.ndarray) -> None:
         order = np.lexsort((labels, values))
         values, labels = values[order], labels[order]
@@ -144,6 +148,28 @@ class PayloadIndex:
         index = cls()
         index.add(rows)
         return index
+
+    @classmethod
+    def restore(
+        cls,
+        sets: dict[tuple[str, str, str | bool], Bitmap],
+        numbers: dict[str, NumberColumn],
+        wide: bool,
+    ) -> PayloadIndex:
+        """An index of these parts (a saved file's, checked by its reader)."""
+        index = cls()
+        index._bitmap = BitMap64 if wide else BitMap
+        index._sets, index._numbers = sets, numbers
+        return index
+
+    def snapshot(
+        self,
+    ) -> tuple[dict[tuple[str, str, str | bool], Bitmap], dict[str, NumberColumn], bool]:
+        """The parts to save: bitmap slots, numeric columns, 64-bit labels or
+        not. The caller holds the namespace's write lock, so no change runs
+        until it has written them."""
+        with self._lock:
+            return dict(self._sets), dict(self._numbers), self._bitmap is BitMap64
 
     # -- changes (the namespace's write lock keeps them in step with SQLite) --
 
