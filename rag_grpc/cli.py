@@ -95,6 +95,25 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--triton-url", help="HOST:PORT of Triton's gRPC endpoint")
     serve.add_argument("--triton-model", help="Triton model to generate with")
     serve.add_argument(
+        "--tls-cert", type=Path, help="serve TLS with this certificate chain (server.tls_cert)"
+    )
+    serve.add_argument("--tls-key", type=Path, help="the certificate's key (server.tls_key)")
+    serve.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="require client certificates signed by this CA: mutual TLS (server.tls_client_ca)",
+    )
+    serve.add_argument(
+        "--policy", type=Path, help="tenants, roles, operators and API keys (auth.policy_file)"
+    )
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        default=None,
+        help="serve a non-loopback address without authentication (auth.insecure_no_auth); "
+        "anyone who reaches the port can read and change everything",
+    )
+    serve.add_argument(
         "--seed-demo",
         action="store_true",
         help="ingest the demo corpus (Python's pydoc topics) if the data dir is empty",
@@ -158,23 +177,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def client_command(name: str, help: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help)
-        cmd.add_argument(
-            "--target",
-            default=os.environ.get("RAG_GRPC_TARGET", DEFAULT_TARGET),
-            help=f"server HOST:PORT (default $RAG_GRPC_TARGET or {DEFAULT_TARGET})",
-        )
-        cmd.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
-        cmd.add_argument(
-            "--token-file",
-            type=Path,
-            default=os.environ.get("RAG_GRPC_TOKEN_FILE"),
-            help="file holding the bearer token, if the server requires one (owner-only, "
-            "chmod 600; default $RAG_GRPC_TOKEN_FILE, else the token in $RAG_GRPC_TOKEN)",
-        )
-        # Refused with a message rather than dropped: argparse would take an
-        # unknown --token as an abbreviation of --token-file and then name the
-        # token itself in its "cannot read file" error.
-        cmd.add_argument("--token", help=argparse.SUPPRESS)
+        add_client_arguments(cmd)
         cmd.add_argument("--namespace", default="", help="namespace (default: default)")
         return cmd
 
@@ -245,7 +248,51 @@ def _parser() -> argparse.ArgumentParser:
     stats = client_command("stats", "sizes, models and version of a server")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=_stats)
+
+    from rag_grpc import cli_security
+
+    cli_security.add_commands(sub, add_client_arguments)
     return parser
+
+
+def add_client_arguments(cmd: argparse.ArgumentParser) -> None:
+    """How a command reaches a server: its address, TLS files and token."""
+    cmd.add_argument(
+        "--target",
+        default=os.environ.get("RAG_GRPC_TARGET", DEFAULT_TARGET),
+        help=f"server HOST:PORT (default $RAG_GRPC_TARGET or {DEFAULT_TARGET})",
+    )
+    cmd.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    cmd.add_argument(
+        "--ca",
+        type=Path,
+        default=os.environ.get("RAG_GRPC_CA"),
+        help="call over TLS, verifying the server against this CA (default $RAG_GRPC_CA)",
+    )
+    cmd.add_argument(
+        "--cert",
+        type=Path,
+        default=os.environ.get("RAG_GRPC_CERT"),
+        help="this client's certificate, for mutual TLS (default $RAG_GRPC_CERT)",
+    )
+    cmd.add_argument(
+        "--key",
+        type=Path,
+        default=os.environ.get("RAG_GRPC_KEY"),
+        help="the client certificate's key (default $RAG_GRPC_KEY)",
+    )
+    cmd.add_argument(
+        "--token-file",
+        type=Path,
+        default=os.environ.get("RAG_GRPC_TOKEN_FILE"),
+        help="file holding the bearer token (a JWT or an API key), if the server requires "
+        "one (owner-only, chmod 600; default $RAG_GRPC_TOKEN_FILE, else the token in "
+        "$RAG_GRPC_TOKEN)",
+    )
+    # Refused with a message rather than dropped: argparse would take an
+    # unknown --token as an abbreviation of --token-file and then name the
+    # token itself in its "cannot read file" error.
+    cmd.add_argument("--token", help=argparse.SUPPRESS)
 
 
 # -- server side -----------------------------------------------------------
@@ -265,6 +312,21 @@ def _settings(args: argparse.Namespace) -> Settings:
     if any(remote.values()):
         base = load_settings(args.config).remote.model_dump()
         overrides["remote"] = {**base, **{k: v for k, v in remote.items() if v}}
+    # Partial sections: pydantic-settings merges them into the file's and
+    # the environment's values field by field.
+    tls = {
+        "tls_cert": getattr(args, "tls_cert", None),
+        "tls_key": getattr(args, "tls_key", None),
+        "tls_client_ca": getattr(args, "tls_client_ca", None),
+    }
+    if any(tls.values()):
+        overrides["server"] = {k: v for k, v in tls.items() if v is not None}
+    auth = {
+        "policy_file": getattr(args, "policy", None),
+        "insecure_no_auth": getattr(args, "insecure_no_auth", None),
+    }
+    if any(v is not None for v in auth.values()):
+        overrides["auth"] = {k: v for k, v in auth.items() if v is not None}
     triton = {
         "url": getattr(args, "triton_url", None),
         "model": getattr(args, "triton_model", None),
@@ -583,7 +645,18 @@ def _backup(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Any:
     from rag_grpc.client import RagClient
 
-    return RagClient(args.target, timeout=args.timeout, token=_token(args))
+    token = _token(args)
+    try:
+        return RagClient(
+            args.target,
+            timeout=args.timeout,
+            ca=args.ca,
+            cert=args.cert,
+            key=args.key,
+            token=token,
+        )
+    except ValueError as exc:  # TlsConfigError names the file; a bad token is not shown
+        raise UsageError(str(exc)) from None
 
 
 def _token(args: argparse.Namespace) -> str | None:

@@ -10,6 +10,7 @@ Errors arrive as ``RpcError`` with the gRPC status code name and message.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,10 @@ from rag_grpc.pb import (
     retrieval_service_pb2_grpc,
 )
 from rag_grpc.services import convert
+
+# What a bearer token may hold (RFC 6750's b64token, wider): printable ASCII
+# without spaces, as JWTs and our API keys are.
+_TOKEN = re.compile(r"[\x21-\x7e]+")
 
 
 class RpcError(Exception):
@@ -128,26 +133,36 @@ class RagClient:
         target: str,
         *,
         timeout: float = 30.0,
-        root_certificates: Path | None = None,
-        client_certificate: Path | None = None,
-        client_key: Path | None = None,
+        ca: Path | None = None,
+        cert: Path | None = None,
+        key: Path | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
         token: str | None = None,
     ) -> None:
+        """TLS when ``ca`` (the CA that signed the server's certificate; None
+        with a client certificate: the system's roots) or ``cert`` and ``key``
+        (this client's certificate, for mutual TLS) are given, else plaintext.
+        ``token`` (a JWT or an API key) goes with every call as
+        ``authorization: Bearer <token>``. Raises TlsConfigError naming a file
+        that cannot be used."""
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
-        if root_certificates or client_certificate:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=root_certificates.read_bytes() if root_certificates else None,
-                private_key=client_key.read_bytes() if client_key else None,
-                certificate_chain=client_certificate.read_bytes() if client_certificate else None,
-            )
+        if ca is not None or cert is not None or key is not None:
+            from rag_grpc.security.tls import channel_credentials
+
+            credentials = channel_credentials(ca, cert, key)
             self.channel = grpc.secure_channel(target, credentials, options=options)
         else:
             self.channel = grpc.insecure_channel(target, options=options)
         self.timeout = timeout
+        if token is not None and not _TOKEN.fullmatch(token):
+            # grpc would fail every call with an error that names no cause.
+            raise ValueError(
+                "the token must be one line of printable ASCII without spaces "
+                "(a JWT or an API key as issued)"
+            )
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._retrieval = retrieval_service_pb2_grpc.RetrievalServiceStub(self.channel)
         self._embedding = embedding_service_pb2_grpc.EmbeddingServiceStub(self.channel)

@@ -104,9 +104,9 @@ class Envoy:
         return RagClient(
             f"localhost:{self.port}",
             timeout=timeout,
-            root_certificates=certs / "ca.pem",
-            client_certificate=certs / f"{who}.pem",
-            client_key=certs / f"{who}.key",
+            ca=certs / "ca.pem",
+            cert=certs / f"{who}.pem",
+            key=certs / f"{who}.key",
         )
 
     def stop(self) -> None:
@@ -257,7 +257,7 @@ def test_mutual_tls_admits_our_clients_only(
         assert hits and hits[0].document_id == "blue-doc"
     # No client certificate: the handshake fails.
     anonymous = RagClient(
-        f"localhost:{proxy.port}", timeout=5, root_certificates=certs["ours"] / "ca.pem"
+        f"localhost:{proxy.port}", timeout=5, ca=certs["ours"] / "ca.pem"
     )
     with anonymous, pytest.raises(RpcError) as info:
         anonymous.stats()
@@ -266,9 +266,9 @@ def test_mutual_tls_admits_our_clients_only(
     stranger = RagClient(
         f"localhost:{proxy.port}",
         timeout=5,
-        root_certificates=certs["ours"] / "ca.pem",
-        client_certificate=certs["other"] / "client.pem",
-        client_key=certs["other"] / "client.key",
+        ca=certs["ours"] / "ca.pem",
+        cert=certs["other"] / "client.pem",
+        key=certs["other"] / "client.key",
     )
     with stranger, pytest.raises(RpcError) as info:
         stranger.stats()
