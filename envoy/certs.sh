@@ -3,13 +3,19 @@
 #
 #   envoy/certs.sh DIR
 #
-# DIR/ca.pem, ca.key           the CA (trust anchor for clients and Envoy)
-# DIR/server.pem, server.key   Envoy's serving certificate: localhost, 127.0.0.1
-# DIR/client.pem, client.key   client identity spiffe://rag-grpc.test/client/alice
-# DIR/client2.pem, client2.key second identity spiffe://rag-grpc.test/client/bob
+# DIR/ca.pem, ca.key             the CA (trust anchor for clients, Envoy and rag-grpc)
+# DIR/server.pem, server.key     Envoy's serving certificate: localhost, 127.0.0.1,
+#                                spiffe://rag-grpc.test/gateway (the By= of its XFCC)
+# DIR/client.pem, client.key     client identity spiffe://rag-grpc.test/client/alice
+# DIR/client2.pem, client2.key   second identity spiffe://rag-grpc.test/client/bob
+# DIR/gateway.pem, gateway.key   Envoy's client certificate towards rag-grpc:
+#                                spiffe://rag-grpc.test/gateway
+# DIR/rag-grpc.pem, rag-grpc.key rag-grpc's serving certificate: localhost, 127.0.0.1
 #
 # ECDSA P-256 keys, valid 30 days. For tests and development only: a
-# deployment's certificates come from its own CA.
+# deployment's certificates come from its own CA, and rag-grpc's client CA
+# (--tls-client-ca) should sign only the gateway and the clients allowed to
+# call rag-grpc directly.
 set -euo pipefail
 dir=${1:?usage: envoy/certs.sh DIR}
 mkdir -p "$dir"
@@ -34,8 +40,11 @@ issue() {  # name, subject CN, subjectAltName, extendedKeyUsage
         -days "$days" -extfile "$tmp/$1.ext" -out "$1.pem" 2>/dev/null
 }
 
-issue server "localhost" "DNS:localhost,IP:127.0.0.1" serverAuth
+gateway="URI:spiffe://rag-grpc.test/gateway"
+issue server "localhost" "DNS:localhost,IP:127.0.0.1,$gateway" serverAuth
 issue client "alice" "URI:spiffe://rag-grpc.test/client/alice" clientAuth
 issue client2 "bob" "URI:spiffe://rag-grpc.test/client/bob" clientAuth
+issue gateway "gateway" "$gateway" clientAuth
+issue rag-grpc "localhost" "DNS:localhost,IP:127.0.0.1" serverAuth
 rm -f ca.srl
-echo "certificates in $dir: ca.pem server.pem client.pem client2.pem (and their keys)"
+echo "certificates in $dir: ca.pem server.pem client.pem client2.pem gateway.pem rag-grpc.pem (and their keys)"

@@ -4,6 +4,9 @@
     envoy/render.py --listen-port P --admin-port A --upstream HOST:PORT \\
         [--canary HOST:PORT --canary-weight W] [--rate-limit RPS --burst N] \\
         [--client-rate-limit RPS --client-burst N] [--otlp HOST:PORT] \\
+        [--upstream-ca F --upstream-cert F --upstream-key F [--upstream-san T:V]] \\
+        [--source-address IP] \\
+        [--jwt-jwks F --jwt-issuer I --jwt-audience A [--jwt-allow-missing]] \\
         --certs DIR --out FILE
 
 Writes FILE (the bootstrap) and, beside it, ``<FILE stem>.cds.json``: the
@@ -15,6 +18,13 @@ What the gateway does (see envoy/README.md):
 - downstream TLS 1.2+ (1.3 preferred) with required client certificates
   checked against DIR/ca.pem; the client identity goes upstream in
   x-forwarded-client-cert (set by Envoy, never passed through);
+- with --upstream-ca/--upstream-cert/--upstream-key, mutual TLS to rag-grpc
+  too: Envoy presents its own client certificate and checks rag-grpc's
+  against the CA and the expected name, so rag-grpc can tell the hop is its
+  gateway before it believes the forwarded identity;
+- with --jwt-*, Envoy's jwt_authn checks bearer JWTs (signature against a
+  local JWKS file, exp/nbf, issuer, audience) before any call goes upstream,
+  and forwards the token, which rag-grpc verifies again for the identity;
 - gRPC over HTTP/2 for every rag.v1 service, timeouts from the caller's
   grpc-timeout, retries on UNAVAILABLE for idempotent methods only (never
   for the Snapshot stream, which has no timeout but the caller's);
@@ -65,6 +75,16 @@ def hostport(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+SAN_TYPES = {"DNS": "DNS", "URI": "URI", "IP": "IP_ADDRESS", "EMAIL": "EMAIL"}
+
+
+def subject_alt_name(value: str) -> tuple[str, str]:
+    kind, sep, name = value.partition(":")
+    if not sep or not name or kind.upper() not in SAN_TYPES:
+        raise argparse.ArgumentTypeError(f"expected DNS:NAME, URI:URI or IP:ADDRESS, got {value!r}")
+    return SAN_TYPES[kind.upper()], name
+
+
 def address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
@@ -75,6 +95,42 @@ def is_ip(host: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def upstream_tls(args: argparse.Namespace, host: str) -> dict[str, Any]:
+    """Mutual TLS to a rag-grpc upstream: our client certificate, and its
+    certificate checked against the CA and the name it must carry."""
+    if args.upstream_san:
+        san_type, value = args.upstream_san
+    else:
+        san_type, value = ("IP_ADDRESS" if is_ip(host) else "DNS"), host
+    context: dict[str, Any] = {
+        "@type": TYPE + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "common_tls_context": {
+            "tls_params": {
+                "tls_minimum_protocol_version": "TLSv1_2",
+                "tls_maximum_protocol_version": "TLSv1_3",
+            },
+            "alpn_protocols": ["h2"],
+            "tls_certificates": [
+                {
+                    "certificate_chain": {"filename": str(args.upstream_cert.resolve())},
+                    "private_key": {"filename": str(args.upstream_key.resolve())},
+                }
+            ],
+            "validation_context": {
+                "trusted_ca": {"filename": str(args.upstream_ca.resolve())},
+                # Without a name, any certificate from that CA (a client's)
+                # could stand in for rag-grpc.
+                "match_typed_subject_alt_names": [
+                    {"san_type": san_type, "matcher": {"exact": value}}
+                ],
+            },
+        },
+    }
+    if not is_ip(host):
+        context["sni"] = host
+    return {"name": "envoy.transport_sockets.tls", "typed_config": context}
 
 
 def upstream_cluster(name: str, host: str, port: int) -> dict[str, Any]:
@@ -306,6 +362,51 @@ def transcoder(args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
 
 
+JWT_PROVIDER = "rag"
+
+
+def jwt_authn(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Bearer JWTs checked at the edge: an invalid or expired token (or, unless
+    --jwt-allow-missing, none) gets UNAUTHENTICATED from Envoy (HTTP 401)
+    without reaching rag-grpc. Health checks and reflection stay open, as
+    rag-grpc keeps them."""
+    if args.jwt_jwks is None:
+        return []
+    requirement: dict[str, Any] = {"provider_name": JWT_PROVIDER}
+    if args.jwt_allow_missing:
+        # A call without a token passes (its identity is its certificate's);
+        # a call with a bad one is still refused.
+        requirement = {"requires_any": {"requirements": [requirement, {"allow_missing": {}}]}}
+    return [
+        {
+            "name": "envoy.filters.http.jwt_authn",
+            "typed_config": {
+                "@type": TYPE + "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+                "providers": {
+                    JWT_PROVIDER: {
+                        "issuer": args.jwt_issuer,
+                        "audiences": args.jwt_audience,
+                        # Read at start: restart Envoy (or hot-restart) after
+                        # rotating keys, as rag-grpc reloads on SIGHUP.
+                        "local_jwks": {"filename": str(args.jwt_jwks.resolve())},
+                        "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
+                        # Kept, so rag-grpc verifies it again and takes the
+                        # caller's identity and tenant from its claims.
+                        "forward": True,
+                        # rag-grpc's leeway (auth JwtSettings.leeway_s).
+                        "clock_skew_seconds": 30,
+                    }
+                },
+                "rules": [
+                    {"match": {"prefix": "/grpc.health.v1.Health/"}},
+                    {"match": {"prefix": "/grpc.reflection."}},
+                    {"match": {"prefix": "/"}, "requires": requirement},
+                ],
+            },
+        }
+    ]
+
+
 SERVICES = [
     f"rag.v1.{name}Service"
     for name in ("Retrieval", "Embedding", "Generation", "Rag", "Ingestion", "Admin")
@@ -342,9 +443,12 @@ def bootstrap(args: argparse.Namespace, cds_path: Path) -> dict[str, Any]:
         "stat_prefix": "rag_gateway",
         "codec_type": "AUTO",
         "use_remote_address": True,
-        # The client's certificate identity, set by Envoy and never taken from the client.
+        # The client's certificate identity, set by Envoy and never taken
+        # from the client: whatever x-forwarded-client-cert a client sends is
+        # dropped, and Envoy's own element (By, Hash, Subject, URI, quoted
+        # and escaped as Envoy documents) is the only one rag-grpc sees.
         "forward_client_cert_details": "SANITIZE_SET",
-        "set_current_client_cert_details": {"uri": True, "dns": True, "subject": True},
+        "set_current_client_cert_details": {"uri": True, "subject": True},
         "http2_protocol_options": {"max_concurrent_streams": 1024},
         "route_config": {
             "name": "rag",
@@ -362,6 +466,7 @@ def bootstrap(args: argparse.Namespace, cds_path: Path) -> dict[str, Any]:
                     "emit_filter_state": True,
                 },
             },
+            *jwt_authn(args),
             *transcoder(args),
             {
                 # Off here; each route turns on its own buckets.
@@ -432,10 +537,29 @@ def bootstrap(args: argparse.Namespace, cds_path: Path) -> dict[str, Any]:
 
 
 def clusters(args: argparse.Namespace) -> dict[str, Any]:
-    resources = [upstream_cluster("stable", *args.upstream)]
-    if args.canary:
-        resources.append(upstream_cluster("canary", *args.canary))
+    resources = []
+    upstreams = [("stable", args.upstream)] + ([("canary", args.canary)] if args.canary else [])
+    for name, (host, port) in upstreams:
+        cluster = upstream_cluster(name, host, port)
+        if args.upstream_ca:
+            cluster["transport_socket"] = upstream_tls(args, host)
+        if args.source_address:
+            # The address rag-grpc's auth.trusted_proxies names: calls from any
+            # other address of this host are not the gateway's.
+            cluster["upstream_bind_config"] = {
+                "source_address": {"address": args.source_address, "port_value": 0}
+            }
+        resources.append(cluster)
     return {"version_info": "1", "resources": resources}
+
+
+def uses_upstream_tls(cds: Path) -> bool:
+    """Whether the clusters Envoy runs now (the CDS file) speak TLS upstream."""
+    try:
+        current = json.loads(cds.read_text())
+    except (OSError, ValueError):
+        return False
+    return any("transport_socket" in c for c in current.get("resources", []))
 
 
 def write_atomically(path: Path, content: dict[str, Any]) -> None:
@@ -487,6 +611,41 @@ def main(argv: list[str] | None = None) -> int:
         help="gRPC-JSON transcoding (POST /rag.v1.<Service>/<Method> with a JSON body) from "
         "this descriptor set; make it with `rag-grpc descriptor --out FILE`",
     )
+    upstream = parser.add_argument_group(
+        "mutual TLS to rag-grpc (all three together; rag-grpc then believes the "
+        "forwarded client identity only over this hop)"
+    )
+    upstream.add_argument(
+        "--upstream-ca", type=Path, help="the CA that signed rag-grpc's server certificate"
+    )
+    upstream.add_argument(
+        "--upstream-cert", type=Path, help="Envoy's client certificate towards rag-grpc"
+    )
+    upstream.add_argument("--upstream-key", type=Path, help="that certificate's key")
+    upstream.add_argument(
+        "--upstream-san",
+        type=subject_alt_name,
+        help="the name rag-grpc's certificate must carry, as DNS:NAME, URI:URI or IP:ADDRESS "
+        "(default: the --upstream host)",
+    )
+    parser.add_argument(
+        "--source-address",
+        help="connect to rag-grpc from this local address (the one its auth.trusted_proxies names)",
+    )
+    jwt = parser.add_argument_group("JWT authentication at the gateway (jwt_authn)")
+    jwt.add_argument("--jwt-jwks", type=Path, help="JWKS file with the issuer's public keys")
+    jwt.add_argument("--jwt-issuer", help="the iss every token must carry")
+    jwt.add_argument(
+        "--jwt-audience",
+        action="append",
+        default=[],
+        help="an accepted aud (repeat for several)",
+    )
+    jwt.add_argument(
+        "--jwt-allow-missing",
+        action="store_true",
+        help="let calls without a token through (a bad token is still refused)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="bootstrap file to write")
     parser.add_argument(
         "--clusters-only",
@@ -505,12 +664,35 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("rate limits must be positive")
     if args.transcode is not None and not args.transcode.is_file():
         parser.error(f"{args.transcode} is missing; make it with `rag-grpc descriptor --out FILE`")
+    given = [args.upstream_ca, args.upstream_cert, args.upstream_key]
+    if any(given) and not all(given):
+        parser.error("--upstream-ca, --upstream-cert and --upstream-key go together (mutual TLS)")
+    if args.upstream_san and not args.upstream_ca:
+        parser.error("--upstream-san needs --upstream-ca, --upstream-cert and --upstream-key")
+    for path in (p for p in given if p is not None):
+        if not path.is_file():
+            parser.error(f"{path} is missing")
+    if args.source_address is not None and not is_ip(args.source_address):
+        parser.error(f"--source-address must be an IP address, got {args.source_address!r}")
+    if args.jwt_jwks is not None:
+        if not args.jwt_issuer or not args.jwt_audience:
+            parser.error("--jwt-jwks needs --jwt-issuer and at least one --jwt-audience")
+        if not args.jwt_jwks.is_file():
+            parser.error(f"{args.jwt_jwks} is missing")
+    elif args.jwt_issuer or args.jwt_audience or args.jwt_allow_missing:
+        parser.error("--jwt-issuer, --jwt-audience and --jwt-allow-missing need --jwt-jwks")
     for name in ("ca.pem", "server.pem", "server.key"):
         if not (args.certs / name).is_file():
             parser.error(
                 f"{args.certs / name} is missing; make it with envoy/certs.sh {args.certs}"
             )
     cds = cds_path_for(args.out)
+    if args.clusters_only and not args.upstream_ca and uses_upstream_tls(cds):
+        parser.error(
+            f"the clusters in {cds} speak mutual TLS to rag-grpc; give the same "
+            "--upstream-ca, --upstream-cert and --upstream-key (rewritten without them, "
+            "Envoy would call rag-grpc in plaintext)"
+        )
     write_atomically(cds, clusters(args))
     if not args.clusters_only:
         write_atomically(args.out, bootstrap(args, cds))

@@ -205,6 +205,106 @@ def test_rendered_configs_validate_and_bad_arguments_are_refused(
     assert missing.returncode == 2 and "certs.sh" in missing.stderr
 
 
+def render(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(RENDER), *args], capture_output=True, text=True, cwd=tmp_path
+    )
+
+
+def test_upstream_mutual_tls_and_jwt_options_render_and_validate(
+    tmp_path: Path, certs: dict[str, Path]
+) -> None:
+    ours = certs["ours"]
+    jwks = tmp_path / "jwks.json"
+    key = {"kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256"}
+    # A real P-256 public key (Envoy refuses a JWKS without one).
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    public = ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key(), as_dict=True)
+    jwks.write_text(json.dumps({"keys": [{**public, **key}]}))
+    out = tmp_path / "gw.yaml"
+    upstream_tls = ["--upstream-ca", str(ours / "ca.pem")]
+    upstream_tls += ["--upstream-cert", str(ours / "gateway.pem")]
+    upstream_tls += ["--upstream-key", str(ours / "gateway.key")]
+    base = ["--upstream", "localhost:50051", "--certs", str(ours), "--out", str(out)]
+    made = render(
+        tmp_path,
+        *base,
+        *upstream_tls,
+        *("--canary", "127.0.0.1:50052", "--source-address", "127.0.0.2"),
+        *("--jwt-jwks", str(jwks), "--jwt-issuer", "https://issuer"),
+        *("--jwt-audience", "rag", "--jwt-audience", "rag-admin", "--jwt-allow-missing"),
+    )
+    assert made.returncode == 0, made.stderr
+    check = subprocess.run(
+        [tool("envoy"), "--mode", "validate", "-c", str(out)], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    config = json.loads(out.read_text())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    hcm = hcm["typed_config"]
+    assert hcm["forward_client_cert_details"] == "SANITIZE_SET"
+    assert hcm["set_current_client_cert_details"] == {"uri": True, "subject": True}
+    (jwt_filter,) = [f for f in hcm["http_filters"] if f["name"].endswith("jwt_authn")]
+    provider = jwt_filter["typed_config"]["providers"]["rag"]
+    assert provider["audiences"] == ["rag", "rag-admin"] and provider["forward"] is True
+    assert provider["local_jwks"] == {"filename": str(jwks.resolve())}
+    rules = jwt_filter["typed_config"]["rules"]
+    assert [r["match"]["prefix"] for r in rules if "requires" not in r] == [
+        "/grpc.health.v1.Health/",
+        "/grpc.reflection.",
+    ]
+    stable, canary = json.loads(cds_of(out).read_text())["resources"]
+    for cluster, (san_type, name) in (
+        (stable, ("DNS", "localhost")),
+        (canary, ("IP_ADDRESS", "127.0.0.1")),
+    ):
+        context = cluster["transport_socket"]["typed_config"]
+        validation = context["common_tls_context"]["validation_context"]
+        assert validation["match_typed_subject_alt_names"] == [
+            {"san_type": san_type, "matcher": {"exact": name}}
+        ]
+        assert validation["trusted_ca"]["filename"] == str((ours / "ca.pem").resolve())
+        assert cluster["upstream_bind_config"]["source_address"]["address"] == "127.0.0.2"
+    assert stable["transport_socket"]["typed_config"]["sni"] == "localhost"
+    assert "sni" not in canary["transport_socket"]["typed_config"]
+
+    # A blue-green rewrite must not drop back to plaintext by omission.
+    plain = render(tmp_path, *base, "--clusters-only")
+    assert plain.returncode == 2 and "--upstream-ca" in plain.stderr
+    assert "transport_socket" in json.loads(cds_of(out).read_text())["resources"][0]
+    named = render(
+        tmp_path,
+        *base,
+        *upstream_tls,
+        "--clusters-only",
+        "--upstream-san",
+        "URI:spiffe://rag-grpc.test/rag-grpc",
+    )
+    assert named.returncode == 0, named.stderr
+    (cluster,) = json.loads(cds_of(out).read_text())["resources"]
+    validation = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+    assert validation["validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "URI", "matcher": {"exact": "spiffe://rag-grpc.test/rag-grpc"}}
+    ]
+
+    for bad, message in (
+        (upstream_tls[:2], "go together"),
+        (["--upstream-san", "DNS:x"], "--upstream-san needs"),
+        (["--jwt-jwks", str(jwks)], "--jwt-issuer"),
+        (["--jwt-audience", "rag"], "need --jwt-jwks"),
+        (["--source-address", "localhost"], "IP address"),
+        ([*upstream_tls, "--upstream-san", "ftp:x"], "DNS:NAME"),
+    ):
+        refused = render(tmp_path, *base, *bad)
+        assert refused.returncode == 2 and message in refused.stderr, (bad, refused.stderr)
+
+
+def cds_of(out: Path) -> Path:
+    return out.with_name(out.name.split(".")[0] + ".cds.json")
+
+
 def first_route(config: dict[str, Any], path: str) -> dict[str, Any]:
     """The route Envoy picks for a plain gRPC call to path (first match wins)."""
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
@@ -256,9 +356,7 @@ def test_mutual_tls_admits_our_clients_only(
         hits = client.search("served", namespace="blue")
         assert hits and hits[0].document_id == "blue-doc"
     # No client certificate: the handshake fails.
-    anonymous = RagClient(
-        f"localhost:{proxy.port}", timeout=5, ca=certs["ours"] / "ca.pem"
-    )
+    anonymous = RagClient(f"localhost:{proxy.port}", timeout=5, ca=certs["ours"] / "ca.pem")
     with anonymous, pytest.raises(RpcError) as info:
         anonymous.stats()
     assert info.value.code == "UNAVAILABLE"
