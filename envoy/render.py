@@ -6,7 +6,8 @@
         [--client-rate-limit RPS --client-burst N] [--otlp HOST:PORT] \\
         [--upstream-ca F --upstream-cert F --upstream-key F [--upstream-san T:V]] \\
         [--source-address IP] \\
-        [--jwt-jwks F --jwt-issuer I --jwt-audience A [--jwt-allow-missing]] \\
+        [--jwt-jwks F --jwt-issuer I --jwt-audience A \\
+         [--jwt-allow-missing | --optional-client-certificates]] \\
         --certs DIR --out FILE
 
 Writes FILE (the bootstrap) and, beside it, ``<FILE stem>.cds.json``: the
@@ -419,7 +420,9 @@ def bootstrap(args: argparse.Namespace, cds_path: Path) -> dict[str, Any]:
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": TYPE + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-            "require_client_certificate": True,
+            # Optional only for JWT callers (checked in main): a certificate
+            # that is sent is still verified against ca.pem.
+            "require_client_certificate": not args.optional_client_certificates,
             "common_tls_context": {
                 "tls_params": {
                     "tls_minimum_protocol_version": "TLSv1_2",
@@ -646,6 +649,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="let calls without a token through (a bad token is still refused)",
     )
+    jwt.add_argument(
+        "--optional-client-certificates",
+        action="store_true",
+        help="let clients connect without a certificate, known by their JWT alone (a "
+        "certificate sent is still verified, and names the caller upstream)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="bootstrap file to write")
     parser.add_argument(
         "--clusters-only",
@@ -681,6 +690,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{args.jwt_jwks} is missing")
     elif args.jwt_issuer or args.jwt_audience or args.jwt_allow_missing:
         parser.error("--jwt-issuer, --jwt-audience and --jwt-allow-missing need --jwt-jwks")
+    if args.optional_client_certificates and (args.jwt_jwks is None or args.jwt_allow_missing):
+        # Otherwise a call could come through with neither credential.
+        parser.error(
+            "--optional-client-certificates needs --jwt-jwks, without --jwt-allow-missing: "
+            "every call must then carry a valid token"
+        )
     for name in ("ca.pem", "server.pem", "server.key"):
         if not (args.certs / name).is_file():
             parser.error(

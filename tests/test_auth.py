@@ -17,8 +17,8 @@ from tests.test_cli import cli
 
 
 def test_calls_without_the_token_are_refused(start_server: Callable[..., ServerThread]) -> None:
-    server = start_server(server={"auth_token": "t0ken-for-tests"})
-    with RagClient(server.target, token="t0ken-for-tests") as client:
+    server = start_server(server={"auth_token": "t0ken-for-the-tests"})
+    with RagClient(server.target, token="t0ken-for-the-tests") as client:
         client.upsert(CORPUS)
         assert client.search("lava", k=1)[0].document_id == "volcano"
         assert isinstance(next(iter(client.ask("What is lava?"))), list)
@@ -39,16 +39,16 @@ def test_calls_without_the_token_are_refused(start_server: Callable[..., ServerT
 
 
 def test_remote_retrieval_receives_the_token(start_server: Callable[..., ServerThread]) -> None:
-    token = {"server": {"auth_token": "shared-secret"}}
+    token = {"server": {"auth_token": "shared-secret-of-the-tests"}}
     retrieval = start_server(services="retrieval", **token)
-    with RagClient(retrieval.target, token="shared-secret") as client:
+    with RagClient(retrieval.target, token="shared-secret-of-the-tests") as client:
         client.upsert(CORPUS)
     rag = start_server(
         services="rag,generation",
         remote={"retrieval_target": retrieval.target},
         **token,
     )
-    with RagClient(rag.target, token="shared-secret") as client:
+    with RagClient(rag.target, token="shared-secret-of-the-tests") as client:
         events = list(client.ask("What erupts from a volcano?", k=1))
     assert ask_citations(events)[0].hit.document_id == "volcano"
 
@@ -89,7 +89,7 @@ def test_the_cli_takes_the_token_from_a_file_or_the_environment_never_argv(
 
 
 def test_the_server_token_file_must_be_private_and_alone(tmp_path: Path) -> None:
-    token_file = _secret_file(tmp_path / "token", "s3cret-token\n", mode=0o640)
+    token_file = _secret_file(tmp_path / "token", "s3cret-token-of-the-tests\n", mode=0o640)
     env = {"RAG_GRPC_SERVER__AUTH_TOKEN_FILE": str(token_file)}
     shared = cli("config", env=env)
     assert shared.returncode == 2 and f"chmod 600 {token_file}" in shared.stderr

@@ -143,7 +143,9 @@ def test_client_errors_exit_nonzero_with_status(
 
 def test_config_shows_effective_values_with_secrets_redacted(tmp_path: Path) -> None:
     config = tmp_path / "rag.toml"
-    config.write_text('port = 6000\n[limits]\nmax_k = 42\n[server]\nauth_token = "s3cret-token"\n')
+    config.write_text(
+        'port = 6000\n[limits]\nmax_k = 42\n[server]\nauth_token = "s3cret-token-of-the-tests"\n'
+    )
     shown = cli("config", "--config", str(config), env={"RAG_GRPC_PORT": "7000"})
     assert shown.returncode == 0, shown.stderr
     effective = json.loads(shown.stdout)

@@ -295,6 +295,7 @@ def test_upstream_mutual_tls_and_jwt_options_render_and_validate(
         (["--jwt-jwks", str(jwks)], "--jwt-issuer"),
         (["--jwt-audience", "rag"], "need --jwt-jwks"),
         (["--source-address", "localhost"], "IP address"),
+        (["--optional-client-certificates"], "needs --jwt-jwks"),
         ([*upstream_tls, "--upstream-san", "ftp:x"], "DNS:NAME"),
     ):
         refused = render(tmp_path, *base, *bad)
