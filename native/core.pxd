@@ -52,6 +52,7 @@ cdef extern from "rag_native.h" namespace "rag" nogil:
         void resize(size_t capacity) except +
         uint64_t batches_written()
     size_t default_threads()
+    void advise_huge_pages(const Graph& graph)
     void search_batch(const Graph& graph, const float* queries, size_t nq, size_t dim, size_t k,
                       size_t ef, const uint64_t* allowed, size_t n_allowed,
                       size_t exact_threshold, size_t threads, uint64_t* labels,

@@ -36,6 +36,7 @@ from core cimport (
     L2Space,
     SpaceInterface,
     add_batch,
+    advise_huge_pages,
     check_index_file,
     default_threads,
     delete_labels,
@@ -117,6 +118,7 @@ cdef class VectorIndex:
         self._graph = new HierarchicalNSW[float](
             self._space, max(max_elements, 1), M, ef_construction, random_seed, False
         )
+        advise_huge_pages(deref(self._graph))
         if self._quantizes(quantized):
             self._store = new FloatStore(dim, self._graph.getMaxElements())
         self.exact_threshold = exact_threshold
@@ -300,6 +302,7 @@ cdef class VectorIndex:
             self._rw.lock()
             try:
                 self._graph.resizeIndex(max_elements)
+                advise_huge_pages(deref(self._graph))
                 if self._store != NULL:
                     self._store.resize(max_elements)
             finally:
@@ -470,6 +473,7 @@ cdef class VectorIndex:
         cdef const unsigned char* start = &contents[0]
         cdef size_t size = contents.shape[0]
         self._graph = new HierarchicalNSW[float](self._space, capacity, M, M, 100, False)
+        advise_huge_pages(deref(self._graph))
         if self._quantizes(quantized):
             self._store = new FloatStore(self.dim, capacity)
         with nogil:
