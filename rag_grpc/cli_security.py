@@ -19,9 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-# The audit log's file in a data dir.
-AUDIT_FILE = "audit.sqlite3"
-
 
 def add_commands(sub: Any, add_client_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add apikey, usage and audit to the rag-grpc parser."""
@@ -82,9 +79,12 @@ def add_commands(sub: Any, add_client_arguments: Callable[[argparse.ArgumentPars
 
 
 def _audit_source(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--config", type=Path, help="TOML configuration file (for auth.audit_db)")
     where = cmd.add_mutually_exclusive_group()
     where.add_argument(
-        "--data-dir", type=Path, help=f"the server's data directory (its {AUDIT_FILE})"
+        "--data-dir",
+        type=Path,
+        help="the server's data directory (its audit log, unless auth.audit_db names another)",
     )
     where.add_argument("--file", type=Path, help="the audit log file itself")
 
@@ -189,7 +189,12 @@ def _usage(args: argparse.Namespace) -> int:
     with _client(args) as client:
         tenants = client.usage(args.tenant or "")
     rows = [
-        {"tenant": t.tenant, **{f: getattr(t, f) for f in USAGE_FIELDS}, "estimated_cost": t.cost}
+        {
+            "tenant": t.tenant,
+            **{f: getattr(t, f) for f in USAGE_FIELDS},
+            "estimated_cost": round(t.estimated_cost, 6),
+            "estimated_cost_today": round(t.estimated_cost_today, 6),
+        }
         for t in tenants
     ]
     if args.json:
@@ -199,7 +204,10 @@ def _usage(args: argparse.Namespace) -> int:
         print("no usage recorded")
     for row in rows:
         counters = ", ".join(f"{f.replace('_', ' ')} {row[f]}" for f in USAGE_FIELDS)
-        print(f"{shown(row['tenant'])}: {counters}; estimated cost {row['estimated_cost']:.4f}")
+        print(
+            f"{shown(row['tenant'])}: {counters}; estimated cost ${row['estimated_cost']:.4f} "
+            f"(today ${row['estimated_cost_today']:.4f})"
+        )
     return 0
 
 
@@ -207,13 +215,13 @@ def _usage(args: argparse.Namespace) -> int:
 
 
 def _audit_file(args: argparse.Namespace) -> Path:
-    """The audit log named by --file or --data-dir (default: the configured
-    data dir); UsageError when it does not exist, since opening a missing
+    """The audit log named by --file, else the configuration's (for
+    --data-dir, when given); UsageError when it does not exist, since opening a missing
     file would create an empty log that verifies."""
     from rag_grpc.cli import UsageError
     from rag_grpc.config import load_settings
 
-    path = args.file or (args.data_dir or load_settings().data_dir) / AUDIT_FILE
+    path = args.file or load_settings(args.config, data_dir=args.data_dir).audit_path
     if not path.is_file():
         raise UsageError(f"{path} does not exist: no audit log there")
     return path

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -94,6 +95,24 @@ class Stats:
     namespaces: tuple[NamespaceInfo, ...]
     generator: str
     models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    """A tenant's usage since it was first counted (stored sizes as they are
+    now) and its estimated cost in USD, in all and on the current UTC day."""
+
+    tenant: str
+    embedding_tokens: int
+    prompt_tokens: int
+    completion_tokens: int
+    searches: int
+    asks: int
+    documents: int
+    vectors: int
+    stored_bytes: int
+    estimated_cost: float
+    estimated_cost_today: float
 
 
 @dataclass(frozen=True)
@@ -362,6 +381,52 @@ class RagClient:
         request = admin_pb2.SnapshotRequest(unencrypted=unencrypted)
         try:
             yield from self._admin.Snapshot(request, timeout=self.timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc) from None
+
+    def usage(self, tenant: str = "") -> list[TenantUsage]:
+        """Usage per tenant: the caller's own tenant, or (for an operator)
+        every tenant, or the one named."""
+        response = self._call(self._admin.Usage, admin_pb2.UsageRequest(tenant=tenant))
+        assert isinstance(response, admin_pb2.UsageResponse)
+        return [
+            TenantUsage(
+                t.tenant,
+                t.embedding_tokens,
+                t.prompt_tokens,
+                t.completion_tokens,
+                t.searches,
+                t.asks,
+                t.documents,
+                t.vectors,
+                t.stored_bytes,
+                t.estimated_cost,
+                t.estimated_cost_today,
+            )
+            for t in response.tenants
+        ]
+
+    def audit_export(self, since: datetime | None = None) -> Iterator[dict[str, object]]:
+        """The audit log's records at or after since (operators only), in
+        order, as the dicts `AuditLog.export` gives for the file itself."""
+        stamp = "" if since is None else since.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        request = admin_pb2.AuditExportRequest(since=stamp)
+        try:
+            for r in self._admin.AuditExport(request, timeout=self.timeout, metadata=self.metadata):
+                yield {
+                    "seq": r.seq,
+                    "at": r.at,
+                    "principal": r.principal,
+                    "tenant": r.tenant or None,
+                    "action": r.action,
+                    "outcome": r.outcome,
+                    "namespace": r.namespace or None,
+                    "ids": list(r.ids),
+                    "ids_total": r.ids_total,
+                    "detail": r.detail,
+                    "prev_hash": r.prev_hash,
+                    "hash": r.hash,
+                }
         except grpc.RpcError as exc:
             raise _rpc_error(exc) from None
 
