@@ -5,11 +5,14 @@
         for hit in client.search("question", k=5, filter=Equals("lang", "en")):
             print(hit.score, hit.text)
 
-Errors arrive as ``RpcError`` with the gRPC status code name and message.
+Over TLS: ``RagClient(target, ca=CA, cert=CERT, key=KEY, token=TOKEN)``
+(``cert``/``key`` for mutual TLS; ``token`` a JWT or an API key). Errors
+arrive as ``RpcError`` with the gRPC status code name and message.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -168,7 +171,21 @@ class RagClient:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
-        if ca is not None or cert is not None or key is not None:
+        tls = ca is not None or cert is not None or key is not None
+        if token is not None and not _TOKEN.fullmatch(token):
+            # grpc would fail every call with an error that names no cause.
+            raise ValueError(
+                "the token must be one line of printable ASCII without spaces "
+                "(a JWT or an API key as issued)"
+            )
+        if token and not tls and not is_local_target(target):
+            # Anyone on the path could read it and call as us.
+            raise ValueError(
+                f"a token goes to {target} only over TLS: give the CA that signed its "
+                "certificate (ca=, --ca), or call this machine (a loopback address or "
+                "unix socket)"
+            )
+        if tls:
             from rag_grpc.security.tls import channel_credentials
 
             credentials = channel_credentials(ca, cert, key)
@@ -176,12 +193,6 @@ class RagClient:
         else:
             self.channel = grpc.insecure_channel(target, options=options)
         self.timeout = timeout
-        if token is not None and not _TOKEN.fullmatch(token):
-            # grpc would fail every call with an error that names no cause.
-            raise ValueError(
-                "the token must be one line of printable ASCII without spaces "
-                "(a JWT or an API key as issued)"
-            )
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._retrieval = retrieval_service_pb2_grpc.RetrievalServiceStub(self.channel)
         self._embedding = embedding_service_pb2_grpc.EmbeddingServiceStub(self.channel)
@@ -444,6 +455,27 @@ class RagClient:
             response.generator,
             tuple(m.model_id for m in response.models),
         )
+
+
+def is_local_target(target: str) -> bool:
+    """Whether a gRPC target is this machine: a unix socket, localhost or a
+    loopback address ("127.0.0.1:50051", "[::1]:50051", "dns:///localhost:1")."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            target = target[len(scheme) :]
+            break
+    if target.startswith("["):
+        host = target[1:].partition("]")[0]
+    else:
+        host = target.rpartition(":")[0] if target.count(":") == 1 else target
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _query(

@@ -19,6 +19,7 @@ import pytest
 
 from rag_grpc.cli import _parser, _settings
 from rag_grpc.cli_security import USAGE_FIELDS
+from rag_grpc.client import RagClient
 from rag_grpc.security.api_keys import api_key_hash
 from rag_grpc.security.audit import AuditEvent, AuditLog
 from tests.conftest import CORPUS, EXPORT_DIR, MODEL_DIR, free_port, tool
@@ -381,3 +382,19 @@ def test_an_api_key_from_apikey_create_authenticates(
     key_file.chmod(0o600)
     empty = cli("stats", *target, "--token-file", str(key_file))
     assert empty.returncode == 2 and "empty" in empty.stderr
+
+
+def test_a_token_never_leaves_this_machine_in_plaintext(tmp_path: Path) -> None:
+    key = "rag_" + "k" * 43
+    remote = cli("embed", "x", "--target", "192.0.2.1:50051", env={"RAG_GRPC_TOKEN": key})
+    assert remote.returncode == 2 and "only over TLS" in remote.stderr and "--ca" in remote.stderr
+    assert key not in remote.stderr
+    with pytest.raises(ValueError, match="only over TLS"):
+        RagClient("rag.example.org:443", token=key)
+    with pytest.raises(ValueError, match="printable ASCII"):
+        RagClient("127.0.0.1:1", token=key + "\n")
+    # Over TLS, or to this machine, it goes.
+    RagClient("[::1]:1", token=key).close()
+    ca = make_ca()
+    ca_pem, _ = ca.write(tmp_path, "ca")
+    RagClient("rag.example.org:443", ca=ca_pem, token=key).close()
