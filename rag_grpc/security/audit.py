@@ -198,19 +198,25 @@ class AuditLog:
         finally:
             conn.close()
 
-    def export(self, since: datetime | None = None) -> Iterator[dict[str, Any]]:
-        """Events in sequence order (those at or after since, when given), as
-        JSON-ready dicts: the recorded fields plus seq, at, prev_hash and hash."""
+    def export(
+        self, since: datetime | None = None, *, after_seq: int = 0, limit: int | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Events in sequence order (those at or after since, when given; after
+        sequence number after_seq; at most limit of them), as JSON-ready
+        dicts: the recorded fields plus seq, at, prev_hash and hash."""
         conn = connect(self.path)
         try:
             conn.execute("BEGIN")
-            if since is None:
-                rows = conn.execute("SELECT row, prev_hash, hash FROM audit_events ORDER BY seq")
-            else:
-                rows = conn.execute(
-                    "SELECT row, prev_hash, hash FROM audit_events WHERE at >= ? ORDER BY seq",
-                    (_format_at(since),),
-                )
+            clauses: list[str] = ["seq > ?"]
+            args: list[object] = [after_seq]
+            if since is not None:
+                clauses.append("at >= ?")
+                args.append(_format_at(since))
+            rows = conn.execute(
+                "SELECT row, prev_hash, hash FROM audit_events "
+                f"WHERE {' AND '.join(clauses)} ORDER BY seq LIMIT ?",
+                (*args, -1 if limit is None else limit),
+            )
             for row, prev_hash, digest in rows:
                 yield {**json.loads(row), "prev_hash": prev_hash, "hash": digest}
         finally:

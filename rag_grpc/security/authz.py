@@ -131,7 +131,9 @@ def authorize(grant: Grant | None, method: str, request: object) -> Scope:
     if grant is None:
         raise Unauthenticated(f"{short} needs an identity; the call carries no credential")
     if grant.role is None and not grant.operator:
-        raise Unauthenticated(
+        # The credential checked out, so the caller is known: what it lacks is
+        # a permission (gRPC's PERMISSION_DENIED), not authentication.
+        raise PermissionDenied(
             f"the caller is not a member of any tenant, so it may not call {short}"
         )
     if rule.operators and grant.operator:

@@ -19,6 +19,7 @@ import jwt
 
 from rag_grpc.errors import Unauthenticated
 from rag_grpc.security.identity import Identity
+from rag_grpc.security.policy import TENANT_NAME
 
 # The signature algorithms each public key type can verify. A key is usable only
 # with these, whatever a token's header claims: that is what stops a token from
@@ -46,10 +47,6 @@ _MAX_TOKEN_CHARS = 16_384
 # a token is routed here and refused with a clear message rather than treated as
 # an unknown API key.
 _JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
-
-# The design's tenant names. A tenant claim is checked here because the tenant
-# becomes part of stored namespace names ("<tenant>~<ns>").
-_TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 # Principals of this form are minted by api_keys.py only; a token whose subject
 # claims one would impersonate an API key's grants.
@@ -294,7 +291,7 @@ class JwtVerifier:
                 raise Unauthenticated(
                     f"token claim {tenant_claim!r} must be a string, got {type(value).__name__}"
                 )
-            if not _TENANT_NAME.fullmatch(value):
+            if not TENANT_NAME.fullmatch(value):
                 raise Unauthenticated(
                     f"token claim {tenant_claim!r} is {_shown(value)}, not a tenant name "
                     "(lowercase letters, digits, '_' and '-', at most 63)"

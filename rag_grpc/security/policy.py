@@ -21,7 +21,9 @@ from rag_grpc.security.model import ApiKeyEntry, Budget, Grant, Prices, Quota, R
 
 log = logging.getLogger(__name__)
 
-TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# The one definition of a tenant name (used with fullmatch: "acme\n" is not
+# one). Tenant names become part of stored namespace names ("<tenant>~<ns>").
+TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 ROLES = {role.name.lower(): role for role in Role}
 
@@ -168,7 +170,7 @@ class _Parser:
     def tenant(self, raw: dict[str, Any], where: str) -> Tenant:
         self.keys(raw, self.named(raw, where), allowed=("name", "members", "quota", "budget"))
         name = self.string(raw, "name", where)
-        if not TENANT_NAME.match(name):
+        if not TENANT_NAME.fullmatch(name):
             raise self.fail(
                 where,
                 f"tenant name {name!r} must match {TENANT_NAME.pattern}"

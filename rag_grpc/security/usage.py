@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -26,11 +25,10 @@ from pathlib import Path
 
 from rag_grpc.errors import InvalidArgument
 from rag_grpc.security.model import Prices
+from rag_grpc.security.policy import TENANT_NAME
 from rag_grpc.store.sqlite import connect, private_file
 
 log = logging.getLogger(__name__)
-
-TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 # Added to, per UTC day.
 COUNTERS = ("embedding_tokens", "prompt_tokens", "completion_tokens", "searches", "asks")

@@ -26,10 +26,10 @@ CALLERS: dict[str, Grant | None] = {
 # Outcomes, one letter per caller in CALLERS' order:
 # T = allowed, scope = the caller's tenant; A = allowed, scope = all tenants;
 # D = PermissionDenied; U = Unauthenticated.
-READER = "TTTDTUU"
-WRITER = "DTTDTUU"
-ADMIN_OR_OPERATOR = "DDTAAUU"
-OPERATOR = "DDDAAUU"
+READER = "TTTDTDU"
+WRITER = "DTTDTDU"
+ADMIN_OR_OPERATOR = "DDTAADU"
+OPERATOR = "DDDAADU"
 
 BY_IDS = retrieval_pb2.DeleteRequest(namespace="docs", ids=["a", "b"])
 BY_FILTER = retrieval_pb2.DeleteRequest(
@@ -55,11 +55,11 @@ MATRIX: list[tuple[str, object, str]] = [
     ("/rag.v1.RetrievalService/Upsert", retrieval_pb2.UpsertRequest(), WRITER),
     ("/rag.v1.IngestionService/Submit", None, WRITER),
     ("/rag.v1.RetrievalService/Delete", BY_IDS, WRITER),
-    ("/rag.v1.RetrievalService/Delete", BY_FILTER, "DDTDDUU"),
-    ("/rag.v1.RetrievalService/Delete", FORGET, "DDTDDUU"),
+    ("/rag.v1.RetrievalService/Delete", BY_FILTER, "DDTDDDU"),
+    ("/rag.v1.RetrievalService/Delete", FORGET, "DDTDDDU"),
     # A request authz cannot read (not yet received, or of another type)
     # takes the stricter rule.
-    ("/rag.v1.RetrievalService/Delete", None, "DDTDDUU"),
+    ("/rag.v1.RetrievalService/Delete", None, "DDTDDDU"),
     ("/rag.v1.AdminService/Stats", None, ADMIN_OR_OPERATOR),
     ("/rag.v1.AdminService/Usage", None, ADMIN_OR_OPERATOR),
     ("/rag.v1.AdminService/Snapshot", None, OPERATOR),
@@ -184,7 +184,7 @@ def test_a_look_alike_of_an_open_method_is_not_open() -> None:
             Grant(None, None),
             "/rag.v1.RetrievalService/Search",
             None,
-            Unauthenticated,
+            PermissionDenied,
             "the caller is not a member of any tenant, so it may not call Search",
         ),
         (
