@@ -80,7 +80,9 @@ MAX_NAMESPACES = 10_000
 DATABASE = "rag.sqlite3"
 MANIFEST = "manifest.json"
 INDEX_SUFFIXES = (".hnsw.meta.json", ".hnsw", ".json")
-_INDEX_MEMBER = re.compile(r"^index/([A-Za-z0-9_.-]{1,64})(\.hnsw\.meta\.json|\.hnsw|\.json)$")
+# A tenant's namespaces are stored as "<tenant>~<name>"; resolve_namespace
+# checks the name this lets through.
+_INDEX_MEMBER = re.compile(r"^index/([A-Za-z0-9_.~-]{1,128})(\.hnsw\.meta\.json|\.hnsw|\.json)$")
 # The tables every rag-grpc database has had since the first release; a
 # database without them is not ours.
 REQUIRED_TABLES = frozenset({"namespaces", "documents", "chunks", "metadata"})

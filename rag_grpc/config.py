@@ -55,9 +55,15 @@ class ServerConfig(_Section):
     # it stays out of config files that get copied around and out of the
     # environment of child processes. One of the two at most.
     auth_token_file: Path | None = None
-    # Addresses of the gateway (Envoy) whose x-forwarded-client-cert header
-    # is believed; from anyone else the header is ignored.
+    # The older spelling of auth.trusted_proxies, still honoured (the two
+    # lists are joined); new configurations use auth.trusted_proxies.
     trusted_proxies: tuple[str, ...] = ()
+    # TLS: this server's certificate chain and key (PEM). With tls_client_ca,
+    # every client must present a certificate that CA signed (mutual TLS),
+    # and the certificate names the caller (URI SAN, else subject CN).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -68,6 +74,100 @@ class ServerConfig(_Section):
             path = Path(data["auth_token_file"])
             data = {**data, "auth_token": read_secret_file(path, "server.auth_token_file")}
         return data
+
+    @model_validator(mode="after")
+    def _secure_settings(self) -> ServerConfig:
+        if self.auth_token is not None:
+            # An empty token used to switch authentication off without a word;
+            # a short one can be guessed. Either is a mistake to stop at.
+            length = len(self.auth_token.get_secret_value())
+            if length < MIN_TOKEN_CHARS:
+                raise ValueError(
+                    f"server.auth_token is {'empty' if not length else f'{length} characters'}; "
+                    f"use a random secret of at least {MIN_TOKEN_CHARS} characters (e.g. "
+                    "`openssl rand -hex 32`), or leave it unset"
+                )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, missing = (
+                ("server.tls_cert", "server.tls_key")
+                if self.tls_key is None
+                else ("server.tls_key", "server.tls_cert")
+            )
+            raise ValueError(f"{given} is set but {missing} is not; TLS needs both")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError(
+                "server.tls_client_ca (mutual TLS) needs server.tls_cert and server.tls_key"
+            )
+        _check_proxies(self.trusted_proxies, "server.trusted_proxies")
+        return self
+
+
+class AuthConfig(_Section):
+    """Who may call: identity sources (besides server.auth_token and mutual
+    TLS), the policy of tenants and roles, and where audit and usage are kept."""
+
+    # Tenants, their members' roles, quotas, operators and API keys (TOML);
+    # reloaded on SIGHUP. Unset: single tenant, every authenticated caller
+    # may do everything.
+    policy_file: Path | None = None
+    # Serve a non-loopback address with no authentication at all. Refused
+    # otherwise: anyone who reaches the port could read and erase everything.
+    insecure_no_auth: bool = False
+    # Bearer JWTs: the issuer's public keys (JWKS file), and the iss and aud
+    # a token must carry; the subject is the caller, jwt_tenant_claim its tenant.
+    jwt_jwks_file: Path | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_tenant_claim: str = "tenant"
+    # Networks (or addresses) of our gateway (Envoy), whose
+    # x-forwarded-client-cert is believed, and only over mutual TLS (or a
+    # unix socket with trust_unix_socket): "10.0.0.0/8", "127.0.0.1", "::1".
+    trusted_proxies: tuple[str, ...] = ()
+    # The By= our Envoy writes into the header (its own SPIFFE ID); when set,
+    # an element written by anyone else is not believed.
+    proxy_identity: str | None = None
+    trust_unix_socket: bool = False
+    # The hash-chained audit log and the usage ledger (SQLite); default
+    # <data dir>/audit.sqlite3 and <data dir>/usage.sqlite3.
+    audit_db: Path | None = None
+    usage_db: Path | None = None
+
+    @model_validator(mode="after")
+    def _jwt_complete(self) -> AuthConfig:
+        jwt = {
+            "auth.jwt_jwks_file": self.jwt_jwks_file,
+            "auth.jwt_issuer": self.jwt_issuer,
+            "auth.jwt_audience": self.jwt_audience,
+        }
+        missing = [name for name, value in jwt.items() if not value]
+        if self.jwt_jwks_file is not None and missing:
+            raise ValueError(f"JWT authentication needs {' and '.join(missing)} as well")
+        if self.jwt_jwks_file is None and len(missing) < len(jwt):
+            raise ValueError(
+                "auth.jwt_issuer and auth.jwt_audience are used only with auth.jwt_jwks_file"
+            )
+        if not self.jwt_tenant_claim:
+            raise ValueError("auth.jwt_tenant_claim must name a claim")
+        _check_proxies(self.trusted_proxies, "auth.trusted_proxies")
+        return self
+
+
+# A shared bearer token shorter than this is refused at start.
+MIN_TOKEN_CHARS = 16
+
+
+def _check_proxies(entries: tuple[str, ...], what: str) -> None:
+    """Each entry must be an IP address or network, so a typo fails at start."""
+    import ipaddress
+
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry.strip(), strict=True)
+        except ValueError as exc:
+            raise ValueError(
+                f"{what}: {entry!r} is not an IP address or network (like 10.0.0.0/8, "
+                f"127.0.0.1 or ::1): {exc}"
+            ) from None
 
 
 class IndexConfig(_Section):
@@ -421,6 +521,7 @@ class Settings(BaseSettings):
     logging: LoggingConfig = LoggingConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     retention: RetentionConfig = RetentionConfig()
+    auth: AuthConfig = AuthConfig()
     # 32 random bytes that encrypt backup archives (AES-256-GCM); the
     # environment variable RAG_GRPC_BACKUP_KEY_FILE sets it too.
     backup_key_file: Path | None = None
@@ -456,6 +557,21 @@ class Settings(BaseSettings):
         if settings_cls.model_config.get("toml_file"):
             sources.append(TomlConfigSettingsSource(settings_cls))
         return tuple(sources)
+
+    @property
+    def audit_path(self) -> Path:
+        """The audit log's file."""
+        return self.auth.audit_db or self.data_dir / "audit.sqlite3"
+
+    @property
+    def usage_path(self) -> Path:
+        """The usage ledger's file."""
+        return self.auth.usage_db or self.data_dir / "usage.sqlite3"
+
+    @property
+    def trusted_proxies(self) -> tuple[str, ...]:
+        """auth.trusted_proxies and the older server.trusted_proxies together."""
+        return tuple(dict.fromkeys((*self.auth.trusted_proxies, *self.server.trusted_proxies)))
 
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as plain data, secrets shown as

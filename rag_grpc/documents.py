@@ -13,11 +13,15 @@ from typing import TypeAlias
 import numpy as np
 
 from rag_grpc.errors import InvalidArgument
+from rag_grpc.security.policy import TENANT_NAME
 
 MetadataScalar: TypeAlias = str | int | float | bool
 Metadata: TypeAlias = dict[str, MetadataScalar]
 
 DEFAULT_NAMESPACE = "default"
+# Between the tenant and its own namespace name in the stored name
+# ("acme~default"); never allowed in a name a caller gives.
+TENANT_SEPARATOR = "~"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 MAX_ID_BYTES = 512
@@ -93,10 +97,27 @@ def chunk_id(document_id: str, seq: int) -> str:
 
 
 def resolve_namespace(name: str) -> str:
-    """Validate a namespace name; empty means the default namespace.
+    """Validate a namespace name as the core stores it; empty means the
+    default namespace. A tenant's namespace is stored as "<tenant>~<name>"
+    (see security/tenancy.py); callers name theirs without the prefix, and
+    the services check that with `resolve_user_namespace`.
 
-    A namespace names files in the data dir, so only [A-Za-z0-9_.-] and never
-    dots alone ("." and ".." are directories)."""
+    A namespace names files in the data dir, so only [A-Za-z0-9_.-] (and
+    the one '~' after a tenant name) and never dots alone ("." and ".." are
+    directories)."""
+    if not name:
+        return DEFAULT_NAMESPACE
+    if isinstance(name, str) and TENANT_SEPARATOR in name:
+        tenant, _, own = name.partition(TENANT_SEPARATOR)
+        if TENANT_NAME.fullmatch(tenant) and own:
+            resolve_user_namespace(own)
+            return name
+    return resolve_user_namespace(name)
+
+
+def resolve_user_namespace(name: str) -> str:
+    """Validate a namespace name as a caller gives it (never with a tenant
+    prefix); empty means the default namespace."""
     if not name:
         return DEFAULT_NAMESPACE
     if not isinstance(name, str) or not _NAME_RE.match(name) or not name.strip("."):

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import logging
 import shutil
 import signal
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +22,7 @@ from opentelemetry.metrics import Observation
 
 from rag_grpc import telemetry
 from rag_grpc.backup import default_key_provider
-from rag_grpc.config import Settings
+from rag_grpc.config import ConfigError, Settings
 from rag_grpc.documents import Document
 from rag_grpc.embed.batcher import BatchingEmbedder
 from rag_grpc.embed.cache import EmbeddingCache
@@ -32,6 +34,7 @@ from rag_grpc.generate.extractive import ExtractiveGenerator
 from rag_grpc.generate.pipeline import AnswerCache, LocalSearch, RagPipeline, SearchBackend
 from rag_grpc.generate.triton import TritonGenerator
 from rag_grpc.index.retriever import Retriever
+from rag_grpc.index.sizes import NamespaceSizes
 from rag_grpc.ingest.backend import IngestionBackend, LocalWrites, WriteBackend
 from rag_grpc.ingest.jobs import IngestionManager, JobQueue
 from rag_grpc.ingest.nats_log import NatsIngestion
@@ -44,6 +47,15 @@ from rag_grpc.pb import (
     rag_service_pb2_grpc,
     retrieval_service_pb2_grpc,
 )
+from rag_grpc.security.access import AccessControl
+from rag_grpc.security.api_keys import ApiKeyConfigError, ApiKeys
+from rag_grpc.security.audit import AuditLog
+from rag_grpc.security.authn import Authenticator
+from rag_grpc.security.jwt_auth import JwtConfigError, JwtSettings, JwtVerifier
+from rag_grpc.security.policy import Policy, PolicyError, PolicyHolder
+from rag_grpc.security.tls import TlsConfigError, server_credentials
+from rag_grpc.security.usage import UsageLedger
+from rag_grpc.security.xfcc import TrustedProxies
 from rag_grpc.services.admin import AdminServicer
 from rag_grpc.services.embedding import EmbeddingServicer
 from rag_grpc.services.generation import GenerationServicer
@@ -56,6 +68,19 @@ from rag_grpc.store.sqlite import DocumentStore
 from rag_grpc.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+# Tenants named in metric labels; the rest are summed under "_other".
+MAX_TENANT_LABELS = 200
+USAGE_KINDS = (
+    "embedding_tokens",
+    "prompt_tokens",
+    "completion_tokens",
+    "searches",
+    "asks",
+    "documents",
+    "vectors",
+    "stored_bytes",
+)
 
 SERVICE_NAMES = {
     name: SERVICE_FILES[i].DESCRIPTOR.services_by_name[cls].full_name
@@ -114,6 +139,76 @@ class RagServer:
         self._triton_task: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._saver: asyncio.Task[None] | None = None
+        self.access: AccessControl | None = None
+        self.audit: AuditLog | None = None
+        self.usage: UsageLedger | None = None
+
+    # -- access ------------------------------------------------------------
+
+    def _build_access(self) -> AccessControl:
+        """Identity sources, policy, audit log and usage ledger, checked
+        before anything expensive is built; ConfigError names what is wrong."""
+        s, auth = self.settings, self.settings.auth
+        try:
+            policy = PolicyHolder(auth.policy_file) if auth.policy_file else None
+            jwt = None
+            if auth.jwt_jwks_file is not None:
+                assert auth.jwt_issuer and auth.jwt_audience  # checked by the config
+                jwt = JwtVerifier(
+                    JwtSettings(
+                        jwks_file=auth.jwt_jwks_file,
+                        issuer=auth.jwt_issuer,
+                        audience=auth.jwt_audience,
+                        tenant_claim=auth.jwt_tenant_claim,
+                    )
+                )
+            if policy is not None:
+                ApiKeys(policy.current.api_keys)  # a bad entry fails the start, not a call
+        except (PolicyError, JwtConfigError, ApiKeyConfigError) as exc:
+            raise ConfigError(str(exc)) from None
+        token = s.server.auth_token.get_secret_value() if s.server.auth_token else None
+        authenticator = Authenticator(
+            token=token,
+            jwt=jwt,
+            api_keys=_api_keys_of(policy),
+            trusted_proxies=TrustedProxies(
+                s.trusted_proxies, trust_unix_socket=auth.trust_unix_socket
+            ),
+            proxy_identity=auth.proxy_identity,
+            client_certificates=s.server.tls_client_ca is not None,
+        )
+        sources = authenticator.sources
+        if not sources and policy is None and not _is_loopback(s.host):
+            if not auth.insecure_no_auth:
+                raise ConfigError(
+                    f"refusing to serve {s.host} without authentication: anyone who can "
+                    "reach the port could read, overwrite and erase every document. "
+                    "Configure an identity source (auth.policy_file with API keys, "
+                    "server.tls_client_ca for mutual TLS, auth.jwt_jwks_file, or "
+                    "server.auth_token), bind 127.0.0.1, or set auth.insecure_no_auth "
+                    "(--insecure-no-auth) to run open on purpose"
+                )
+            log.warning(
+                "SERVING %s WITHOUT AUTHENTICATION (auth.insecure_no_auth): anyone who "
+                "can reach port %d may read, overwrite and erase every document",
+                s.host,
+                s.port,
+            )
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        self.audit = AuditLog(s.audit_path)
+        if policy is not None:
+            self.usage = UsageLedger(s.usage_path)
+        return AccessControl(
+            authenticator,
+            policy=policy,
+            require_identity=bool(sources),
+            audit=self.audit,
+            usage=self.usage,
+        )
+
+    def reload(self) -> str | None:
+        """Reload the policy and JWT keys (SIGHUP); the old ones stay on error."""
+        return self.access.reload() if self.access is not None else None
 
     # -- assembly ----------------------------------------------------------
 
@@ -230,16 +325,33 @@ class RagServer:
     async def start(self) -> int:
         """Build everything, bind the port, start serving; return the bound port."""
         s = self.settings
+        access = self.access = self._build_access()
+        credentials = None
+        if s.server.tls_cert is not None and s.server.tls_key is not None:
+            try:
+                credentials = server_credentials(
+                    s.server.tls_cert, s.server.tls_key, s.server.tls_client_ca
+                )
+            except TlsConfigError as exc:
+                raise ConfigError(str(exc)) from None
         self.telemetry = Telemetry(s.telemetry)
         telemetry.install(self.telemetry)
         await asyncio.get_running_loop().run_in_executor(self.executor, self._build_core)
+        if self.retriever is not None and access.multi_tenant:
+            # Tenancy: every write keeps its tenant's sizes current, is
+            # admitted against its storage quotas, and counts its embedding.
+            writes = self.retriever.writes
+            access.sizes = writes.sizes = NamespaceSizes(self.retriever.store)
+            access.set_namespaces(self.retriever.store.namespaces)
+            writes.admission = access.admit_write
+            writes.embedding_listeners.append(access.count_embedding)
         self._register_gauges()
         server = grpc.aio.server(
             interceptors=[
                 ServiceInterceptor(
-                    s.server.auth_token.get_secret_value() if s.server.auth_token else None,
-                    trusted_proxies=s.server.trusted_proxies,
+                    access,
                     call_log_sample_ratio=s.logging.call_log_sample_ratio,
+                    tls=credentials is not None,
                 )
             ],
             options=[
@@ -258,19 +370,20 @@ class RagServer:
         if "retrieval" in s.services:
             assert self.retriever is not None
             retrieval_service_pb2_grpc.add_RetrievalServiceServicer_to_server(
-                RetrievalServicer(self.retriever, self.executor, self._writes()), server
+                RetrievalServicer(self.retriever, self.executor, self._writes(), access), server
             )
         if "embedding" in s.services:
             assert self.embedder is not None
             embedding_service_pb2_grpc.add_EmbeddingServiceServicer_to_server(
-                EmbeddingServicer(self.embedder, s.limits), server
+                EmbeddingServicer(self.embedder, s.limits, access), server
             )
         if "generation" in s.services or "rag" in s.services:
             generator = self._generator()
         if "generation" in s.services:
             assert generator is not None
             generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
-                GenerationServicer(generator, s.limits), server
+                GenerationServicer(generator, s.limits, access, s.generation.default_max_tokens),
+                server,
             )
         if "rag" in s.services:
             assert generator is not None
@@ -285,7 +398,9 @@ class RagServer:
                 s.limits,
                 answer_cache,
             )
-            rag_service_pb2_grpc.add_RagServiceServicer_to_server(RagServicer(pipeline), server)
+            rag_service_pb2_grpc.add_RagServiceServicer_to_server(
+                RagServicer(pipeline, access, s.generation.default_max_tokens), server
+            )
         if "ingestion" in s.services:
             assert self.retriever is not None
             if self.nats is not None:
@@ -313,6 +428,7 @@ class RagServer:
                     index_config=s.index,
                     executor=self.write_executor,
                     backup_key=default_key_provider(s.backup_key_file),
+                    access=access,
                 ),
                 server,
             )
@@ -325,7 +441,11 @@ class RagServer:
             ],
             server,
         )
-        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        address = f"{s.host}:{s.port}"
+        if credentials is not None:
+            self.port = server.add_secure_port(address, credentials)
+        else:
+            self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {s.host}:{s.port}")
         await server.start()
@@ -384,6 +504,47 @@ class RagServer:
             return [Observation(queue.pending_count())] if queue is not None else []
 
         t.observe("rag_ingestion_pending_jobs", "Ingestion jobs not finished yet", lag)
+        access = self.access
+        if access is not None and access.multi_tenant and access.usage is not None:
+            self._register_tenant_gauges(t, access)
+
+    def _register_tenant_gauges(self, t: Telemetry, access: AccessControl) -> None:
+        """Usage per tenant and budget state, labelled by tenant: the tenants
+        of the policy only (at most MAX_TENANT_LABELS, the rest summed under
+        "_other"), so the label stays bounded whatever callers send."""
+        ledger = access.usage
+        assert ledger is not None
+
+        def usage() -> list[Observation]:
+            observations = []
+            labelled: dict[str, dict[str, int]] = {}
+            known = set(access.policy.current.tenants) if access.policy else set()
+            for tenant, counts in ledger.totals().items():
+                if tenant not in known:
+                    continue
+                label = tenant if len(labelled) < MAX_TENANT_LABELS else "_other"
+                summed = labelled.setdefault(label, {})
+                for kind in USAGE_KINDS:
+                    summed[kind] = summed.get(kind, 0) + getattr(counts, kind)
+            for label, summed in labelled.items():
+                for kind, value in summed.items():
+                    observations.append(Observation(value, {"tenant": label, "kind": kind}))
+            return observations
+
+        t.observe(
+            "rag_tenant_usage",
+            "Usage per tenant since first counted (kind: tokens, searches, asks; stored sizes "
+            "as last reported by the Usage RPC)",
+            usage,
+        )
+        t.observe(
+            "rag_tenant_budget_reached",
+            "1 while a tenant's estimated spend today has reached its daily budget",
+            lambda: [
+                Observation(int(reached), {"tenant": tenant})
+                for tenant, reached in list(access.budget_reached().items())[:MAX_TENANT_LABELS]
+            ],
+        )
 
     async def _seed(self) -> None:
         assert self.ingestion is not None and self.store is not None
@@ -532,6 +693,10 @@ class RagServer:
             self.job_queue.close()
         if self.store is not None:
             self.store.close()
+        if self.usage is not None:
+            self.usage.close()
+        if self.audit is not None:
+            self.audit.close()
         if self.telemetry is not None:
             if telemetry.current() is self.telemetry:
                 telemetry.install(None)
@@ -547,9 +712,40 @@ async def serve(settings: Settings, seed_documents: list[Document] | None = None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # The policy (and JWT keys) are reloaded without a restart; a broken
+    # file keeps the previous one in force and says why in the log.
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     print(f"rag-grpc listening on {settings.host}:{server.port}", flush=True)
     await stop.wait()
     log.info(
         "signal received: draining in-flight calls (grace %.1f s)", settings.server.grace_period_s
     )
     await server.stop()
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether binding host serves this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name may resolve to anything
+
+
+def _api_keys_of(policy: PolicyHolder | None) -> Callable[[], ApiKeys | None]:
+    """The API keys of the policy in force, rebuilt only when it is reloaded."""
+    built: dict[int, tuple[Policy, ApiKeys | None]] = {}
+
+    def current() -> ApiKeys | None:
+        if policy is None:
+            return None
+        now = policy.current
+        cached = built.get(id(now))
+        if cached is None or cached[0] is not now:
+            built.clear()
+            cached = (now, ApiKeys(now.api_keys) if now.api_keys else None)
+            built[id(now)] = cached
+        return cached[1]
+
+    return current

@@ -42,7 +42,7 @@ def test_every_service_and_rpc_is_defined() -> None:
         "rag.v1.GenerationService": ["Generate"],
         "rag.v1.RagService": ["Ask"],
         "rag.v1.IngestionService": ["GetJob", "Submit", "WatchJob"],
-        "rag.v1.AdminService": ["Snapshot", "Stats"],
+        "rag.v1.AdminService": ["AuditExport", "Snapshot", "Stats", "Usage"],
     }
 
 

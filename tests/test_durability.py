@@ -147,22 +147,48 @@ def test_delete_by_filter_and_forget_leave_nothing_behind(
 
 
 def test_forget_through_the_gateway_is_audited_under_the_client_identity(
-    start_server: Callable[..., ServerThread],
+    start_server: Callable[..., ServerThread], tmp_path: Path
 ) -> None:
     from rag_grpc.pb import retrieval_pb2, retrieval_service_pb2_grpc
+    from tests.security.certs import issue, make_ca
 
-    server = start_server(server={"trusted_proxies": ["127.0.0.1"]})
+    # The gateway's hop is mutual TLS with its own certificate: only then is
+    # the identity it forwards in x-forwarded-client-cert believed.
+    ca = make_ca()
+    ca_pem, _ = ca.write(tmp_path, "ca")
+    server_pem, server_key = issue(
+        ca, "localhost", dns=["localhost"], ips=["127.0.0.1"], usage="server"
+    ).write(tmp_path, "server")
+    gateway = "spiffe://rag-grpc.test/gateway"
+    issue(ca, "gateway", uris=[gateway], usage="client").write(tmp_path, "gateway")
+    issue(ca, "bob", uris=["spiffe://rag-grpc.test/client/bob"], usage="client").write(
+        tmp_path, "bob"
+    )
+    server = start_server(
+        server={"tls_cert": server_pem, "tls_key": server_key, "tls_client_ca": ca_pem},
+        auth={"trusted_proxies": ["127.0.0.1"], "proxy_identity": gateway},
+    )
     identity = "spiffe://rag-grpc.test/client/alice"
-    xfcc = (("x-forwarded-client-cert", f"Hash=abc;URI={identity}"),)
-    with RagClient(server.target) as client:
-        client.upsert(CORPUS)
-        stub = retrieval_service_pb2_grpc.RetrievalServiceStub(client.channel)
-        request = retrieval_pb2.DeleteRequest(ids=["chess"], forget=True)
-        assert stub.Delete(request, metadata=xfcc, timeout=10).deleted == 1
-        client.delete(["gil"], forget=True)  # straight, not through a gateway
+    xfcc = (("x-forwarded-client-cert", f"By={gateway};Hash=abc;URI={identity}"),)
+
+    def client(who: str) -> RagClient:
+        pem, key = tmp_path / f"{who}.pem", tmp_path / f"{who}.key"
+        return RagClient(f"localhost:{server.port}", ca=ca_pem, cert=pem, key=key)
+
+    with client("gateway") as through_gateway:
+        stub = retrieval_service_pb2_grpc.RetrievalServiceStub(through_gateway.channel)
+        with client("bob") as bob:
+            bob.upsert(CORPUS)
+            request = retrieval_pb2.DeleteRequest(ids=["chess"], forget=True)
+            assert stub.Delete(request, metadata=xfcc, timeout=10).deleted == 1
+            bob.delete(["gil"], forget=True)  # straight, not through the gateway
     actors = [str(e["actor"]) for e in server.server.store.audit_log()]  # type: ignore[union-attr]
-    assert actors[0] == identity
-    assert actors[1].startswith("peer ipv4:127.0.0.1:")
+    assert actors == [identity, "spiffe://rag-grpc.test/client/bob"]
+    # The hash-chained audit log names them too, and checks out.
+    audit = server.server.audit
+    assert audit is not None and audit.verify().ok
+    principals = [row["principal"] for row in audit.export() if row["action"] == "Delete:forget"]
+    assert principals == [identity, "spiffe://rag-grpc.test/client/bob"]
 
 
 def test_retention_sweeper_deletes_expired_documents_per_namespace(

@@ -175,35 +175,44 @@ def test_prometheus_endpoint_serves_metrics_that_move(
     assert "rag_ingestion_pending_jobs" in after and "rag_embed_queue_texts" in after
 
 
-def test_log_lines_are_json_with_trace_and_gateway_identity(tmp_path: Path) -> None:
+def test_log_lines_are_json_with_trace_and_caller_identity(tmp_path: Path) -> None:
+    from rag_grpc.security.api_keys import new_api_key
+
+    key, entry = new_api_key("alice")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        '[[tenants]]\nname = "acme"\n'
+        '[[tenants.members]]\nidentity = "apikey:alice"\nrole = "admin"\n'
+        f'[[api_keys]]\nname = "alice"\nhash = "{entry.hash}"\n'
+    )
     config = tmp_path / "rag.toml"
-    config.write_text('[logging]\njson_format = true\n[server]\ntrusted_proxies = ["127.0.0.1"]\n')
+    config.write_text(f'[logging]\njson_format = true\n[auth]\npolicy_file = "{policy}"\n')
     proc = ServerProcess(tmp_path / "data", "--config", str(config))
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     metadata = (
         ("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),
-        (
-            "x-forwarded-client-cert",
-            'Hash=abc;Subject="O=rag-grpc test,CN=alice";URI=spiffe://rag-grpc.test/client/alice',
-        ),
+        ("authorization", f"Bearer {key}"),
     )
     try:
         with grpc.insecure_channel(proc.target) as channel:
             stub = admin_service_pb2_grpc.AdminServiceStub(channel)
             stub.Stats(admin_pb2.StatsRequest(), metadata=metadata, timeout=10)
-        with RagClient(proc.target) as client:
+        with RagClient(proc.target, token=key) as client:
             client.upsert(CORPUS[:1])
     finally:
         proc.stop()
     lines = [json.loads(line) for line in proc.log.read_text().splitlines() if line.startswith("{")]
     stats = [e for e in lines if e.get("method") == "/rag.v1.AdminService/Stats"]
     assert stats, lines[-5:]
-    entry = stats[0]
-    assert entry["trace_id"] == trace_id and entry["code"] == "OK" and entry["latency_ms"] > 0
-    assert entry["client"] == "spiffe://rag-grpc.test/client/alice"
-    assert entry["level"] == "INFO" and entry["logger"] == "rag_grpc.rpc"
-    # Document text never reaches the log at INFO.
-    assert "volcano" not in proc.log.read_text().lower()
+    entry_line = stats[0]
+    assert entry_line["trace_id"] == trace_id and entry_line["code"] == "OK"
+    assert entry_line["latency_ms"] > 0
+    # The authenticated caller, never its credential.
+    assert entry_line["client"] == "apikey:alice"
+    assert entry_line["level"] == "INFO" and entry_line["logger"] == "rag_grpc.rpc"
+    # Document text and the key never reach the log at INFO.
+    text = proc.log.read_text()
+    assert "volcano" not in text.lower() and key not in text
 
 
 def test_client_identity_is_ignored_from_untrusted_peers(
@@ -243,15 +252,3 @@ def test_successful_calls_are_logged_by_sample_errors_always(
     assert len(stats) == 5 and {r.levelno for r in stats} == {logging.DEBUG}
     (failed,) = by_method["/rag.v1.RetrievalService/Search"]
     assert failed.levelno == logging.INFO and getattr(failed, "code", "") == "NOT_FOUND"
-
-
-def test_xfcc_identity_takes_the_nearest_hop() -> None:
-    from rag_grpc.services.interceptors import xfcc_identity
-
-    two_hops = (
-        'By=spiffe://a;Hash=1;Subject="O=x,CN=far";URI=spiffe://far,'
-        'By=spiffe://b;Hash=2;Subject="O=y,CN=near";DNS=near.example'
-    )
-    assert xfcc_identity(two_hops) == "near.example"
-    assert xfcc_identity('Hash=3;Subject="CN=only, O=z"') == "CN=only, O=z"
-    assert xfcc_identity("") == ""

@@ -17,8 +17,9 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -38,7 +39,8 @@ from rag_grpc.errors import InvalidArgument, NotFound, RagError, ResourceExhaust
 from rag_grpc.filters import Filter, validate_filter
 from rag_grpc.index.namespaces import NamespaceIndexes
 from rag_grpc.index.payload import chunk_rows
-from rag_grpc.store.sqlite import DocumentStore, NewChunk
+from rag_grpc.index.sizes import NamespaceSizes, Sizes
+from rag_grpc.store.sqlite import DocumentStore, NewChunk, stored_bytes
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,15 @@ class PreparedUpsert:
     unchanged: tuple[str, ...] = ()
     errors: tuple[tuple[str, str], ...] = ()
     written_at: float = field(default_factory=time.time)
+
+
+class WriteAdmission(Protocol):
+    """Decides whether a write may add this much to a namespace (tenants'
+    storage quotas, security/access.py); raises ResourceExhausted if not.
+    adding: what the write adds, new_namespace: whether it creates the
+    namespace."""
+
+    def __call__(self, namespace: str, adding: Sizes, new_namespace: bool) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,12 @@ class WritePath:
         self.forget_listeners: list[Callable[[str], None]] = []
         self.memory_limit = memory_limit(limits.max_index_bytes)
         self.compactions = 0
+        # Tenancy (set by the server when a policy is configured): the sizes
+        # every applied write keeps current, the check of what a write may
+        # add, and listeners told (namespace, tokens) of each embedding.
+        self.sizes: NamespaceSizes | None = None
+        self.admission: WriteAdmission | None = None
+        self.embedding_listeners: list[Callable[[str, int], None]] = []
 
     # -- validation ----------------------------------------------------------
 
@@ -356,7 +373,14 @@ class WritePath:
         texts = [d for d in valid if not d.chunks]
         same = self.store.unchanged(namespace, texts) if texts else set()
         fresh = [d for d in valid if d.id not in same]
-        chunks = self._chunk_and_embed([d for d in fresh if not d.chunks], not per_document)
+        spans = {doc.id: self.chunker.split(doc.text) for doc in fresh if not doc.chunks}
+        if self.admission is not None and fresh:
+            # Before the embedding: a write over quota costs no model time.
+            fresh, refused = self._admit(namespace, fresh, spans, per_document)
+            errors += refused
+        chunks = self._embed(
+            namespace, [(d.id, spans[d.id]) for d in fresh if not d.chunks], not per_document
+        )
         chunks += given_chunks([d for d in fresh if d.chunks])
         return PreparedUpsert(
             namespace,
@@ -366,9 +390,65 @@ class WritePath:
             tuple(errors),
         )
 
-    def _chunk_and_embed(self, documents: Sequence[Document], whole_call: bool) -> list[NewChunk]:
+    def _admit(
+        self,
+        namespace: str,
+        documents: list[Document],
+        spans: Mapping[str, Sequence[object]],
+        per_document: bool,
+    ) -> tuple[list[Document], list[tuple[str, str]]]:
+        """The documents the admission lets in, and the others with its reason:
+        all or none for a call, the leading ones that fit for a job, so a job
+        that crosses a quota stores exactly what the quota allows."""
+        assert self.admission is not None
+        old = self.store.document_sizes(namespace, [d.id for d in documents])
+        new_namespace = namespace not in self.indexes and not self.store.has_namespace(namespace)
+
+        def adds(doc: Document) -> Sizes:
+            old_bytes, old_vectors = old.get(doc.id, (0, 0))
+            vectors = len(doc.chunks) if doc.chunks else len(spans[doc.id])
+            return Sizes(
+                0 if doc.id in old else 1, vectors - old_vectors, stored_bytes(doc) - old_bytes
+            )
+
+        if not per_document:
+            total = Sizes()
+            for doc in documents:
+                total = total + adds(doc)
+            self.admission(namespace, total, new_namespace)
+            return documents, []
+        accepted: list[Document] = []
+        refused: list[tuple[str, str]] = []
+        admitted = Sizes()
+        for doc in documents:
+            candidate = admitted + adds(doc)
+            try:
+                self.admission(namespace, candidate, new_namespace)
+            except ResourceExhausted as exc:
+                refused.append((doc.id, str(exc)))
+                continue
+            accepted.append(doc)
+            admitted = candidate
+        return accepted, refused
+
+    def _write_change(
+        self, namespace: str, documents: Sequence[Document], chunks: Sequence[NewChunk]
+    ) -> Sizes:
+        """What storing these documents and chunks changes (read before the
+        transaction, under the namespace's write lock)."""
+        old = self.store.document_sizes(namespace, [d.id for d in documents])
+        change = Sizes(vectors=len(chunks))
+        for doc in documents:
+            old_bytes, old_vectors = old.get(doc.id, (0, 0))
+            change = change + Sizes(
+                0 if doc.id in old else 1, -old_vectors, stored_bytes(doc) - old_bytes
+            )
+        return change
+
+    def _embed(
+        self, namespace: str, spans: Sequence[tuple[str, Sequence[Any]]], whole_call: bool
+    ) -> list[NewChunk]:
         """Chunks with their vectors, embedded in slices the embedding queue can take."""
-        spans = [(doc.id, self.chunker.split(doc.text)) for doc in documents]
         texts = [span.text for _, doc_spans in spans for span in doc_spans]
         room = int(getattr(self.embedder, "max_queue_texts", 0) or len(texts) or 1)
         if whole_call and len(texts) > room:
@@ -382,9 +462,15 @@ class WritePath:
         # call) waits for one slice at most, not for the whole batch.
         step = max(1, min(room, 1024 if whole_call else 64))
         vectors = np.empty((len(texts), self.embedder.dimension), dtype=np.float32)
+        tokens = 0
         for start in range(0, len(texts), step):
             deadlines.check("embedding the documents")
-            vectors[start : start + step] = self.embedder.embed(texts[start : start + step]).vectors
+            output = self.embedder.embed(texts[start : start + step])
+            vectors[start : start + step] = output.vectors
+            tokens += output.token_count
+        if tokens:
+            for listener in self.embedding_listeners:
+                listener(namespace, tokens)
         chunks = []
         row = 0
         for doc_id, doc_spans in spans:
@@ -417,6 +503,14 @@ class WritePath:
                 return WriteResult(0, 0, self.store.generation(namespace), unchanged=unchanged)
             self._check_namespace_room(namespace)
             self._check_memory(namespace, len(chunks))
+            change = None
+            if self.sizes is not None:
+                self.sizes.ensure(namespace)
+                change = self._write_change(namespace, documents, chunks)
+                if self.admission is not None and position is None:
+                    # Again under the lock: another write to this namespace
+                    # may have been stored since this one was prepared.
+                    self.admission(namespace, change, not self.store.has_namespace(namespace))
             # The replaced documents' metadata rows, read under the write lock
             # before they go, so the payload index drops exactly what it held.
             old_payload = self.store.metadata_rows(namespace, [d.id for d in documents])
@@ -434,6 +528,8 @@ class WritePath:
                 [c.doc_id for c in chunks],
                 {d.id: d.metadata for d in documents},
             )
+            if self.sizes is not None and change is not None:
+                self.sizes.change(namespace, change)
             self.indexes.add(namespace, vectors, outcome.added_labels, new_payload)
             self.indexes.set_generation(namespace, outcome.generation)
             self._maybe_compact(namespace)
@@ -490,6 +586,10 @@ class WritePath:
             # Read before the rows go (see apply_upsert); retention may spare
             # some of these documents, so only the deleted labels' rows count.
             payload = self.store.metadata_rows(namespace, prepared.ids)
+            old_sizes: dict[str, tuple[int, int]] = {}
+            if self.sizes is not None:
+                self.sizes.ensure(namespace)
+                old_sizes = self.store.document_sizes(namespace, prepared.ids)
             deleted, labels, generation = self.store.delete_documents(
                 namespace,
                 prepared.ids,
@@ -497,6 +597,9 @@ class WritePath:
                 position=position,
                 older_than=prepared.older_than,
             )
+            if self.sizes is not None:
+                gone_bytes = sum(old_sizes.get(i, (0, 0))[0] for i in deleted)
+                self.sizes.change(namespace, Sizes(-len(deleted), -len(labels), -gone_bytes))
             removed = set(labels.tolist())
             self.indexes.remove(namespace, labels, [row for row in payload if row[0] in removed])
             self.indexes.set_generation(namespace, generation)

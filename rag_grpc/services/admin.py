@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -14,13 +16,22 @@ from rag_grpc.backup import BackupError, KeyProvider, SnapshotArchive, default_k
 from rag_grpc.config import IndexConfig
 from rag_grpc.deadlines import in_thread
 from rag_grpc.embed.batcher import BatchingEmbedder
-from rag_grpc.errors import FailedPrecondition, ResourceExhausted
+from rag_grpc.errors import FailedPrecondition, InvalidArgument, PermissionDenied, ResourceExhausted
 from rag_grpc.index.retriever import Retriever
 from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
+from rag_grpc.security import tenancy
+from rag_grpc.security.access import AccessControl
+from rag_grpc.security.audit import AuditLog
+from rag_grpc.services.auditing import audit, outcome_of
+from rag_grpc.services.interceptors import current_caller
+
+# Audit records sent per read of the log (AuditExport pages through it).
+_AUDIT_PAGE = 1000
 
 
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
-    """Stats and snapshots (backup archives streamed to the caller)."""
+    """Stats, snapshots (backup archives streamed to the caller), usage per
+    tenant and the audit log."""
 
     def __init__(
         self,
@@ -33,7 +44,9 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         index_config: IndexConfig,
         executor: Executor | None,
         backup_key: KeyProvider | None = None,
+        access: AccessControl | None = None,
     ) -> None:
+        self.access = access
         self.backup_key = backup_key or default_key_provider()
         self.services = services
         self.retriever = retriever
@@ -60,9 +73,16 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
                 admin_pb2.GeneratorStats(name=self.generator_name, **backend)
             )
         if self.retriever is not None:
+            # A tenant sees its own namespaces as it names them; operators
+            # (and a single-tenant server) see all, each with its tenant.
+            tenant = current_caller().tenant
             for ns in await in_thread(self.executor, self.retriever.stats):
+                if not tenancy.owns(tenant, ns.name):
+                    continue
+                owner, own_name = tenancy.split(ns.name)
                 response.namespaces.add(
-                    name=ns.name,
+                    name=own_name,
+                    tenant=owner if tenant is None and owner else "",
                     documents=ns.documents,
                     chunks=ns.chunks,
                     vectors=ns.vectors,
@@ -100,6 +120,19 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     async def Snapshot(
         self, request: admin_pb2.SnapshotRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[admin_pb2.SnapshotChunk]:
+        caller = current_caller()
+        detail = "unencrypted" if request.unencrypted else ""
+        try:
+            async for chunk in self._snapshot(request):
+                yield chunk
+        except BaseException as exc:
+            await audit(self.access, caller, context, "Snapshot", outcome_of(exc), detail=detail)
+            raise
+        await audit(self.access, caller, context, "Snapshot", "ok", detail=detail)
+
+    async def _snapshot(
+        self, request: admin_pb2.SnapshotRequest
+    ) -> AsyncIterator[admin_pb2.SnapshotChunk]:
         retriever = self.retriever
         if retriever is None:
             raise FailedPrecondition("this process holds no data (it does not run retrieval)")
@@ -133,3 +166,103 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             # step still running in the pool) before another snapshot may start.
             await in_thread(self.executor, archive.close)
             self._snapshot_running = False
+
+    async def Usage(
+        self, request: admin_pb2.UsageRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.UsageResponse:
+        caller = current_caller()
+        access = self.access
+        if access is None:
+            raise FailedPrecondition("this process keeps no usage")
+        wanted = request.tenant or None
+        if caller.tenant is not None and wanted not in (None, caller.tenant):
+            # Whether that tenant exists is none of this caller's business.
+            raise PermissionDenied(f"an admin of tenant {caller.tenant} may see its own usage only")
+        tenant = caller.tenant or wanted
+        loop = asyncio.get_running_loop()
+        try:
+            reports = await loop.run_in_executor(None, access.usage_report, tenant)
+        except BaseException as exc:
+            if caller.tenant is None:
+                await audit(
+                    access,
+                    caller,
+                    context,
+                    "Usage",
+                    outcome_of(exc),
+                    detail=wanted or "all tenants",
+                )
+            raise
+        if caller.tenant is None:
+            # Another tenant's figures (or all of them): an operator's act.
+            await audit(access, caller, context, "Usage", "ok", detail=wanted or "all tenants")
+        response = admin_pb2.UsageResponse()
+        for report in reports:
+            usage = report.usage
+            response.tenants.add(
+                tenant=report.tenant,
+                embedding_tokens=usage.embedding_tokens,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                searches=usage.searches,
+                asks=usage.asks,
+                documents=usage.documents,
+                vectors=usage.vectors,
+                stored_bytes=usage.stored_bytes,
+                estimated_cost=report.estimated_cost,
+                estimated_cost_today=report.estimated_cost_today,
+            )
+        return response
+
+    async def AuditExport(
+        self, request: admin_pb2.AuditExportRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[admin_pb2.AuditRecord]:
+        access = self.access
+        if access is None or access.audit is None:
+            raise FailedPrecondition("this process keeps no audit log")
+        log = access.audit
+        since = _since(request.since)
+        caller = current_caller()
+        await audit(access, caller, context, "AuditExport", "ok", detail=request.since)
+        loop = asyncio.get_running_loop()
+        after = 0
+        while True:
+            page = await loop.run_in_executor(None, _audit_page, log, since, after)
+            for row in page:
+                yield admin_pb2.AuditRecord(
+                    seq=row["seq"],
+                    at=row["at"],
+                    principal=row["principal"],
+                    tenant=row.get("tenant") or "",
+                    action=row["action"],
+                    outcome=row["outcome"],
+                    namespace=row.get("namespace") or "",
+                    ids=row.get("ids", []),
+                    ids_total=row.get("ids_total", 0),
+                    detail=row.get("detail", ""),
+                    prev_hash=row["prev_hash"],
+                    hash=row["hash"],
+                )
+            if len(page) < _AUDIT_PAGE:
+                return
+            after = page[-1]["seq"]
+
+
+def _audit_page(log: AuditLog, since: datetime | None, after: int) -> list[dict[str, Any]]:
+    return list(log.export(since, after_seq=after, limit=_AUDIT_PAGE))
+
+
+def _since(text: str) -> datetime | None:
+    """An RFC 3339 time with its zone ("" for none)."""
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise InvalidArgument(
+            "since must be an RFC 3339 time with a zone, e.g. 2026-01-01T00:00:00Z; "
+            f"got {text[:64]!r}"
+        )
+    return moment

@@ -10,14 +10,19 @@ from rag_grpc.config import LimitsConfig
 from rag_grpc.embed.batcher import BatchingEmbedder
 from rag_grpc.embed.encoder import validate_embed_request
 from rag_grpc.pb import embedding_pb2, embedding_service_pb2_grpc
+from rag_grpc.security.access import AccessControl
+from rag_grpc.services.interceptors import current_caller
 
 
 class EmbeddingServicer(embedding_service_pb2_grpc.EmbeddingServiceServicer):
     """Embed."""
 
-    def __init__(self, embedder: BatchingEmbedder, limits: LimitsConfig) -> None:
+    def __init__(
+        self, embedder: BatchingEmbedder, limits: LimitsConfig, access: AccessControl | None = None
+    ) -> None:
         self.embedder = embedder
         self.limits = limits
+        self.access = access
 
     async def Embed(
         self, request: embedding_pb2.EmbedRequest, context: grpc.aio.ServicerContext
@@ -33,6 +38,8 @@ class EmbeddingServicer(embedding_service_pb2_grpc.EmbeddingServiceServicer):
         # Queued straight from the event loop: the batcher's thread runs the
         # model, and this call waits without holding a worker thread.
         output = await asyncio.wrap_future(self.embedder.submit(texts))
+        if self.access is not None:
+            self.access.count(current_caller().tenant, embedding_tokens=output.token_count)
         return embedding_pb2.EmbedResponse(
             model_id=self.embedder.model_id,
             dimension=self.embedder.dimension,

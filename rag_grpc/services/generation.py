@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -10,15 +11,25 @@ from rag_grpc import telemetry
 from rag_grpc.config import LimitsConfig
 from rag_grpc.generate.base import Delta, Generator, validate_context
 from rag_grpc.pb import generation_pb2, generation_service_pb2_grpc
+from rag_grpc.security.access import AccessControl
 from rag_grpc.services import convert
+from rag_grpc.services.interceptors import current_caller
 
 
 class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
     """Generate (server streaming)."""
 
-    def __init__(self, generator: Generator, limits: LimitsConfig) -> None:
+    def __init__(
+        self,
+        generator: Generator,
+        limits: LimitsConfig,
+        access: AccessControl | None = None,
+        default_max_tokens: int = 256,
+    ) -> None:
         self.generator = generator
         self.limits = limits
+        self.access = access
+        self.default_max_tokens = default_max_tokens
 
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -27,6 +38,15 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         passages = [convert.passage_from_pb(p) for p in request.context]
         validate_context(passages, limits.max_generate_passages, limits.max_generate_context_bytes)
         params = convert.params_from_pb(request.parameters)
+        tenant = current_caller().tenant
+        access = self.access
+        if access is not None and tenant is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                None,
+                access.check_generation,
+                tenant,
+                params.max_tokens or self.default_max_tokens,
+            )
         span = telemetry.start_current("generate", generator=self.generator.name)
         try:
             async for event in self.generator.generate(request.prompt, passages, params):
@@ -37,6 +57,12 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
                 telemetry.usage(
                     event.usage.prompt_tokens, event.usage.completion_tokens, event.generator
                 )
+                if access is not None:
+                    access.count(
+                        tenant,
+                        prompt_tokens=event.usage.prompt_tokens,
+                        completion_tokens=event.usage.completion_tokens,
+                    )
                 yield generation_pb2.GenerateResponse(
                     summary=convert.summary_to_pb(
                         event.generator, event.finish_reason, event.usage, event.cited_passages

@@ -1,15 +1,15 @@
-"""Cross-cutting concerns of every RPC, in one server interceptor: requests
-that do not decode, deadlines already expired, core errors mapped to gRPC
-status codes, the server span (continuing the caller's W3C trace), RPC
-metrics, and one structured log line per call with method, status, latency,
-trace id and client identity (from x-forwarded-client-cert, trusted only
-from the configured gateway addresses)."""
+"""Cross-cutting concerns of every RPC, in one server interceptor: who the
+caller is and what it may do (security/access.py: authentication,
+authorization, the tenant's request rate), requests that do not decode,
+deadlines already expired, core errors mapped to gRPC status codes (quota
+refusals with google.rpc.QuotaFailure and RetryInfo details), the server
+span (continuing the caller's W3C trace), RPC metrics, and one structured
+log line per call with method, status, latency, trace id and caller."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import hmac
 import logging
 import random
 import time
@@ -17,17 +17,32 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError
+from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from grpc_status import rpc_status
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from rag_grpc import errors, telemetry
 from rag_grpc.deadlines import enter_call
+from rag_grpc.security import tenancy
+from rag_grpc.security.access import SINGLE_TENANT, AccessControl, Caller
+from rag_grpc.security.authn import Authenticator
+from rag_grpc.security.authz import Scope, is_open
+from rag_grpc.security.quotas import QuotaExceeded
 from rag_grpc.store.sqlite import storage_error as store_storage_error
 
-# The calling client's identity (from a trusted gateway's
-# x-forwarded-client-cert), for the handlers: "" when unknown.
-CLIENT: contextvars.ContextVar[str] = contextvars.ContextVar("rag_client", default="")
+# The admitted caller of the call being served (identity and scope), for
+# the servicers. Outside a call: no identity, single-tenant scope.
+CALL: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("rag_call", default=None)
+_OUTSIDE_CALLS = Caller(None, SINGLE_TENANT)
+
+
+def current_caller() -> Caller:
+    """The caller of the call being served."""
+    return CALL.get() or _OUTSIDE_CALLS
+
 
 log = logging.getLogger("rag_grpc.rpc")
 
@@ -81,37 +96,56 @@ def _safe(deserializer: Callable[[bytes], Any] | None, method: str) -> Callable[
     return decode
 
 
-async def _precheck(request: Any, context: grpc.aio.ServicerContext) -> None:
-    if isinstance(request, _Undecodable):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-    remaining = context.time_remaining()
-    enter_call(remaining)
-    if remaining is not None and remaining <= 0:
-        await context.abort(
-            grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline expired before the call started"
-        )
-
-
-async def _abort_for(exc: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
+async def _abort_for(
+    exc: Exception, context: grpc.aio.ServicerContext, method: str, tenant: str | None = None
+) -> None:
     if isinstance(exc, errors.RagError):
-        await context.abort(status_of(exc), str(exc))
+        # A tenant's namespaces appear in messages as the tenant names them.
+        message = tenancy.scrub(tenant, str(exc))
+        if isinstance(exc, QuotaExceeded):
+            await context.abort_with_status(quota_status(exc, message))  # type: ignore[attr-defined]
+        await context.abort(status_of(exc), message)
     log.exception("unexpected error in %s", method)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
 
 
+def quota_status(exc: QuotaExceeded, message: str) -> grpc.Status:
+    """RESOURCE_EXHAUSTED with google.rpc.QuotaFailure (which quota, of whom)
+    and, when waiting helps, google.rpc.RetryInfo (how long)."""
+    violation = error_details_pb2.QuotaFailure.Violation(
+        subject=exc.subject,
+        description=f"{exc.quota}: limit {exc.limit:g}, used {exc.used:g}",
+    )
+    details = [_packed(error_details_pb2.QuotaFailure(violations=[violation]))]
+    if exc.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(1, int(exc.retry_after_s * 1e9)))
+        details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
+    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=details)
+    return rpc_status.to_status(status)
+
+
+def _packed(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every unary and server-streaming handler; checks the bearer
-    token of rag.v1 calls when one is configured."""
+    """Wraps every unary and server-streaming handler: the caller is
+    admitted by `access` (open health and reflection aside) before the
+    handler runs."""
 
     def __init__(
         self,
-        auth_token: str | None = None,
-        trusted_proxies: tuple[str, ...] = (),
+        access: AccessControl | None = None,
         call_log_sample_ratio: float = 1.0,
+        tls: bool = False,
     ) -> None:
-        self._expected = f"Bearer {auth_token}".encode() if auth_token else None
-        self._trusted = frozenset(trusted_proxies)
+        self.access = access or AccessControl(Authenticator())
         self._log_ratio = call_log_sample_ratio
+        # Without TLS there is no auth context worth reading (saves a copy per call).
+        self._tls = tls
 
     async def intercept_service(
         self,
@@ -120,17 +154,17 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or handler.request_streaming:
+        if handler is None:
             return handler
+        if handler.request_streaming:
+            # Only reflection streams requests; anything else would skip the
+            # checks below, so it is refused until it gets them.
+            return handler if is_open(method) else _refused(handler, method)
         metadata: dict[str, str] = {}
         for key, value in handler_call_details.invocation_metadata or ():
             metadata[key] = value.decode("latin-1") if isinstance(value, bytes) else str(value)
-        if self._expected is not None and method.startswith("/rag.v1."):
-            given = metadata.get("authorization", "").encode("latin-1")
-            if not hmac.compare_digest(given, self._expected):
-                return _unauthenticated(handler, method)
         decode = _safe(handler.request_deserializer, method)
-        observe = _Observer(method, metadata, self._trusted, self._log_ratio)
+        observe = _Observer(method, metadata, self.access, self._tls, self._log_ratio)
         if handler.unary_unary is not None:
             return handler._replace(  # type: ignore[attr-defined]
                 request_deserializer=decode,
@@ -142,49 +176,71 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
-def _unauthenticated(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    message = "missing or wrong credentials: send metadata `authorization: Bearer <token>`"
-
+def _refused(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        log.info("rpc %s UNAUTHENTICATED", method)
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, f"{method} streams requests, which this server refuses"
+        )
 
-    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await refuse(request, context)
-        yield  # pragma: no cover - abort raised above
-
-    if handler.unary_unary is not None:
-        return handler._replace(unary_unary=refuse)  # type: ignore[attr-defined]
-    return handler._replace(unary_stream=refuse_stream)  # type: ignore[attr-defined]
+    return handler._replace(stream_unary=refuse, stream_stream=refuse)  # type: ignore[attr-defined]
 
 
 class _Observer:
-    """One call's span, metrics and log line."""
+    """One call's admission, span, metrics and log line."""
 
     def __init__(
         self,
         method: str,
         metadata: dict[str, str],
-        trusted: frozenset[str],
+        access: AccessControl,
+        tls: bool,
         log_ratio: float = 1.0,
     ) -> None:
         self.method = method
         self.metadata = metadata
-        self.trusted = trusted
+        self.access = access
+        self.tls = tls
         # Share of successful, untraced calls logged at INFO (the rest at DEBUG).
         self.log_ratio = log_ratio
+        self.caller: Caller | None = None
 
-    def client_identity(self, context: grpc.aio.ServicerContext) -> str:
-        """The gateway's x-forwarded-client-cert identity, if the peer is a trusted gateway."""
-        header = self.metadata.get("x-forwarded-client-cert")
-        if not header or not self.trusted:
-            return ""
-        peer = context.peer() or ""
-        # "ipv4:127.0.0.1:5000" / "ipv6:[::1]:5000"
-        host = peer.split(":", 1)[-1].rsplit(":", 1)[0].strip("[]")
-        if host not in self.trusted:
-            return ""
-        return xfcc_identity(header)
+    @property
+    def client(self) -> str:
+        """The authenticated caller's principal, for logs and spans ("" if none)."""
+        caller = self.caller
+        return caller.identity.principal if caller is not None and caller.identity else ""
+
+    @property
+    def tenant(self) -> str | None:
+        return self.caller.tenant if self.caller is not None else None
+
+    async def admit(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        """Authenticate, check the request decoded and the deadline, then
+        authorize (the rule may depend on the request); the caller goes into
+        CALL for the handler. Refusals of a known caller are audited."""
+        access = self.access
+        open_method = is_open(self.method)
+        identity = None
+        if not open_method:
+            auth_context = context.auth_context() if self.tls else {}
+            identity = access.authenticate(self.metadata, context.peer() or "", auth_context)
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        remaining = context.time_remaining()
+        enter_call(remaining)
+        if remaining is not None and remaining <= 0:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline expired before the call started"
+            )
+        try:
+            self.caller = access.authorize(identity, self.method, request)
+        except (errors.PermissionDenied, errors.Unauthenticated) as exc:
+            self.caller = Caller(identity, _NO_SCOPE)
+            if identity is not None and access.audit is not None:
+                event = access.denial(identity, self.method, request, str(exc))
+                await asyncio.get_running_loop().run_in_executor(None, access.record, event)
+            raise
+        CALL.set(self.caller)
 
     def start(self) -> Any:
         parent = telemetry.extract(self.metadata)
@@ -200,11 +256,9 @@ class _Observer:
         telemetry.record("rpc_in_flight", 1, method=self.method)
         return span
 
-    def finish(
-        self, span: Any, started: float, code: str, context: grpc.aio.ServicerContext
-    ) -> None:
+    def finish(self, span: Any, started: float, code: str) -> None:
         elapsed_ms = (time.perf_counter() - started) * 1000
-        client = self.client_identity(context)
+        client = self.client
         attributes = {"method": self.method, "code": code}
         telemetry.record("rpc_in_flight", -1, method=self.method)
         telemetry.record("rpc_calls", 1, **attributes)
@@ -239,32 +293,6 @@ class _Observer:
         )
 
 
-def xfcc_identity(header: str) -> str:
-    """The client identity in an x-forwarded-client-cert value: URI SAN, else
-    DNS SAN, else the subject (of the last element: the nearest hop)."""
-    element = _split_quoted(header, ",")[-1]
-    fields: dict[str, str] = {}
-    for part in _split_quoted(element, ";"):
-        key, _, value = part.partition("=")
-        fields.setdefault(key.strip(), value.strip().strip('"'))
-    return fields.get("URI") or fields.get("DNS") or fields.get("Subject", "")
-
-
-def _split_quoted(text: str, separator: str) -> list[str]:
-    """Split on separator outside double quotes."""
-    parts, current, quoted = [], "", False
-    for char in text:
-        if char == '"':
-            quoted = not quoted
-        if char == separator and not quoted:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    parts.append(current)
-    return parts
-
-
 def _wrap_unary(
     behavior: Callable[..., Awaitable[Any]], method: str, observe: _Observer
 ) -> Callable[..., Any]:
@@ -272,13 +300,12 @@ def _wrap_unary(
         started = time.perf_counter()
         code = "OK"
         span = observe.start()
-        CLIENT.set(observe.client_identity(context))
         try:
-            await _precheck(request, context)
+            await observe.admit(request, context)
             return await behavior(request, context)
         except errors.RagError as exc:
             code = status_of(exc).name
-            await _abort_for(exc, context, method)
+            await _abort_for(exc, context, method, observe.tenant)
         except grpc.aio.AbortError:
             code = _aborted_code(context)
             raise
@@ -290,9 +317,9 @@ def _wrap_unary(
         except Exception as exc:
             known = storage_error(exc)
             code = status_of(known).name if known else "INTERNAL"
-            await _abort_for(known or exc, context, method)
+            await _abort_for(known or exc, context, method, observe.tenant)
         finally:
-            observe.finish(span, started, code, context)
+            observe.finish(span, started, code)
 
     return unary
 
@@ -304,9 +331,8 @@ def _wrap_stream(
         started = time.perf_counter()
         code = "OK"
         span = observe.start()
-        CLIENT.set(observe.client_identity(context))
         try:
-            await _precheck(request, context)
+            await observe.admit(request, context)
             produced: Any = behavior(request, context)
             if hasattr(produced, "__aiter__"):
                 async for item in produced:
@@ -317,7 +343,7 @@ def _wrap_stream(
                 await produced
         except errors.RagError as exc:
             code = status_of(exc).name
-            await _abort_for(exc, context, method)
+            await _abort_for(exc, context, method, observe.tenant)
         except grpc.aio.AbortError:
             code = _aborted_code(context)
             raise
@@ -329,11 +355,15 @@ def _wrap_stream(
         except Exception as exc:
             known = storage_error(exc)
             code = status_of(known).name if known else "INTERNAL"
-            await _abort_for(known or exc, context, method)
+            await _abort_for(known or exc, context, method, observe.tenant)
         finally:
-            observe.finish(span, started, code, context)
+            observe.finish(span, started, code)
 
     return stream
+
+
+# Stands for a known caller that was refused: no tenant, no role.
+_NO_SCOPE = Scope(tenant=None, role=None, operator=False)
 
 
 def _cancelled_code(context: grpc.aio.ServicerContext) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -9,24 +10,47 @@ import grpc
 from rag_grpc.generate.base import Delta
 from rag_grpc.generate.pipeline import AskFinished, Citations, RagPipeline
 from rag_grpc.pb import rag_pb2, rag_service_pb2_grpc
+from rag_grpc.security import tenancy
+from rag_grpc.security.access import AccessControl
 from rag_grpc.services import convert
+from rag_grpc.services.interceptors import current_caller
 
 
 class RagServicer(rag_service_pb2_grpc.RagServiceServicer):
     """Ask (server streaming)."""
 
-    def __init__(self, pipeline: RagPipeline) -> None:
+    def __init__(
+        self,
+        pipeline: RagPipeline,
+        access: AccessControl | None = None,
+        default_max_tokens: int = 256,
+    ) -> None:
         self.pipeline = pipeline
+        self.access = access
+        self.default_max_tokens = default_max_tokens
 
     async def Ask(
         self, request: rag_pb2.AskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[rag_pb2.AskResponse]:
+        tenant = current_caller().tenant
+        params = convert.params_from_pb(request.parameters)
+        namespace = tenancy.stored_name(tenant, request.namespace)
+        access = self.access
+        if access is not None and tenant is not None:
+            # The daily token quota and the budget, before any work: a read
+            # of the usage ledger, kept off the event loop.
+            await asyncio.get_running_loop().run_in_executor(
+                None,
+                access.check_generation,
+                tenant,
+                params.max_tokens or self.default_max_tokens,
+            )
         events = self.pipeline.ask(
             request.question,
-            namespace=request.namespace,
+            namespace=namespace,
             filter=convert.filter_from_pb(request.filter) if request.HasField("filter") else None,
             k=request.k,
-            params=convert.params_from_pb(request.parameters),
+            params=params,
         )
         async for event in events:
             if isinstance(event, Citations):
@@ -45,6 +69,15 @@ class RagServicer(rag_service_pb2_grpc.RagServiceServicer):
             elif isinstance(event, Delta):
                 yield rag_pb2.AskResponse(delta=event.text)
             elif isinstance(event, AskFinished):
+                if access is not None:
+                    usage = event.finished.usage
+                    # A cached answer generated nothing this time.
+                    access.count(
+                        tenant,
+                        asks=1,
+                        prompt_tokens=0 if event.cached else usage.prompt_tokens,
+                        completion_tokens=0 if event.cached else usage.completion_tokens,
+                    )
                 t = event.timings
                 yield rag_pb2.AskResponse(
                     summary=rag_pb2.AskSummary(

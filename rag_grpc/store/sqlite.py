@@ -93,6 +93,14 @@ CREATE INDEX IF NOT EXISTS metadata_by_n ON metadata (namespace, key, kind, n);
 """
 
 
+def stored_bytes(document: Document) -> int:
+    """The bytes a document takes in the documents table: its text (UTF-8)
+    and its metadata as stored (JSON), as `namespace_sizes` sums them."""
+    return len(document.text.encode("utf-8", errors="surrogatepass")) + len(
+        json.dumps(document.metadata)
+    )
+
+
 @dataclass(frozen=True)
 class NewChunk:
     """A chunk about to be written: its document, position, text and vector."""
@@ -540,6 +548,52 @@ class DocumentStore:
             ).fetchone()[0]
             result.append(NamespaceCounts(name, int(docs), int(chunks), int(generation)))
         return result
+
+    def namespace_sizes(self, namespace: str) -> tuple[int, int, int]:
+        """Documents, chunks and stored bytes (`stored_bytes`) of a namespace,
+        read in one snapshot. Reads every document row: call it once per
+        namespace and keep the figures current from the writes (index/sizes.py)."""
+        conn = self._reader()
+        conn.execute("BEGIN")
+        try:
+            docs, stored = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(text AS BLOB)) + LENGTH(metadata)), 0) "
+                "FROM documents WHERE namespace = ?",
+                (namespace,),
+            ).fetchone()
+            chunks = conn.execute(
+                "SELECT COUNT(*) FROM chunks WHERE namespace = ?", (namespace,)
+            ).fetchone()[0]
+        finally:
+            conn.execute("COMMIT")
+        return int(docs), int(chunks), int(stored)
+
+    def document_sizes(self, namespace: str, doc_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """(stored bytes, chunks) of the stored documents among doc_ids, by id
+        (primary-key and chunks_by_doc lookups: the cost of the ids given)."""
+        conn = self._reader()
+        sizes: dict[str, tuple[int, int]] = {}
+        ids = list(dict.fromkeys(doc_ids))
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            marks = ",".join("?" * len(part))
+            stored = dict(
+                conn.execute(
+                    "SELECT doc_id, LENGTH(CAST(text AS BLOB)) + LENGTH(metadata) FROM documents "
+                    f"WHERE namespace = ? AND doc_id IN ({marks})",
+                    (namespace, *part),
+                ).fetchall()
+            )
+            chunks = dict(
+                conn.execute(
+                    "SELECT doc_id, COUNT(*) FROM chunks WHERE namespace = ? "
+                    f"AND doc_id IN ({marks}) GROUP BY doc_id",
+                    (namespace, *part),
+                ).fetchall()
+            )
+            for doc_id, size in stored.items():
+                sizes[doc_id] = (int(size), int(chunks.get(doc_id, 0)))
+        return sizes
 
     def get_documents(self, namespace: str, doc_ids: Sequence[str]) -> dict[str, Document]:
         """Stored documents by id; absent ids are left out."""
