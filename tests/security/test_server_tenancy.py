@@ -95,6 +95,7 @@ def client(server: ServerThread, who: Member | None) -> RagClient:
 
 def quota_details(error: grpc.RpcError) -> tuple[list[str], float | None]:
     """The QuotaFailure subjects and descriptions and the RetryInfo delay of a refusal."""
+    assert isinstance(error, grpc.Call)
     status = rpc_status.from_call(error)
     assert status is not None, "RESOURCE_EXHAUSTED without details"
     violations: list[str] = []
