@@ -177,7 +177,11 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         wanted = request.tenant or None
         if caller.tenant is not None and wanted not in (None, caller.tenant):
             # Whether that tenant exists is none of this caller's business.
-            raise PermissionDenied(f"an admin of tenant {caller.tenant} may see its own usage only")
+            refusal = PermissionDenied(
+                f"an admin of tenant {caller.tenant} may see its own usage only"
+            )
+            await audit(access, caller, context, "Usage", "denied", detail=str(refusal))
+            raise refusal
         tenant = caller.tenant or wanted
         loop = asyncio.get_running_loop()
         try:
