@@ -156,19 +156,31 @@ class QueueWorker:
             )
             errors += prepared.errors
             if prepared.documents:
-                too_big = await self._publish_writes(prepared)
+                too_big, last_seq = await self._publish_writes(prepared)
                 errors += too_big
                 skipped = {doc_id for doc_id, _ in too_big}
                 chunks = sum(1 for c in prepared.chunks if c.doc_id not in skipped)
+                if (
+                    last_seq
+                    and ingestion.config.apply
+                    and ingestion.retriever.writes.admission is not None
+                ):
+                    # Tenants' storage quotas are checked against this
+                    # replica's store when a batch is prepared: the next batch
+                    # must see this one applied, or a job could cross a quota
+                    # by what it has in flight. (Workers on other replicas can
+                    # still overshoot by their own batch in flight.)
+                    await ingestion.wait_applied(last_seq)
         if fresh:
             await statuses.count(job_id, [b["seq"] for _, b in fresh], chunks, errors)
         for msg, _ in items:
             await msg.ack()
         self.worked += len(fresh)
 
-    async def _publish_writes(self, prepared: PreparedUpsert) -> list[tuple[str, str]]:
+    async def _publish_writes(self, prepared: PreparedUpsert) -> tuple[list[tuple[str, str]], int]:
         """Publish a prepared upsert as log entries of at most max_payload
-        bytes; returns the documents too large for one message."""
+        bytes; returns the documents too large for one message and the log
+        sequence of the last entry published (0: none)."""
         max_payload = self.ingestion.nc.max_payload
         by_doc: dict[str, list[Any]] = {}
         for chunk in prepared.chunks:
@@ -177,6 +189,7 @@ class QueueWorker:
         errors: list[tuple[str, str]] = []
         batch: list[Document] = []
         size = 0
+        last_seq = 0
 
         def part(docs: list[Document]) -> PreparedUpsert:
             return PreparedUpsert(
@@ -198,13 +211,13 @@ class QueueWorker:
                 )
                 continue
             if batch and size + entry_size > limit:
-                await self._publish_write(part(batch))
+                last_seq = await self._publish_write(part(batch))
                 batch, size = [], 0
             batch.append(doc)
             size += entry_size
         if batch:
-            await self._publish_write(part(batch))
-        return errors
+            last_seq = await self._publish_write(part(batch))
+        return errors, last_seq
 
     async def _publish_write(self, prepared: PreparedUpsert) -> int:
         ingestion = self.ingestion
