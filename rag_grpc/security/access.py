@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rag_grpc.errors import FailedPrecondition, PermissionDenied, Unauthenticated
 from rag_grpc.index.sizes import NamespaceSizes, Sizes, group_of
@@ -41,10 +41,13 @@ _STORAGE_QUOTAS = ("documents", "vectors", "stored_bytes", "namespaces")
 @dataclass(frozen=True)
 class Caller:
     """An admitted call: who made it (None on an open server or an open
-    method) and the scope it acts in."""
+    method) and the scope it acts in. credentials: the call's own bearer
+    metadata, passed on when its Ask searches a remote retrieval service as
+    the same caller (never shown)."""
 
     identity: Identity | None
     scope: Scope
+    credentials: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
 
     @property
     def tenant(self) -> str | None:
@@ -104,7 +107,11 @@ class AccessControl:
         peer: str,
         auth_context: Mapping[str, Iterable[bytes]],
     ) -> Identity | None:
-        """The caller's identity (see Authenticator.identify)."""
+        """The caller's identity (see Authenticator.identify); None on a
+        server that takes no credentials at all, which ignores any sent (a
+        client's RAG_GRPC_TOKEN must not break a local open server)."""
+        if not self.require_identity:
+            return None
         return self.authenticator.identify(metadata, peer, auth_context)
 
     def authorize(self, identity: Identity | None, method: str, request: object) -> Caller:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import random
 import time
@@ -37,6 +38,9 @@ from rag_grpc.store.sqlite import storage_error as store_storage_error
 # the servicers. Outside a call: no identity, single-tenant scope.
 CALL: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("rag_call", default=None)
 _OUTSIDE_CALLS = Caller(None, SINGLE_TENANT)
+# Metadata that carries a caller's own credential, which a remote call made
+# on its behalf passes on (a certificate cannot be passed on).
+FORWARDED_CREDENTIALS = ("authorization", "x-api-key")
 
 
 def current_caller() -> Caller:
@@ -240,6 +244,13 @@ class _Observer:
                 event = access.denial(identity, self.method, request, str(exc))
                 await asyncio.get_running_loop().run_in_executor(None, access.record, event)
             raise
+        if self.caller.tenant is not None:
+            credentials = tuple(
+                (name, self.metadata[name])
+                for name in FORWARDED_CREDENTIALS
+                if name in self.metadata
+            )
+            self.caller = dataclasses.replace(self.caller, credentials=credentials)
         CALL.set(self.caller)
 
     def start(self) -> Any:

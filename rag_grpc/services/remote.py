@@ -4,6 +4,7 @@ deadline, and a cancelled Ask cancels their calls."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -22,7 +23,9 @@ from rag_grpc.generate.base import (
 )
 from rag_grpc.index.retriever import SearchQuery
 from rag_grpc.pb import generation_pb2, generation_service_pb2_grpc, retrieval_service_pb2_grpc
+from rag_grpc.security import tenancy
 from rag_grpc.services import convert
+from rag_grpc.services.interceptors import current_caller
 
 _ERROR_OF = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
@@ -30,6 +33,12 @@ _ERROR_OF = {
     grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+}
+
+
+_CALLER_REFUSALS: dict[grpc.StatusCode, type[errors.RagError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
 }
 
 
@@ -67,13 +76,32 @@ class RemoteSearch(_Remote):
     stub_class = retrieval_service_pb2_grpc.RetrievalServiceStub
 
     async def search(self, query: SearchQuery) -> SearchResult:
+        metadata = self.metadata
+        tenant, own_name = tenancy.split(query.namespace)
+        if tenant is not None:
+            # A tenant's Ask searches the remote service as the same caller,
+            # which scopes the name there again (it never takes a stored name).
+            credentials = current_caller().credentials
+            if not credentials:
+                raise errors.FailedPrecondition(
+                    f"retrieval runs at {self.target}, and a tenant's search there must carry "
+                    "the caller's own credential: call Ask with a bearer token or API key "
+                    "(a client certificate cannot be passed on)"
+                )
+            metadata = credentials
+            query = dataclasses.replace(query, namespace=own_name)
         try:
             response = await self.stub.Search(
                 convert.query_to_pb(query),
                 timeout=remaining(self.timeout_s),
-                metadata=self.metadata,
+                metadata=metadata,
             )
         except grpc.aio.AioRpcError as exc:
+            # With the caller's own credential, a refusal is the caller's;
+            # with this server's, it is a deployment fault (UNAVAILABLE).
+            refusal = _CALLER_REFUSALS.get(exc.code()) if tenant is not None else None
+            if refusal is not None:
+                raise refusal(exc.details() or exc.code().name) from None
             raise _core_error(exc, "RetrievalService", self.target) from None
         return convert.result_from_pb(response)
 

@@ -333,3 +333,31 @@ def test_an_edited_row_of_the_servers_audit_log_fails_verification(
     conn.close()
     result = AuditLog(path).verify()
     assert not result.ok and result.first_bad == 1 and "modified" in (result.reason or "")
+
+
+def test_an_ask_searches_remote_retrieval_as_the_same_caller(
+    start_server: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    reader = member("acme", "reader", "acme-reader")
+    policy = write_policy(tmp_path / "policy.toml", [ACME_ADMIN, GLOBEX_ADMIN, reader])
+    auth = {"auth": {"policy_file": policy}}
+    retrieval = start_server(tmp_path / "retrieval", services="retrieval", **auth)
+    with client(retrieval, ACME_ADMIN) as acme, client(retrieval, GLOBEX_ADMIN) as globex:
+        acme.upsert(CORPUS)
+        globex.upsert(GLOBEX_DOCS)
+    rag = start_server(
+        tmp_path / "rag",
+        services="rag,generation",
+        remote={"retrieval_target": retrieval.target},
+        **auth,
+    )
+    with client(rag, reader) as acme_reader, client(rag, GLOBEX_ADMIN) as globex:
+        acme_hits = ask_citations(list(acme_reader.ask("What erupts from a volcano?", k=2)))
+        globex_hits = ask_citations(list(globex.ask("What erupts from a volcano?", k=2)))
+    assert acme_hits[0].hit.text == CORPUS[0].text
+    assert {c.hit.document_id for c in globex_hits} <= {"volcano", "ledger"}
+    assert all(c.hit.text != CORPUS[0].text for c in globex_hits)
+    # The retrieval service counted each tenant's search as its own.
+    assert retrieval.server.access is not None
+    reports = {r.tenant: r.usage.searches for r in retrieval.server.access.usage_report(None)}
+    assert reports == {"acme": 1, "globex": 1}
