@@ -361,3 +361,47 @@ def test_an_ask_searches_remote_retrieval_as_the_same_caller(
     assert retrieval.server.access is not None
     reports = {r.tenant: r.usage.searches for r in retrieval.server.access.usage_report(None)}
     assert reports == {"acme": 1, "globex": 1}
+
+
+def test_a_budget_crossed_shows_in_metrics_and_refuses_generation(
+    start_server: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    import urllib.request
+
+    policy = write_policy(
+        tmp_path / "policy.toml",
+        [ACME_ADMIN, GLOBEX_ADMIN],
+        budgets={
+            "acme": {"usd_per_day": 1.5, "refuse_generation": True},
+            "globex": {"usd_per_day": 0.5},
+        },
+        prices={"asks": 1.0},
+    )
+    server = start_server(auth={"policy_file": policy}, telemetry={"prometheus_port": 0})
+    port = server.server.telemetry.prometheus_port  # type: ignore[union-attr]
+
+    def budget_metric() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        found = {}
+        for line in text.splitlines():
+            if line.startswith("rag_tenant_budget_reached{"):
+                tenant = line.split('tenant="', 1)[1].split('"', 1)[0]
+                found[tenant] = float(line.rsplit(" ", 1)[1])
+        return found
+
+    assert budget_metric() == {"acme": 0.0, "globex": 0.0}
+    with client(server, ACME_ADMIN) as acme, client(server, GLOBEX_ADMIN) as globex:
+        acme.upsert(CORPUS)
+        globex.upsert(CORPUS)
+        list(acme.ask("What is lava?"))  # $1.00 of $1.50
+        list(acme.ask("What is chess?"))  # $2.00: the budget is reached
+        with pytest.raises(RpcError) as info:
+            list(acme.ask("What is espresso?"))
+        assert info.value.code == "RESOURCE_EXHAUSTED"
+        assert "budget of $1.50 per day" in info.value.message
+        assert acme.search("espresso", k=1)  # searching is not generation
+        # Globex's budget only reports: generation goes on past it.
+        for _ in range(2):
+            list(globex.ask("What is lava?"))
+    assert budget_metric() == {"acme": 1.0, "globex": 1.0}
