@@ -61,8 +61,18 @@ def fill_metadata(
     target: Mapping[str, common_pb2.MetadataValue], metadata: Mapping[str, MetadataScalar]
 ) -> None:
     """Copy plain metadata into a proto map field."""
+    # Fields set in place: a message per value and a CopyFrom took a third
+    # of a Search hit's conversion (bool before int: bool is an int).
     for key, value in metadata.items():
-        target[key].CopyFrom(value_to_pb(value))
+        slot = target[key]
+        if isinstance(value, bool):
+            slot.bool_value = value
+        elif isinstance(value, int):
+            slot.int_value = value
+        elif isinstance(value, float):
+            slot.double_value = value
+        else:
+            slot.string_value = value
 
 
 def document_from_pb(doc: common_pb2.Document) -> Document:
