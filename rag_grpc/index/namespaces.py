@@ -182,8 +182,9 @@ class NamespaceIndexes:
         )
 
     def paths(self, namespace: str) -> tuple[Path, Path]:
-        # resolve_namespace admits only [A-Za-z0-9_.-] and never a name of
-        # dots alone, so these stay inside index_dir.
+        # resolve_namespace admits only [A-Za-z0-9_.-], with one '~' after a
+        # tenant's name, never '/' and never a name of dots alone, so these
+        # stay inside index_dir.
         resolve_namespace(namespace)
         return self.index_dir / f"{namespace}.hnsw", self.index_dir / f"{namespace}.json"
 
