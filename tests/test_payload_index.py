@@ -310,7 +310,7 @@ def _forged(arrays: dict[str, np.ndarray], path: Path) -> dict[str, object]:
     """Write arrays as a payload file and describe it as its meta would: a
     forger who rewrote both files, so only the content checks remain."""
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, allow_pickle=False, **arrays)
     path.write_bytes(buffer.getvalue())
     return {
         "format": payload_file.FORMAT,

@@ -286,7 +286,7 @@ def serve(tmp_path: Path, pki: Path) -> Iterator[Callable[..., TlsServe]]:
 
 def as_client(server: TlsServe, who: str | None) -> tuple[str, ...]:
     """The CLI flags that reach server over TLS, as `who` (a certificate)."""
-    flags = ("--target", server.target, "--ca", str(server.pki / "ca.pem"))
+    flags: tuple[str, ...] = ("--target", server.target, "--ca", str(server.pki / "ca.pem"))
     if who is not None:
         flags += ("--cert", str(server.pki / f"{who}.pem"), "--key", str(server.pki / f"{who}.key"))
     return flags

@@ -59,11 +59,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("pki")
     ca = make_ca()
     ca.write(out, "ca")
-    loopback = {"dns": ["localhost"], "ips": ["127.0.0.1"]}
+    loopback_dns, loopback_ips = ["localhost"], ["127.0.0.1"]
     # Envoy's downstream certificate: its URI is the By= of the XFCC it writes.
-    issue(ca, "localhost", uris=[GATEWAY], usage="server", **loopback).write(out, "server")
+    issue(
+        ca, "localhost", uris=[GATEWAY], usage="server", dns=loopback_dns, ips=loopback_ips
+    ).write(out, "server")
     issue(ca, "gateway", uris=[GATEWAY], usage="client").write(out, "gateway")
-    issue(ca, "rag-grpc", usage="server", **loopback).write(out, "rag-grpc")
+    issue(ca, "rag-grpc", usage="server", dns=loopback_dns, ips=loopback_ips).write(out, "rag-grpc")
     for stem, uri in (("app", APP), ("dash", DASH), ("ops", OPS), ("nobody", NOBODY)):
         issue(ca, stem, uris=[uri], usage="client").write(out, stem)
     issue(ca, FORGED_CN, usage="client").write(out, "forged")
@@ -116,7 +118,7 @@ def gateway(tmp_path: Path, pki: Path) -> Iterator[Callable[..., Envoy]]:
     def start(upstream: str, *extra: str) -> Envoy:
         workdir = tmp_path / f"envoy{len(started)}"
         workdir.mkdir()
-        upstream_tls = ("--upstream-ca", str(pki / "ca.pem"))
+        upstream_tls: tuple[str, ...] = ("--upstream-ca", str(pki / "ca.pem"))
         upstream_tls += ("--upstream-cert", str(pki / "gateway.pem"))
         upstream_tls += ("--upstream-key", str(pki / "gateway.key"))
         proxy = Envoy(
