@@ -197,7 +197,12 @@ class RagServer:
         s.data_dir.mkdir(parents=True, exist_ok=True)
         self.audit = AuditLog(s.audit_path)
         if policy is not None:
-            self.usage = UsageLedger(s.usage_path)
+            # A process that follows the NATS write log counts usage through
+            # it, so that every replica reports the same totals.
+            self.usage = UsageLedger(
+                s.usage_path,
+                replicated=s.ingestion.queue == "nats" and self._local_retrieval(),
+            )
         return AccessControl(
             authenticator,
             policy=policy,
@@ -212,13 +217,18 @@ class RagServer:
 
     # -- assembly ----------------------------------------------------------
 
+    def _local_retrieval(self) -> bool:
+        """Whether this process keeps a store (and, on NATS, follows the log)."""
+        s = self.settings
+        return bool(
+            set(s.services) & {"retrieval", "ingestion"}
+            or ("rag" in s.services and not s.remote.retrieval_target)
+        )
+
     def _build_core(self) -> None:
         s = self.settings
         wanted = set(s.services)
-        local_retrieval = bool(
-            wanted & {"retrieval", "ingestion"}
-            or ("rag" in wanted and not s.remote.retrieval_target)
-        )
+        local_retrieval = self._local_retrieval()
         local_generation = "generation" in wanted or (
             "rag" in wanted and not s.remote.generation_target
         )
@@ -258,6 +268,7 @@ class RagServer:
                     s.limits,
                     worker="ingestion" in wanted,
                 )
+                self.nats.usage = self.usage
                 self.writes = self.nats
             else:
                 self.writes = LocalWrites(self.retriever, self.write_executor)

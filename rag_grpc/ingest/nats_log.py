@@ -26,6 +26,11 @@ Upsert and Delete calls go through the same log when this backend is on, and
 return once this process has applied them (read-your-writes here; the other
 replicas follow within their lag).
 
+With tenants, usage travels on the same log: every flush interval this
+process publishes the batch of counters its ledger sealed since the last
+(`UsageLedger`, replicated), and every replica adds each usage entry to its
+own ledger once, so all report the same totals.
+
 This module connects, follows the log (replicas) and publishes to it
 (Submit, Upsert, Delete); the rest lives beside it: `nats_jobs` (a job's
 messages and its status in the bucket), `nats_worker` (the worker),
@@ -66,14 +71,17 @@ from rag_grpc.index.retriever import Retriever
 from rag_grpc.index.writes import PreparedDelete, PreparedUpsert
 from rag_grpc.ingest.jobs import JobStatus, validate_job, validate_job_id, watch_job
 from rag_grpc.ingest.log_entries import (
-    decode_prepared,
+    decode_entry,
     encode_prepared_delete,
     encode_prepared_upsert,
+    encode_usage,
+    entry_bytes,
 )
 from rag_grpc.ingest.log_erasure import LogEraser
 from rag_grpc.ingest.nats_client import NATS_ERRORS, PAYLOAD_MARGIN
 from rag_grpc.ingest.nats_jobs import JobRecord, JobStatuses, job_message
 from rag_grpc.ingest.nats_worker import QueueWorker
+from rag_grpc.security.usage import UsageBatch, UsageLedger
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +149,14 @@ class NatsIngestion:
         self.apply_errors = 0
         self._tasks: list[asyncio.Task[None]] = []
         self.pending_documents = 0
+        # The usage ledger (with tenants, replicated): its sealed batches are
+        # published here and every replica's are applied into it.
+        self.usage: UsageLedger | None = None
+        # The log's last sequence when this process connected.
+        self._log_end_at_start = 0
+        # Whether batches a previous run left in the outbox may be published
+        # (they are not in the log, or have been applied from it since).
+        self._usage_settled = False
         self.worker = QueueWorker(self)
         self.eraser = LogEraser(self)
 
@@ -156,12 +172,22 @@ class NatsIngestion:
         self._tasks.append(asyncio.create_task(self._main(), name="nats-ingestion"))
 
     async def stop(self) -> None:
-        """Stop the tasks; unacknowledged documents go to another worker."""
+        """Stop the tasks, publish the usage counted since the last batch;
+        unacknowledged documents go to another worker."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.usage is not None and self._usage_settled and self.nc.is_connected:
+            try:
+                await asyncio.to_thread(self.usage.flush)
+                await asyncio.wait_for(self.publish_usage(), self.config.connect_timeout_s)
+            except Exception as exc:
+                # Kept in the ledger's outbox, published by the next run.
+                log.warning(
+                    "usage: the last batch was not published (kept for next start): %s", exc
+                )
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(*NATS_ERRORS):
                 await self.nc.close()
@@ -179,6 +205,10 @@ class NatsIngestion:
             self._tasks.append(asyncio.create_task(self._apply_forever(), name="nats-apply"))
         if self.run_worker:
             self._tasks.append(asyncio.create_task(self.worker.run(), name="nats-worker"))
+        if self.usage is not None:
+            self._tasks.append(
+                asyncio.create_task(self._publish_usage_forever(), name="nats-usage")
+            )
 
     async def _connect(self) -> None:
         self.nc = await nats.connect(
@@ -220,6 +250,8 @@ class NatsIngestion:
         self.erased = await self._bucket(self.erased_bucket)
         self.applied = await self.in_thread(self.retriever.store.position, self.log_name)
         self.resumed_from = self.applied
+        info = await self.js.stream_info(self.writes_stream)
+        self._log_end_at_start = int(info.state.last_seq)
         log.info("following %s from sequence %d", self.writes_stream, self.applied + 1)
         self.connected.set()
 
@@ -450,7 +482,14 @@ class NatsIngestion:
                 record = json.loads(data)
             except ValueError as exc:
                 raise InvalidArgument(f"malformed write: {exc}") from None
-            prepared = decode_prepared(record)
+            prepared = decode_entry(record)
+            if isinstance(prepared, UsageBatch):
+                # Its own transaction skips it if already added (a crash
+                # after that commit and before the position below).
+                if self.usage is not None:
+                    self.usage.apply_batch(prepared, self.log_name, seq)
+                self.retriever.store.set_position(*position)
+                return WriteResult(0, 0, 0)
             if isinstance(prepared, PreparedUpsert):
                 # Noted before the write is applied (a fact about the log,
                 # whatever the write's outcome here), so a forget finds every
@@ -471,6 +510,46 @@ class NatsIngestion:
             log.error("write %d of %s cannot be applied, skipped: %s", seq, self.writes_stream, exc)
             self.retriever.store.set_position(*position)
             return exc
+
+    # -- usage -----------------------------------------------------------------
+
+    async def _publish_usage_forever(self) -> None:
+        """Every flush interval, publish the usage batches sealed here."""
+        assert self.usage is not None
+        if self.config.apply:
+            # A batch left in the outbox by the previous run may be in the log
+            # already: applying the log up to its end as of connecting takes
+            # it out of the outbox first, so it is never published twice.
+            async with self._applied_changed:
+                await self._applied_changed.wait_for(lambda: self.applied >= self._log_end_at_start)
+        self._usage_settled = True
+        while True:
+            await asyncio.sleep(self.usage.flush_interval_s)
+            try:
+                await self.publish_usage()
+            except Exception:
+                log.exception("usage: publishing to %s (will retry)", self.writes_stream)
+
+    async def publish_usage(self) -> None:
+        """Publish the ledger's sealed batches not published yet, oldest
+        first; one that fails stays for the next try. The batch id is the
+        entry's Nats-Msg-Id, so NATS drops a retry of one whose ack was lost
+        (within its de-duplication window)."""
+        ledger = self.usage
+        if ledger is None:
+            return
+        for batch in ledger.unpublished():
+            data = entry_bytes(encode_usage(batch))
+            try:
+                await self.js.publish(
+                    self.writes_subject, data, headers={"Nats-Msg-Id": batch.batch_id}
+                )
+            except NATS_ERRORS as exc:
+                log.warning("usage: NATS at %s: %s; publishing again shortly", self.where, exc)
+                return
+            await asyncio.to_thread(
+                ledger.published, batch.batch_id, applied_here=self.config.apply
+            )
 
     # -- writes from Upsert and Delete ----------------------------------------
 

@@ -10,15 +10,30 @@ What a crash (of the process or the machine) can lose is the usage of the
 last ``flush_interval_s`` (1 s by default; more only while the disk refuses
 writes), and only in the tenant's favour: counts are under-reported, never
 doubled.
+
+Replicated (``replicated=True``: the NATS write log) the counters travel
+through the log instead, so every replica reports the same totals: each
+flush seals what was counted here since the last one into a batch with an
+id, kept in the ``usage_outbox`` table until it comes back from the log;
+the log applier publishes the sealed batches (the id is the entry's
+Nats-Msg-Id) and every replica, this one included, adds each entry's counts
+with `apply_batch`, in one transaction with the log sequence it applied
+(``usage_log_positions``) and the removal of the batch from the outbox. An
+entry applied twice (the store's own position is set after this commit, so
+a crash between the two replays it) is skipped by that sequence; a crash
+loses at most the counts of the last interval, as above.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import sqlite3
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +49,15 @@ log = logging.getLogger(__name__)
 COUNTERS = ("embedding_tokens", "prompt_tokens", "completion_tokens", "searches", "asks")
 # Set to the latest value, per tenant.
 GAUGES = ("documents", "vectors", "stored_bytes")
+# Bounds of a usage batch on the write log, from whoever wrote it: rows
+# (tenant and day) per batch, and each count (2**40 tokens in one flush
+# interval is far beyond any real replica, and sums of them stay far from
+# SQLite's 2**63).
+MAX_BATCH_ROWS = 1000
+MAX_BATCH_COUNT = 2**40
+
+# Counters per (tenant, UTC day).
+Counts = dict[tuple[str, str], dict[str, int]]
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS usage_days (
@@ -45,6 +69,16 @@ CREATE TABLE IF NOT EXISTS usage_days (
 CREATE TABLE IF NOT EXISTS usage_gauges (
     tenant TEXT PRIMARY KEY,
     {", ".join(f"{g} INTEGER NOT NULL DEFAULT 0" for g in GAUGES)}
+) WITHOUT ROWID;
+-- Replicated: batches counted here, sealed, not yet applied from the log.
+CREATE TABLE IF NOT EXISTS usage_outbox (
+    batch TEXT PRIMARY KEY,
+    counts TEXT NOT NULL  -- JSON [[tenant, day, {{counter: n}}], ...]
+) WITHOUT ROWID;
+-- Replicated: the last log sequence whose usage batch was added here.
+CREATE TABLE IF NOT EXISTS usage_log_positions (
+    log TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
 
@@ -64,8 +98,18 @@ class TenantUsage:
     stored_bytes: int = 0
 
 
-def validate_tenant(tenant: str) -> str:
-    """The tenant name, if it is one a policy may hold."""
+@dataclass(frozen=True)
+class UsageBatch:
+    """Counters one replica added since its previous batch, per tenant and
+    UTC day: the payload of a usage entry on the write log."""
+
+    batch_id: str
+    counts: Mapping[tuple[str, str], Mapping[str, int]]
+
+
+def validate_tenant(tenant: object) -> str:
+    """The tenant name, if it is one a policy may hold (anything else given:
+    InvalidArgument)."""
     if not isinstance(tenant, str) or not TENANT_NAME.fullmatch(tenant):
         raise InvalidArgument(
             f"tenant name {tenant!r} is not valid: 1 to 63 characters of a-z, 0-9, '_' and "
@@ -96,10 +140,13 @@ class UsageLedger:
         *,
         flush_interval_s: float = 1.0,
         clock: Callable[[], float] = time.time,
+        replicated: bool = False,
     ) -> None:
         if flush_interval_s <= 0:
             raise ValueError("flush_interval_s must be positive")
         self.path = path
+        self.flush_interval_s = flush_interval_s
+        self.replicated = replicated
         self._clock = clock
         private_file(path)
         self._conn = connect(path)
@@ -109,8 +156,15 @@ class UsageLedger:
         # both waiting and stored, or neither.
         self._pending_lock = threading.Lock()
         self._io_lock = threading.Lock()
-        self._counts: dict[tuple[str, str], dict[str, int]] = {}
+        self._counts: Counts = {}
         self._gauges: dict[str, dict[str, int]] = {}
+        # Replicated: sealed batches (as in usage_outbox) until applied from
+        # the log, and which of them this process has published.
+        self._outbox: dict[str, UsageBatch] = {
+            batch_id: UsageBatch(batch_id, _counts_from_json(text))
+            for batch_id, text in self._conn.execute("SELECT batch, counts FROM usage_outbox")
+        }
+        self._published: set[str] = set()
         self._stop = threading.Event()
         self._flusher = threading.Thread(
             target=self._flush_every, args=(flush_interval_s,), name="usage-flush", daemon=True
@@ -169,23 +223,32 @@ class UsageLedger:
             self._gauges.setdefault(tenant, {}).update(given)
 
     def flush(self) -> None:
-        """Write what is waiting in one durable transaction. On failure it
-        stays waiting (and is tried again) and the error is raised."""
+        """Write what is waiting in one durable transaction (replicated:
+        the counters as a sealed batch in the outbox). On failure it stays
+        waiting (and is tried again) and the error is raised."""
         with self._io_lock:
             with self._pending_lock:
                 counts, self._counts = self._counts, {}
                 gauges, self._gauges = self._gauges, {}
-            if not counts and not gauges:
+                # Batches sealed by a replicated run, now counted here alone.
+                leftover = {} if self.replicated else dict(self._outbox)
+            if not counts and not gauges and not leftover:
                 return
+            sealed = [
+                UsageBatch(uuid.uuid4().hex, part)
+                for part in (_parts(counts) if self.replicated else ())
+            ]
             conn = self._conn
             try:
                 conn.execute("BEGIN IMMEDIATE")
+                if not self.replicated:
+                    _add_counts(conn, counts)
+                for batch in leftover.values():
+                    _add_counts(conn, batch.counts)
+                    conn.execute("DELETE FROM usage_outbox WHERE batch = ?", (batch.batch_id,))
                 conn.executemany(
-                    f"INSERT INTO usage_days (tenant, day, {', '.join(COUNTERS)}) "
-                    f"VALUES (?, ?, {', '.join('?' * len(COUNTERS))}) "
-                    "ON CONFLICT (tenant, day) DO UPDATE SET "
-                    + ", ".join(f"{c} = {c} + excluded.{c}" for c in COUNTERS),
-                    [(t, d, *(v[c] for c in COUNTERS)) for (t, d), v in counts.items()],
+                    "INSERT INTO usage_outbox (batch, counts) VALUES (?, ?)",
+                    [(b.batch_id, _counts_to_json(b.counts)) for b in sealed],
                 )
                 for tenant, values in gauges.items():
                     names = list(values)
@@ -202,6 +265,71 @@ class UsageLedger:
                     conn.execute("ROLLBACK")
                 self._restore(counts, gauges)
                 raise
+            with self._pending_lock:
+                for batch in sealed:
+                    self._outbox[batch.batch_id] = batch
+                for batch_id in leftover:
+                    self._outbox.pop(batch_id, None)
+
+    # -- replication -----------------------------------------------------------
+
+    def unpublished(self) -> list[UsageBatch]:
+        """Sealed batches this process has not published yet, oldest first
+        (after a restart: every batch still in the outbox)."""
+        with self._pending_lock:
+            return [b for i, b in self._outbox.items() if i not in self._published]
+
+    def published(self, batch_id: str, *, applied_here: bool) -> None:
+        """The log has the batch. A process that does not apply the log
+        drops it now (the replicas count it); one that does keeps counting
+        it until `apply_batch` meets it."""
+        with self._pending_lock:
+            if batch_id in self._outbox:  # else already applied from the log
+                self._published.add(batch_id)
+        if not applied_here:
+            with self._io_lock:
+                self._conn.execute("DELETE FROM usage_outbox WHERE batch = ?", (batch_id,))
+                with self._pending_lock:
+                    self._outbox.pop(batch_id, None)
+
+    def apply_batch(self, batch: UsageBatch, log_name: str, seq: int) -> bool:
+        """Add a usage entry of the log (any replica's, checked) at sequence
+        seq, once: the counts, the sequence and the batch's removal from
+        this outbox commit together, and an entry at or before the recorded
+        sequence changes nothing. Returns whether it was added."""
+        with self._io_lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                row = conn.execute(
+                    "SELECT seq FROM usage_log_positions WHERE log = ?", (log_name,)
+                ).fetchone()
+                fresh = row is None or int(row[0]) < seq
+                if fresh:
+                    _add_counts(conn, batch.counts)
+                    conn.execute(
+                        "INSERT INTO usage_log_positions (log, seq) VALUES (?, ?) "
+                        "ON CONFLICT (log) DO UPDATE SET seq = excluded.seq",
+                        (log_name, seq),
+                    )
+                conn.execute("DELETE FROM usage_outbox WHERE batch = ?", (batch.batch_id,))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            with self._pending_lock:
+                self._outbox.pop(batch.batch_id, None)
+                self._published.discard(batch.batch_id)
+        return fresh
+
+    def position(self, log_name: str) -> int:
+        """The last log sequence whose usage batch was added here (0: none)."""
+        with self._io_lock:
+            row = self._conn.execute(
+                "SELECT seq FROM usage_log_positions WHERE log = ?", (log_name,)
+            ).fetchone()
+        return int(row[0]) if row else 0
 
     def close(self) -> None:
         """Stop the background flushes, write what is waiting, close the file."""
@@ -229,7 +357,7 @@ class UsageLedger:
                 f"SELECT tenant, {', '.join(GAUGES)} FROM usage_gauges {where}", args
             ).fetchall()
             with self._pending_lock:
-                waiting = [(t, v) for (t, _), v in self._counts.items()]
+                waiting = [(t, v) for (t, _), v in self._waiting()]
                 waiting_gauges = dict(self._gauges)
         values: dict[str, dict[str, int]] = {}
         if tenant is not None:
@@ -287,18 +415,27 @@ class UsageLedger:
             (tenant, day),
         ).fetchone()
         values = dict(zip(COUNTERS, row or (0,) * len(COUNTERS), strict=True))
+        key = (tenant, day)
         with self._pending_lock:
-            for counter, value in self._counts.get((tenant, day), {}).items():
+            waiting: list[Mapping[str, int]] = [dict(self._counts.get(key, {}))]
+            waiting += [b.counts.get(key, {}) for b in self._outbox.values()]
+        for counts in waiting:
+            for counter, value in counts.items():
                 values[counter] += value
         return values
+
+    def _waiting(self) -> Iterator[tuple[tuple[str, str], Mapping[str, int]]]:
+        """Counts not in usage_days yet: added, and sealed in the outbox
+        (a handful of batches); the caller holds _pending_lock."""
+        yield from self._counts.items()
+        for batch in self._outbox.values():
+            yield from batch.counts.items()
 
     @staticmethod
     def _day(now: float) -> str:
         return _day_name(int(now // 86_400))
 
-    def _restore(
-        self, counts: dict[tuple[str, str], dict[str, int]], gauges: dict[str, dict[str, int]]
-    ) -> None:
+    def _restore(self, counts: Counts, gauges: dict[str, dict[str, int]]) -> None:
         """Put a batch that failed to write back in front of what came since."""
         with self._pending_lock:
             for key, values in counts.items():
@@ -317,6 +454,35 @@ class UsageLedger:
                 # Kept waiting and tried again next time; a full or busy disk
                 # must not end the flushes for the life of the process.
                 log.warning("usage: could not write the counts (will retry): %s", exc)
+
+
+def _add_counts(
+    conn: sqlite3.Connection, counts: Mapping[tuple[str, str], Mapping[str, int]]
+) -> None:
+    """Add counters to usage_days, inside the caller's transaction."""
+    conn.executemany(
+        f"INSERT INTO usage_days (tenant, day, {', '.join(COUNTERS)}) "
+        f"VALUES (?, ?, {', '.join('?' * len(COUNTERS))}) "
+        "ON CONFLICT (tenant, day) DO UPDATE SET "
+        + ", ".join(f"{c} = {c} + excluded.{c}" for c in COUNTERS),
+        [(t, d, *(v.get(c, 0) for c in COUNTERS)) for (t, d), v in counts.items()],
+    )
+
+
+def _parts(counts: Counts) -> Iterator[Counts]:
+    """The counters in pieces of at most MAX_BATCH_ROWS rows (one batch each)."""
+    items = list(counts.items())
+    for start in range(0, len(items), MAX_BATCH_ROWS):
+        yield dict(items[start : start + MAX_BATCH_ROWS])
+
+
+def _counts_to_json(counts: Mapping[tuple[str, str], Mapping[str, int]]) -> str:
+    return json.dumps([[t, d, dict(v)] for (t, d), v in counts.items()])
+
+
+def _counts_from_json(text: str) -> Counts:
+    """An outbox row back (written by this ledger, so trusted)."""
+    return {(t, d): dict(v) for t, d, v in json.loads(text)}
 
 
 @functools.lru_cache(maxsize=4)
