@@ -77,6 +77,9 @@ class SearchResult:
     hits: list[Hit]
     index_generation: int
     timings: SearchTimings = SearchTimings()
+    # Tokens the embedding model read for a text query (0 for a vector query
+    # or a result served from the result cache): what usage bills.
+    embedding_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ chunk rows."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -127,7 +128,13 @@ class Searcher:
                     and self.indexes.generation(namespace) == keys[i][1]
                 ):
                     self.results.put(keys[i], result)
-        results = [r for r in found if r is not None]
+        # A cached result read no text this time: nothing to bill.
+        hit_rows = set(range(len(found))) - set(missing)
+        results = [
+            dataclasses.replace(r, embedding_tokens=0) if i in hit_rows else r
+            for i, r in enumerate(found)
+            if r is not None
+        ]
         for result in results:
             _record_outcome(result.hits)
         return results
@@ -146,11 +153,13 @@ class Searcher:
     ) -> list[SearchResult]:
         vectors = np.zeros((len(queries), self.embedder.dimension), dtype=np.float32)
         text_rows = [i for i, q in enumerate(queries) if q.vector is None]
+        tokens = np.zeros(len(queries), dtype=np.int64)
         if text_rows:
             with telemetry.span("embed", texts=len(text_rows)):
-                vectors[text_rows] = self.embedder.embed(
-                    [queries[i].text or "" for i in text_rows]
-                ).vectors
+                embedded = self.embedder.embed([queries[i].text or "" for i in text_rows])
+            vectors[text_rows] = embedded.vectors
+            if len(embedded.token_counts) == len(text_rows):
+                tokens[text_rows] = embedded.token_counts
         for i, q in enumerate(queries):
             if q.vector is not None:
                 vectors[i] = _unit(np.asarray(q.vector, dtype=np.float32))
@@ -184,7 +193,7 @@ class Searcher:
                     search_ms=search_ms,
                     total_ms=(time.perf_counter() - started) * 1000,
                 )
-                results[row] = SearchResult(hits, generation, timings)
+                results[row] = SearchResult(hits, generation, timings, int(tokens[row]))
         return [r for r in results if r is not None]
 
     def _exact_threshold(self, index: VectorIndex, ef: int) -> int:

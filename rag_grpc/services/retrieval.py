@@ -106,7 +106,7 @@ class RetrievalServicer(retrieval_service_pb2_grpc.RetrievalServiceServicer):
         # every other call on this loop for the length of a search.
         result = await in_thread(self.executor, self.retriever.search, query)
         if self.access is not None:
-            self.access.count(tenant, searches=1)
+            self.access.count(tenant, searches=1, embedding_tokens=result.embedding_tokens)
         return convert.result_to_pb(result)
 
     async def SearchBatch(
@@ -120,5 +120,9 @@ class RetrievalServicer(retrieval_service_pb2_grpc.RetrievalServiceServicer):
         ]
         results = await in_thread(self.executor, self.retriever.search_batch, queries)
         if self.access is not None:
-            self.access.count(tenant, searches=len(queries))
+            self.access.count(
+                tenant,
+                searches=len(queries),
+                embedding_tokens=sum(r.embedding_tokens for r in results),
+            )
         return retrieval_pb2.SearchBatchResponse(results=[convert.result_to_pb(r) for r in results])

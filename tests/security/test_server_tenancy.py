@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status
@@ -405,3 +406,26 @@ def test_a_budget_crossed_shows_in_metrics_and_refuses_generation(
         for _ in range(2):
             list(globex.ask("What is lava?"))
     assert budget_metric() == {"acme": 1.0, "globex": 1.0}
+
+
+def test_a_text_search_bills_the_tokens_its_query_read(
+    start_server: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    policy = write_policy(tmp_path / "policy.toml", [ACME_ADMIN])
+    server = start_server(tmp_path / "data", auth={"policy_file": policy})
+    with client(server, ACME_ADMIN) as acme:
+        acme.upsert(CORPUS)
+        (before,) = acme.usage()
+        acme.search("what erupts from a volcano", k=1)
+        (after_text,) = acme.usage()
+        # [CLS] what erupts from a volcano [SEP]: at least 7 tokens.
+        assert after_text.embedding_tokens - before.embedding_tokens >= 7
+        # The same query again is answered by the result cache: no model ran.
+        acme.search("what erupts from a volcano", k=1)
+        (after_cached,) = acme.usage()
+        assert after_cached.embedding_tokens == after_text.embedding_tokens
+        # A query that brings its own vector reads no text.
+        acme.search(np.ones(384, dtype=np.float32), k=1)
+        (after_vector,) = acme.usage()
+        assert after_vector.embedding_tokens == after_text.embedding_tokens
+        assert after_vector.searches == before.searches + 3
