@@ -22,11 +22,24 @@ from rag_grpc.generate.base import (
     Usage,
     validate_generation,
 )
+from rag_grpc.generate.markup import clean_markup, is_markup_only
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
 _MIN_SENTENCE_CHARS = 12
 # Sentences ranked per request at most (a few batches of the embedder).
 MAX_CANDIDATES = 512
+
+
+def answer_sentences(text: str) -> list[str]:
+    """The sentences of a passage the answer may quote: markup cleaned from them
+    (see generate/markup.py), too-short and markup-only ones left out. The
+    passage itself is not changed; citations show it as stored."""
+    sentences = []
+    for sentence in _SENTENCE_END.split(clean_markup(text)):
+        sentence = " ".join(sentence.split())
+        if len(sentence) >= _MIN_SENTENCE_CHARS and not is_markup_only(sentence):
+            sentences.append(sentence)
+    return sentences
 
 
 class ExtractiveGenerator:
@@ -91,9 +104,8 @@ class ExtractiveGenerator:
         candidates: list[tuple[int, str]] = []
         seen: set[str] = set()
         for number, passage in enumerate(passages, start=1):
-            for sentence in _SENTENCE_END.split(passage.text):
-                sentence = " ".join(sentence.split())
-                if len(sentence) >= _MIN_SENTENCE_CHARS and sentence not in seen:
+            for sentence in answer_sentences(passage.text):
+                if sentence not in seen:
                     seen.add(sentence)
                     candidates.append((number, sentence))
         # The answer comes from the first sentences of a huge context; the
