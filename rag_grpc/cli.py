@@ -194,6 +194,18 @@ def _parser() -> argparse.ArgumentParser:
         help="metadata filter as proto JSON, e.g. "
         '\'{"field": {"key": "lang", "equals": {"stringValue": "en"}}}\'',
     )
+    search.add_argument(
+        "--by-document",
+        action="store_true",
+        help="k distinct documents, each with its best chunk(s), instead of k chunks",
+    )
+    search.add_argument(
+        "--chunks-per-document",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --by-document: up to N chunks per document (default 1, at most 16)",
+    )
     search.add_argument("--json", action="store_true", help="print one JSON array of hits")
     search.set_defaults(func=_search)
 
@@ -704,7 +716,12 @@ def _hit_json(hit: Hit) -> dict[str, Any]:
 def _search(args: argparse.Namespace) -> int:
     with _client(args) as client:
         hits = client.search(
-            args.query, k=args.k, namespace=args.namespace, filter=_parse_filter(args.filter)
+            args.query,
+            k=args.k,
+            namespace=args.namespace,
+            filter=_parse_filter(args.filter),
+            by_document=args.by_document,
+            chunks_per_document=args.chunks_per_document,
         )
     if args.json:
         print(_json([_hit_json(h) for h in hits]))

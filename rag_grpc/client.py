@@ -12,6 +12,7 @@ arrive as ``RpcError`` with the gRPC status code name and message.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from collections.abc import Iterator, Sequence
@@ -265,9 +266,20 @@ class RagClient:
         namespace: str = "",
         filter: Filter | None = None,
         ef: int = 0,
+        by_document: bool = False,
+        chunks_per_document: int = 0,
     ) -> list[Hit]:
-        """The k best hits for a text or vector query."""
-        return self.search_result(query, k=k, namespace=namespace, filter=filter, ef=ef).hits
+        """The k best hits for a text or vector query; with by_document, the best
+        chunks_per_document (0: 1) hits of each of k distinct documents."""
+        return self.search_result(
+            query,
+            k=k,
+            namespace=namespace,
+            filter=filter,
+            ef=ef,
+            by_document=by_document,
+            chunks_per_document=chunks_per_document,
+        ).hits
 
     def search_result(
         self,
@@ -277,9 +289,17 @@ class RagClient:
         namespace: str = "",
         filter: Filter | None = None,
         ef: int = 0,
+        by_document: bool = False,
+        chunks_per_document: int = 0,
     ) -> SearchResult:
         """Like search, with the index generation and timings."""
-        request = convert.query_to_pb(_query(query, k, namespace, filter, ef))
+        request = convert.query_to_pb(
+            dataclasses.replace(
+                _query(query, k, namespace, filter, ef),
+                by_document=by_document,
+                chunks_per_document=chunks_per_document,
+            )
+        )
         response = self._call(self._retrieval.Search, request)
         assert isinstance(response, retrieval_pb2.SearchResponse)
         return convert.result_from_pb(response)

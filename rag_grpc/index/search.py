@@ -24,10 +24,17 @@ from rag_grpc.lru import BoundedLRU
 from rag_grpc.native import MISSING_LABEL, VectorIndex
 from rag_grpc.store.sqlite import DocumentStore
 
+# Hits per document a by-document search may ask for; each one multiplies
+# the candidates fetched.
+MAX_CHUNKS_PER_DOCUMENT = 16
+
 
 @dataclass(frozen=True)
 class SearchQuery:
-    """One query: text or a ready vector, with k, filter and search breadth."""
+    """One query: text or a ready vector, with k, filter and search breadth.
+
+    With by_document, k counts distinct documents, each with up to
+    chunks_per_document (0: 1) of its best chunks."""
 
     namespace: str = ""
     text: str | None = None
@@ -35,6 +42,8 @@ class SearchQuery:
     k: int = 0
     filter: Filter | None = None
     ef: int = 0
+    by_document: bool = False
+    chunks_per_document: int = 0
 
 
 class Searcher:
@@ -89,6 +98,16 @@ class Searcher:
             )
         if query.filter is not None:
             validate_filter(query.filter, max_values=self.limits.max_filter_values)
+        if query.chunks_per_document and not query.by_document:
+            raise InvalidArgument(
+                "chunks_per_document applies to by_document searches only; "
+                "set by_document or leave chunks_per_document at 0"
+            )
+        if not 0 <= query.chunks_per_document <= MAX_CHUNKS_PER_DOCUMENT:
+            raise InvalidArgument(
+                f"chunks_per_document must be between 1 and {MAX_CHUNKS_PER_DOCUMENT} "
+                f"(0: 1), got {query.chunks_per_document}"
+            )
         return namespace, k
 
     def search_batch(self, queries: Sequence[SearchQuery]) -> list[SearchResult]:
@@ -146,7 +165,15 @@ class Searcher:
             else ("vector", np.asarray(query.vector, dtype=np.float32).tobytes())
         )
         ef = max(query.ef or self.config.ef_search, k)
-        return (namespace, self.indexes.generation(namespace), what, query.filter, k, ef)
+        return (
+            namespace,
+            self.indexes.generation(namespace),
+            what,
+            query.filter,
+            k,
+            ef,
+            _per_document(query),
+        )
 
     def _search(
         self, queries: Sequence[SearchQuery], plans: list[tuple[str, int]], started: float
@@ -165,29 +192,46 @@ class Searcher:
                 vectors[i] = _unit(np.asarray(q.vector, dtype=np.float32))
         embed_ms = (time.perf_counter() - started) * 1000
         deadlines.check("searching the index")
-        # Queries that share namespace, filter, k and ef go to the index as one
-        # native call (a batch runs in parallel without the GIL).
-        groups: dict[tuple[str, Filter | None, int, int], list[int]] = {}
+        # Queries that share namespace, filter, k, ef and grouping go to the
+        # index as one native call (a batch runs in parallel without the GIL).
+        groups: dict[tuple[str, Filter | None, int, int, int], list[int]] = {}
         for i, (query, (namespace, k)) in enumerate(zip(queries, plans, strict=True)):
-            ef = max(query.ef or self.config.ef_search, k)
-            groups.setdefault((namespace, query.filter, k, ef), []).append(i)
+            per_document = _per_document(query)
+            ef = max(query.ef or self.config.ef_search, k * max(per_document, 1))
+            groups.setdefault((namespace, query.filter, k, ef, per_document), []).append(i)
         results: list[SearchResult | None] = [None] * len(queries)
-        for (namespace, flt, k, ef), rows in groups.items():
+        for (namespace, flt, k, ef, per_document), rows in groups.items():
             t0 = time.perf_counter()
             generation = self.indexes.generation(namespace)
             # Filters are answered in memory by the namespace's payload index
             # (SQLite took tens of ms at 20k documents, growing with the matches).
             allowed = self.indexes.payload(namespace).matching(flt) if flt is not None else None
+            fetch = k * max(per_document, 1)
             with telemetry.span("index.search", namespace=namespace, queries=len(rows), k=k):
                 index = self.indexes.get(namespace)
                 labels, distances = index.search(
-                    vectors[rows], k, ef, allowed, exact_threshold=self._exact_threshold(index, ef)
+                    vectors[rows],
+                    fetch,
+                    ef,
+                    allowed,
+                    exact_threshold=self._exact_threshold(index, ef),
                 )
             search_ms = (time.perf_counter() - t0) * 1000 / len(rows)
             for row, row_labels, row_distances in zip(rows, labels, distances, strict=True):
                 # Inner-product distance is 1 - cosine similarity for unit vectors.
                 with telemetry.span("store.read", namespace=namespace):
                     hits = self._hydrate(row_labels, 1.0 - row_distances)
+                if per_document:
+                    hits = self._by_document(
+                        index,
+                        vectors[row],
+                        hits,
+                        int((row_labels != MISSING_LABEL).sum()),
+                        k,
+                        ef,
+                        per_document,
+                        allowed,
+                    )
                 timings = SearchTimings(
                     embed_ms=embed_ms / len(queries),
                     search_ms=search_ms,
@@ -195,6 +239,44 @@ class Searcher:
                 )
                 results[row] = SearchResult(hits, generation, timings, int(tokens[row]))
         return [r for r in results if r is not None]
+
+    def _by_document(
+        self,
+        index: VectorIndex,
+        vector: np.ndarray,
+        hits: list[Hit],
+        fetched: int,
+        k: int,
+        ef: int,
+        per_document: int,
+        allowed: np.ndarray | None,
+    ) -> list[Hit]:
+        """k documents' best hits, fetching more candidates while fewer than k
+        documents were found.
+
+        A few long documents can fill any fixed number of candidates, so the
+        fetch doubles instead, until k documents, an answer shorter than
+        asked (the index or filter is exhausted), the namespace's size, or the
+        larger of the first fetch and limits.max_ef (the widest search a
+        client may ask for; its cost bound)."""
+        fetch = k * per_document
+        bound = min(len(index), max(fetch, self.limits.max_ef))
+        grouped, documents = group_by_document(hits, k, per_document)
+        while documents < k and fetched >= fetch and fetch < bound:
+            fetch = min(fetch * 2, bound)
+            deadlines.check("searching the index for more documents")
+            wide_ef = max(ef, fetch)
+            labels, distances = index.search(
+                vector[None, :],
+                fetch,
+                wide_ef,
+                allowed,
+                exact_threshold=self._exact_threshold(index, wide_ef),
+            )
+            fetched = int((labels[0] != MISSING_LABEL).sum())
+            hits = self._hydrate(labels[0], 1.0 - distances[0])
+            grouped, documents = group_by_document(hits, k, per_document)
+        return grouped
 
     def _exact_threshold(self, index: VectorIndex, ef: int) -> int:
         """Allowed vectors up to which a filtered search scans them exactly.
@@ -225,6 +307,25 @@ class Searcher:
         return hits
 
 
+def _per_document(query: SearchQuery) -> int:
+    """Hits per document of a by-document query; 0 for a plain one."""
+    return (query.chunks_per_document or 1) if query.by_document else 0
+
+
+def group_by_document(hits: Sequence[Hit], k: int, per_document: int) -> tuple[list[Hit], int]:
+    """The best per_document hits of each of the first k documents, grouped,
+    groups ordered by their best hit; and how many documents that is."""
+    groups: dict[str, list[Hit]] = {}
+    for hit in sorted(hits, key=lambda h: -h.score):
+        group = groups.get(hit.document_id)
+        if group is None:
+            if len(groups) < k:
+                groups[hit.document_id] = [hit]
+        elif len(group) < per_document:
+            group.append(hit)
+    return [hit for group in groups.values() for hit in group], len(groups)
+
+
 def _unit(vector: np.ndarray) -> np.ndarray:
     # sqrt of a dot product: a third of np.linalg.norm's call overhead on a
     # 384-d vector, which shows on a 0.2 ms search.
@@ -253,8 +354,8 @@ def result_bytes(result: SearchResult) -> int:
 
 
 class ResultCache(BoundedLRU[tuple[Any, ...], SearchResult]):
-    """Search results by (namespace, generation, query, filter, k, ef),
-    bounded in entries and in bytes."""
+    """Search results by (namespace, generation, query, filter, k, ef,
+    hits per document), bounded in entries and in bytes."""
 
     def __init__(self, entries: int, max_bytes: int = 64 * 1024 * 1024) -> None:
         super().__init__(entries, max_bytes, lambda _, result: result_bytes(result))

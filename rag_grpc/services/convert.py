@@ -182,12 +182,20 @@ def query_from_pb(request: retrieval_pb2.SearchRequest) -> SearchQuery:
         k=request.k,
         filter=filter_from_pb(request.filter) if request.HasField("filter") else None,
         ef=request.ef,
+        by_document=request.by_document,
+        chunks_per_document=request.chunks_per_document,
     )
 
 
 def query_to_pb(query: SearchQuery) -> retrieval_pb2.SearchRequest:
     """A SearchRequest for a core SearchQuery (used by remote backends and the client)."""
-    request = retrieval_pb2.SearchRequest(namespace=query.namespace, k=query.k, ef=query.ef)
+    request = retrieval_pb2.SearchRequest(
+        namespace=query.namespace,
+        k=query.k,
+        ef=query.ef,
+        by_document=query.by_document,
+        chunks_per_document=query.chunks_per_document,
+    )
     if query.vector is not None:
         request.vector.values.extend(query.vector)
     elif query.text is not None:
