@@ -12,7 +12,7 @@ from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document, Hit
 from rag_grpc.filters import Equals
 from rag_grpc.index.retriever import SearchQuery
-from tests.conftest import ServerThread
+from tests.conftest import ServerThread, ask_citations
 from tests.test_cli import cli
 
 QUERY = "lava erupting from a volcano crater"
@@ -209,3 +209,12 @@ def test_cli_by_document(client: RagClient, server: ServerThread) -> None:
     bad = cli("search", QUERY, "--chunks-per-document", "2", *target)
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
     assert "by_document" in bad.stderr
+
+
+def test_ask_cites_distinct_documents(client: RagClient) -> None:
+    # A plain search for this question is the volcano document alone.
+    assert {h.document_id for h in client.search(QUERY, k=3)} == {"volcano"}
+    citations = ask_citations(list(client.ask(QUERY, k=3)))
+    sources = [c.hit.document_id for c in citations]
+    assert len(sources) == 3 and len(set(sources)) == 3
+    assert sources[0] == "volcano"

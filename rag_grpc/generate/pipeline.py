@@ -152,8 +152,12 @@ class RagPipeline:
             raise InvalidArgument(f"k must be between 1 and {self.limits.max_ask_k}, got {k}")
         started = time.perf_counter()
         with telemetry.span("retrieve", k=k):
+            # k distinct documents, each by its best chunk: k chunks of one
+            # long document would crowd every other source out of the context.
             result = await self.search.search(
-                SearchQuery(namespace=namespace, text=question, k=k, filter=filter)
+                SearchQuery(
+                    namespace=namespace, text=question, k=k, filter=filter, by_document=True
+                )
             )
         retrieved = time.perf_counter()
         yield Citations(result.hits)
