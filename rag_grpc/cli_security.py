@@ -170,28 +170,19 @@ def _write_new_private_file(path: Path, text: str) -> None:
 
 # -- usage -----------------------------------------------------------------
 
-# The counters of a tenant's usage, in the order they are printed.
-USAGE_FIELDS = (
-    "embedding_tokens",
-    "prompt_tokens",
-    "completion_tokens",
-    "searches",
-    "asks",
-    "documents",
-    "vectors",
-    "stored_bytes",
-)
-
 
 def _usage(args: argparse.Namespace) -> int:
     from rag_grpc.cli import _client, _json, shown
+    from rag_grpc.security.usage import COUNTERS, GAUGES
+
+    fields = COUNTERS + GAUGES  # in the order they are printed
 
     with _client(args) as client:
         tenants = client.usage(args.tenant or "")
     rows = [
         {
             "tenant": t.tenant,
-            **{f: getattr(t, f) for f in USAGE_FIELDS},
+            **{f: getattr(t, f) for f in fields},
             "estimated_cost": round(t.estimated_cost, 6),
             "estimated_cost_today": round(t.estimated_cost_today, 6),
         }
@@ -203,7 +194,7 @@ def _usage(args: argparse.Namespace) -> int:
     if not rows:
         print("no usage recorded")
     for row in rows:
-        counters = ", ".join(f"{f.replace('_', ' ')} {row[f]}" for f in USAGE_FIELDS)
+        counters = ", ".join(f"{f.replace('_', ' ')} {row[f]}" for f in fields)
         print(
             f"{shown(row['tenant'])}: {counters}; estimated cost ${row['estimated_cost']:.4f} "
             f"(today ${row['estimated_cost_today']:.4f})"

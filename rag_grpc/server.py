@@ -54,7 +54,7 @@ from rag_grpc.security.authn import Authenticator
 from rag_grpc.security.jwt_auth import JwtConfigError, JwtSettings, JwtVerifier
 from rag_grpc.security.policy import Policy, PolicyError, PolicyHolder
 from rag_grpc.security.tls import TlsConfigError, server_credentials
-from rag_grpc.security.usage import UsageLedger
+from rag_grpc.security.usage import COUNTERS, GAUGES, UsageLedger
 from rag_grpc.security.xfcc import TrustedProxies
 from rag_grpc.services.admin import AdminServicer
 from rag_grpc.services.embedding import EmbeddingServicer
@@ -71,16 +71,7 @@ log = logging.getLogger(__name__)
 
 # Tenants named in metric labels; the rest are summed under "_other".
 MAX_TENANT_LABELS = 200
-USAGE_KINDS = (
-    "embedding_tokens",
-    "prompt_tokens",
-    "completion_tokens",
-    "searches",
-    "asks",
-    "documents",
-    "vectors",
-    "stored_bytes",
-)
+USAGE_KINDS = COUNTERS + GAUGES
 
 SERVICE_NAMES = {
     name: SERVICE_FILES[i].DESCRIPTOR.services_by_name[cls].full_name
