@@ -18,10 +18,10 @@ import grpc
 import pytest
 
 from rag_grpc.cli import _parser, _settings
-from rag_grpc.cli_security import USAGE_FIELDS
 from rag_grpc.client import RagClient
 from rag_grpc.security.api_keys import api_key_hash
 from rag_grpc.security.audit import AuditEvent, AuditLog
+from rag_grpc.security.usage import COUNTERS, GAUGES
 from tests.conftest import CORPUS, EXPORT_DIR, MODEL_DIR, free_port, tool
 from tests.security.certs import issue, make_ca
 from tests.test_cli import cli
@@ -329,7 +329,7 @@ def test_client_certificates_usage_and_audit_over_mutual_tls(
         time.sleep(0.5)
     assert acme["tenant"] == "acme" and acme["documents"] == len(CORPUS)
     assert acme["searches"] >= 1 and acme["embedding_tokens"] > 0
-    assert set(USAGE_FIELDS) | {"estimated_cost"} <= acme.keys()
+    assert set(COUNTERS + GAUGES) | {"estimated_cost"} <= acme.keys()
     text = cli("usage", *as_client(server, "admin"))
     assert text.returncode == 0 and text.stdout.startswith("acme: ")
     everyone = cli("usage", "--json", "--tenant", "acme", *as_client(server, "ops"))
