@@ -16,7 +16,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from rag_grpc.client import RagClient
+from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document
 from rag_grpc.errors import InvalidArgument
 from rag_grpc.ingest.log_entries import decode_entry, encode_usage
@@ -200,6 +200,17 @@ def following(replica: ServerThread) -> Callable[[], bool]:
     return lambda: log_of(replica).connected.is_set()
 
 
+def holds(client: RagClient, ids: list[str]) -> bool:
+    """A wait_for condition: the client's replica has these documents (its
+    namespace does not exist until the first write reaches it)."""
+    try:
+        return len(client.get(ids)[0]) == len(ids)
+    except RpcError as error:
+        if error.code != "NOT_FOUND":
+            raise
+        return False
+
+
 def applied(replica: ServerThread) -> int:
     return log_of(replica).applied
 
@@ -219,7 +230,7 @@ def test_replicas_report_the_same_usage_and_a_restart_neither_loses_nor_doubles_
         RagClient(a.target, token=GLOBEX.key) as globex_a,
     ):
         acme_a.upsert(notes)
-        wait_for(lambda: len(acme_b.get(["v1", "t1"])[0]) == 2)
+        wait_for(lambda: holds(acme_b, ["v1", "t1"]))
         for _ in range(3):
             acme_a.search("volcano", k=2)
         for _ in range(2):
@@ -298,6 +309,6 @@ def test_forged_usage_entries_are_refused_and_later_entries_still_apply(
             assert log_of(replica).stalled is None
         # The replicas go on applying writes and usage alike.
         acme_a.upsert([Document("g1", "Glaciers carve valleys over centuries.", {})])
-        wait_for(lambda: bool(acme_b.get(["g1"])[0]))
+        wait_for(lambda: holds(acme_b, ["g1"]))
         acme_b.search("glacier", k=1)
         wait_for(same_usage(acme_a, acme_b, searches=8, documents=1))
