@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import grpc
 import numpy as np
@@ -266,19 +267,14 @@ class RagClient:
         namespace: str = "",
         filter: Filter | None = None,
         ef: int = 0,
-        by_document: bool = False,
-        chunks_per_document: int = 0,
+        **options: Unpack[SearchOptions],
     ) -> list[Hit]:
         """The k best hits for a text or vector query; with by_document, the best
-        chunks_per_document (0: 1) hits of each of k distinct documents."""
+        chunks_per_document (0: 1) hits of each of k distinct documents; mode,
+        fusion and re-ranking as in `SearchOptions` (unset: the server's
+        defaults)."""
         return self.search_result(
-            query,
-            k=k,
-            namespace=namespace,
-            filter=filter,
-            ef=ef,
-            by_document=by_document,
-            chunks_per_document=chunks_per_document,
+            query, k=k, namespace=namespace, filter=filter, ef=ef, **options
         ).hits
 
     def search_result(
@@ -289,16 +285,11 @@ class RagClient:
         namespace: str = "",
         filter: Filter | None = None,
         ef: int = 0,
-        by_document: bool = False,
-        chunks_per_document: int = 0,
+        **options: Unpack[SearchOptions],
     ) -> SearchResult:
         """Like search, with the index generation and timings."""
         request = convert.query_to_pb(
-            dataclasses.replace(
-                _query(query, k, namespace, filter, ef),
-                by_document=by_document,
-                chunks_per_document=chunks_per_document,
-            )
+            dataclasses.replace(_query(query, k, namespace, filter, ef), **options)
         )
         response = self._call(self._retrieval.Search, request)
         assert isinstance(response, retrieval_pb2.SearchResponse)
@@ -496,6 +487,21 @@ def is_local_target(target: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+class SearchOptions(TypedDict, total=False):
+    """Optional SearchQuery fields a search call may set (see SearchRequest)."""
+
+    by_document: bool
+    chunks_per_document: int
+    mode: str  # "dense", "lexical" or "hybrid"
+    fusion: str  # "rrf" or "relative_score"
+    rrf_k: int
+    dense_weight: float
+    lexical_weight: float
+    candidates: int
+    rerank: bool
+    rerank_top_n: int
 
 
 def _query(

@@ -255,6 +255,71 @@ class EmbeddingConfig(_Section):
         return self
 
 
+class RetrievalConfig(_Section):
+    """How Search finds candidates when the request leaves it to the server:
+    dense (HNSW), lexical (BM25 over SQLite FTS5) or hybrid (both, fused)."""
+
+    default_mode: Literal["dense", "lexical", "hybrid"] = "dense"
+    fusion: Literal["rrf", "relative_score"] = "rrf"
+    # Reciprocal rank fusion's k (as Milvus' RRFRanker).
+    rrf_k: int = Field(60, ge=1, le=1000)
+    dense_weight: float = Field(1.0, ge=0.0, le=1.0)
+    lexical_weight: float = Field(1.0, ge=0.0, le=1.0)
+    # Candidates each ranking of a hybrid search contributes (at least k).
+    hybrid_candidates: int = Field(50, ge=1, le=10_000)
+    # Re-rank with the cross-encoder ([rerank]) when a request does not say.
+    rerank_by_default: bool = False
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> RetrievalConfig:
+        if self.dense_weight == 0 and self.lexical_weight == 0:
+            raise ValueError("retrieval.dense_weight and lexical_weight cannot both be 0")
+        return self
+
+
+class RerankConfig(_Section):
+    """An optional cross-encoder that re-scores the best candidates of a
+    search (off unless a model is configured; none ships with rag-grpc).
+
+    ``model_dir``: a Hugging Face BERT-family sequence-classification model
+    (config.json, model.safetensors, tokenizer.json), exported to ONNX by our
+    own exporter on first use and cached like the embedder's. Or
+    ``onnx_path`` + ``tokenizer_path``: a user's ONNX cross-encoder taking
+    input_ids / attention_mask (/ token_type_ids) and giving one logit per
+    pair. ``sha256``: optional expected hashes by file name, checked at start.
+    """
+
+    model_dir: Path | None = None
+    onnx_path: Path | None = None
+    tokenizer_path: Path | None = None
+    sha256: dict[str, str] = Field(default_factory=dict)
+    model_id: str | None = None
+    variant: Literal["auto", "fp32", "fp16", "int8"] = "auto"
+    # Empty: the best available of TensorRT, CUDA, CPU (as the embedder).
+    providers: tuple[str, ...] = ()
+    max_sequence_length: int = Field(512, ge=8, le=8192)
+    batch_size: int = Field(16, ge=1, le=1024)
+    intra_op_threads: int = Field(0, ge=0, le=256)
+    # Candidates re-scored when a request gives no rerank_top_n, and the most
+    # a request may ask for (each costs one model pass over query + chunk).
+    top_n: int = Field(50, ge=1, le=10_000)
+    max_top_n: int = Field(200, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _one_model(self) -> RerankConfig:
+        if self.onnx_path is not None and self.model_dir is not None:
+            raise ValueError("set rerank.model_dir or rerank.onnx_path, not both")
+        if (self.onnx_path is None) != (self.tokenizer_path is None):
+            raise ValueError("rerank.onnx_path and rerank.tokenizer_path go together")
+        if self.top_n > self.max_top_n:
+            raise ValueError("rerank.top_n cannot exceed rerank.max_top_n")
+        return self
+
+    @property
+    def configured(self) -> bool:
+        return self.model_dir is not None or self.onnx_path is not None
+
+
 class ChunkingConfig(_Section):
     """Token-aware chunking of documents."""
 
@@ -513,6 +578,8 @@ class Settings(BaseSettings):
     server: ServerConfig = ServerConfig()
     index: IndexConfig = IndexConfig()
     embedding: EmbeddingConfig = EmbeddingConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
+    rerank: RerankConfig = RerankConfig()
     chunking: ChunkingConfig = ChunkingConfig()
     limits: LimitsConfig = LimitsConfig()
     generation: GenerationConfig = GenerationConfig()

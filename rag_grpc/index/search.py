@@ -44,6 +44,18 @@ class SearchQuery:
     ef: int = 0
     by_document: bool = False
     chunks_per_document: int = 0
+    # "" (the server's default), "dense", "lexical" or "hybrid".
+    mode: str = ""
+    # Hybrid fusion: "" (server default), "rrf" or "relative_score"; 0 and
+    # None mean the server's defaults.
+    fusion: str = ""
+    rrf_k: int = 0
+    dense_weight: float | None = None
+    lexical_weight: float | None = None
+    candidates: int = 0
+    # None: the server's default (retrieval.rerank_by_default).
+    rerank: bool | None = None
+    rerank_top_n: int = 0
 
 
 class Searcher:

@@ -7,6 +7,7 @@ message has one mapping.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -184,7 +185,33 @@ def query_from_pb(request: retrieval_pb2.SearchRequest) -> SearchQuery:
         ef=request.ef,
         by_document=request.by_document,
         chunks_per_document=request.chunks_per_document,
+        mode=_MODES.get(request.mode, f"unknown ({request.mode})"),
+        fusion=_FUSIONS.get(request.fusion.method, f"unknown ({request.fusion.method})"),
+        rrf_k=request.fusion.rrf_k,
+        dense_weight=(
+            request.fusion.dense_weight if request.fusion.HasField("dense_weight") else None
+        ),
+        lexical_weight=(
+            request.fusion.lexical_weight if request.fusion.HasField("lexical_weight") else None
+        ),
+        candidates=request.fusion.candidates,
+        rerank=request.rerank if request.HasField("rerank") else None,
+        rerank_top_n=request.rerank_top_n,
     )
+
+
+# Wire enum values <-> the core's names ("" is the server's default).
+_MODES = {
+    retrieval_pb2.RETRIEVAL_MODE_UNSPECIFIED: "",
+    retrieval_pb2.RETRIEVAL_MODE_DENSE: "dense",
+    retrieval_pb2.RETRIEVAL_MODE_LEXICAL: "lexical",
+    retrieval_pb2.RETRIEVAL_MODE_HYBRID: "hybrid",
+}
+_FUSIONS = {
+    retrieval_pb2.Fusion.METHOD_UNSPECIFIED: "",
+    retrieval_pb2.Fusion.METHOD_RRF: "rrf",
+    retrieval_pb2.Fusion.METHOD_RELATIVE_SCORE: "relative_score",
+}
 
 
 def query_to_pb(query: SearchQuery) -> retrieval_pb2.SearchRequest:
@@ -195,7 +222,18 @@ def query_to_pb(query: SearchQuery) -> retrieval_pb2.SearchRequest:
         ef=query.ef,
         by_document=query.by_document,
         chunks_per_document=query.chunks_per_document,
+        rerank_top_n=query.rerank_top_n,
     )
+    request.mode = _wire(_MODES, query.mode, "mode")
+    request.fusion.method = _wire(_FUSIONS, query.fusion, "fusion")
+    request.fusion.rrf_k = query.rrf_k
+    request.fusion.candidates = query.candidates
+    if query.dense_weight is not None:
+        request.fusion.dense_weight = query.dense_weight
+    if query.lexical_weight is not None:
+        request.fusion.lexical_weight = query.lexical_weight
+    if query.rerank is not None:
+        request.rerank = query.rerank
     if query.vector is not None:
         request.vector.values.extend(query.vector)
     elif query.text is not None:
@@ -203,6 +241,15 @@ def query_to_pb(query: SearchQuery) -> retrieval_pb2.SearchRequest:
     if query.filter is not None:
         request.filter.CopyFrom(filter_to_pb(query.filter))
     return request
+
+
+def _wire(names: Mapping[Any, str], name: str, what: str) -> Any:
+    for value, known in names.items():
+        if known == name:
+            return value
+    raise InvalidArgument(
+        f"unknown {what} {name!r}; choose from {', '.join(filter(None, names.values()))}"
+    )
 
 
 def hit_to_pb(hit: Hit) -> retrieval_pb2.Hit:
