@@ -22,7 +22,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,10 +110,13 @@ class Pooling:
         raise ModelFilesError(f"{path}: only mean or CLS pooling is supported")
 
 
-def source_hash(source: Path) -> str:
-    """One sha256 over the source files' names and hashes."""
+def source_hash(source: Path, files: Sequence[str] = SOURCE_FILES, *, salt: str = "") -> str:
+    """One sha256 over the source files' names and hashes (and ``salt``, which
+    names a graph other than the sentence encoder, so its exports never share a key)."""
     digest = hashlib.sha256(f"exporter {EXPORTER_VERSION}\n".encode())
-    for name in SOURCE_FILES:
+    if salt:
+        digest.update(f"{salt}\n".encode())
+    for name in files:
         path = source / name
         if not path.is_file():
             raise ModelFilesError(f"model source {source} has no {name}")
@@ -138,13 +141,18 @@ def load_weights(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-class _Graph:
-    """A small builder over onnx.helper: unique names, constants as initializers."""
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
-    def __init__(self) -> None:
+
+class GraphBuilder:
+    """A small builder over onnx.helper: unique names, constants as initializers,
+    and the BERT building blocks, read from one model's weights."""
+
+    def __init__(self, weights: dict[str, np.ndarray]) -> None:
         from onnx import NodeProto, TensorProto, helper
 
         self.helper = helper
+        self.weights = weights
         self.nodes: list[NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._count = 0
@@ -174,65 +182,92 @@ class _Graph:
         self.nodes.append(node)
         return out
 
-
-def build_graph(
-    config: BertConfig,
-    weights: dict[str, np.ndarray],
-    pooling: Pooling | None,
-) -> object:
-    """The fp32 ONNX model: (input_ids, attention_mask, token_type_ids) -> sentence_embedding.
-
-    With ``pooling=None`` the graph stops at the token states
-    (``last_hidden_state`` [batch, tokens, hidden]), as most public exports do.
-    """
-    from onnx import TensorProto, helper
-
-    g = _Graph()
-    f32 = np.float32
-    hidden, heads = config.hidden_size, config.num_attention_heads
-    head_size = hidden // heads
-
-    def w(name: str) -> np.ndarray:
+    def weight(self, name: str) -> np.ndarray:
+        """One float32 tensor of the model, or an error naming the missing one."""
         try:
-            return np.ascontiguousarray(weights[name], dtype=f32)
+            return np.ascontiguousarray(self.weights[name], dtype=np.float32)
         except KeyError:
             raise ModelFilesError(f"model.safetensors has no tensor {name!r}") from None
 
-    def linear(x: str, prefix: str) -> str:
+    def linear(self, x: str, prefix: str) -> str:
+        """x @ W.T + b with the weight and bias of the Hugging Face layer ``prefix``."""
         # Hugging Face stores [out, in]; MatMul wants [in, out].
-        weight = g.const(w(f"{prefix}.weight").T.copy(), "weight")
-        product = g.op("MatMul", [x, weight], node_name=f"{prefix}/MatMul")
-        return g.op("Add", [product, g.const(w(f"{prefix}.bias"), "bias")])
+        weight = self.const(self.weight(f"{prefix}.weight").T.copy(), "weight")
+        product = self.op("MatMul", [x, weight], node_name=f"{prefix}/MatMul")
+        return self.op("Add", [product, self.const(self.weight(f"{prefix}.bias"), "bias")])
 
-    def layer_norm(x: str, prefix: str) -> str:
-        return g.op(
+    def layer_norm(self, x: str, prefix: str, epsilon: float) -> str:
+        return self.op(
             "LayerNormalization",
-            [x, g.const(w(f"{prefix}.weight"), "gamma"), g.const(w(f"{prefix}.bias"), "beta")],
+            [
+                x,
+                self.const(self.weight(f"{prefix}.weight"), "gamma"),
+                self.const(self.weight(f"{prefix}.bias"), "beta"),
+            ],
             axis=-1,
-            epsilon=config.layer_norm_eps,
+            epsilon=epsilon,
         )
+
+    def finish(self, graph_name: str, x: str, output: str, shape: list[int | str]) -> object:
+        """The ONNX model: the three BERT inputs in, tensor ``x`` out as float ``output``."""
+        from onnx import TensorProto
+
+        helper = self.helper
+        self.nodes.append(helper.make_node("Identity", [x], [output], name="output"))
+        graph = helper.make_graph(
+            self.nodes,
+            graph_name,
+            [
+                helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
+                for n in INPUT_NAMES
+            ],
+            [helper.make_tensor_value_info(output, TensorProto.FLOAT, shape)],
+            initializer=self.initializers,
+        )
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET)],
+            producer_name="rag-grpc",
+            producer_version=str(EXPORTER_VERSION),
+        )
+        model.ir_version = 8
+        return model
+
+
+def write_encoder(g: GraphBuilder, config: BertConfig) -> str:
+    """Embeddings and encoder layers into ``g``; returns the token states
+    [batch, tokens, hidden]. Written in the shape PyTorch's exporter gives
+    BERT, so ONNX Runtime's optimizer fuses it."""
+    f32 = np.float32
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    head_size = hidden // heads
+    eps = config.layer_norm_eps
 
     def split_heads(x: str, perm: list[int]) -> str:
         shaped = g.op("Reshape", [x, g.const(np.array([0, 0, heads, head_size], np.int64))])
         return g.op("Transpose", [shaped], perm=perm)
 
     # Embeddings: word + position + token type, then LayerNorm.
-    ids, mask, types = "input_ids", "attention_mask", "token_type_ids"
+    ids, mask, types = INPUT_NAMES
     seq_len = g.op("Gather", [g.op("Shape", [ids]), g.const(np.array(1, np.int64))], axis=0)
     positions = g.op(
         "Range", [g.const(np.array(0, np.int64)), seq_len, g.const(np.array(1, np.int64))]
     )
     positions = g.op("Unsqueeze", [positions, g.const(np.array([0], np.int64))])
-    word = g.op("Gather", [g.const(w("embeddings.word_embeddings.weight"), "word"), ids], axis=0)
+    word = g.op(
+        "Gather", [g.const(g.weight("embeddings.word_embeddings.weight"), "word"), ids], axis=0
+    )
     pos = g.op(
         "Gather",
-        [g.const(w("embeddings.position_embeddings.weight"), "position"), positions],
+        [g.const(g.weight("embeddings.position_embeddings.weight"), "position"), positions],
         axis=0,
     )
     typ = g.op(
-        "Gather", [g.const(w("embeddings.token_type_embeddings.weight"), "type"), types], axis=0
+        "Gather",
+        [g.const(g.weight("embeddings.token_type_embeddings.weight"), "type"), types],
+        axis=0,
     )
-    x = layer_norm(g.op("Add", [g.op("Add", [word, pos]), typ]), "embeddings.LayerNorm")
+    x = g.layer_norm(g.op("Add", [g.op("Add", [word, pos]), typ]), "embeddings.LayerNorm", eps)
 
     # The additive attention mask, (1 - mask) * -10000, as BERT's exporters write it.
     mask_4d = g.op(
@@ -248,16 +283,16 @@ def build_graph(
 
     for i in range(config.num_hidden_layers):
         p = f"encoder.layer.{i}"
-        q = split_heads(linear(x, f"{p}.attention.self.query"), [0, 2, 1, 3])
-        k = split_heads(linear(x, f"{p}.attention.self.key"), [0, 2, 3, 1])
-        v = split_heads(linear(x, f"{p}.attention.self.value"), [0, 2, 1, 3])
+        q = split_heads(g.linear(x, f"{p}.attention.self.query"), [0, 2, 1, 3])
+        k = split_heads(g.linear(x, f"{p}.attention.self.key"), [0, 2, 3, 1])
+        v = split_heads(g.linear(x, f"{p}.attention.self.value"), [0, 2, 1, 3])
         scores = g.op("Div", [g.op("MatMul", [q, k]), scale])
         probs = g.op("Softmax", [g.op("Add", [scores, mask_bias])], axis=-1)
         context = g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])
         context = g.op("Reshape", [context, g.const(np.array([0, 0, hidden], np.int64))])
-        attended = linear(context, f"{p}.attention.output.dense")
-        x = layer_norm(g.op("Add", [attended, x]), f"{p}.attention.output.LayerNorm")
-        inner = linear(x, f"{p}.intermediate.dense")
+        attended = g.linear(context, f"{p}.attention.output.dense")
+        x = g.layer_norm(g.op("Add", [attended, x]), f"{p}.attention.output.LayerNorm", eps)
+        inner = g.linear(x, f"{p}.intermediate.dense")
         # Exact (erf) Gelu: x * 0.5 * (1 + erf(x / sqrt(2))).
         erf = g.op("Erf", [g.op("Div", [inner, g.const(np.array(math.sqrt(2.0), f32))])])
         gelu = g.op(
@@ -267,44 +302,31 @@ def build_graph(
                 g.const(np.array(0.5, f32)),
             ],
         )
-        out = linear(gelu, f"{p}.output.dense")
-        x = layer_norm(g.op("Add", [out, x]), f"{p}.output.LayerNorm")
+        out = g.linear(gelu, f"{p}.output.dense")
+        x = g.layer_norm(g.op("Add", [out, x]), f"{p}.output.LayerNorm", eps)
+    return x
 
+
+def build_graph(
+    config: BertConfig,
+    weights: dict[str, np.ndarray],
+    pooling: Pooling | None,
+) -> object:
+    """The fp32 ONNX model: (input_ids, attention_mask, token_type_ids) -> sentence_embedding.
+
+    With ``pooling=None`` the graph stops at the token states
+    (``last_hidden_state`` [batch, tokens, hidden]), as most public exports do.
+    """
+    g = GraphBuilder(weights)
+    x = write_encoder(g, config)
+    hidden = config.hidden_size
     if pooling is None:
-        output = helper.make_tensor_value_info(
-            "last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", hidden]
-        )
-        g.nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"], name="output"))
-    else:
-        output = helper.make_tensor_value_info(
-            "sentence_embedding", TensorProto.FLOAT, ["batch", hidden]
-        )
-        pooled = _pool(g, x, mask, pooling)
-        g.nodes.append(
-            helper.make_node("Identity", [pooled], ["sentence_embedding"], name="output")
-        )
-
-    graph = helper.make_graph(
-        g.nodes,
-        "sentence_encoder",
-        [
-            helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
-            for n in (ids, mask, types)
-        ],
-        [output],
-        initializer=g.initializers,
-    )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="rag-grpc",
-        producer_version=str(EXPORTER_VERSION),
-    )
-    model.ir_version = 8
-    return model
+        return g.finish("sentence_encoder", x, "last_hidden_state", ["batch", "sequence", hidden])
+    pooled = _pool(g, x, INPUT_NAMES[1], pooling)
+    return g.finish("sentence_encoder", pooled, "sentence_embedding", ["batch", hidden])
 
 
-def _pool(g: _Graph, x: str, mask: str, pooling: Pooling) -> str:
+def _pool(g: GraphBuilder, x: str, mask: str, pooling: Pooling) -> str:
     """Mean (over real tokens) or CLS pooling, then optional L2 normalisation."""
     f32 = np.float32
     if pooling.mode == "mean":
@@ -337,11 +359,48 @@ def export_dir(cache_root: Path, digest: str, variant: str) -> Path:
     return cache_root / digest[:16] / variant
 
 
+@dataclass(frozen=True)
+class BuiltGraph:
+    """An fp32 graph ready to optimise, its encoder's shape, and facts for the manifest."""
+
+    model: object
+    config: BertConfig
+    facts: dict[str, object]
+
+
 def export_model(source: Path, cache_root: Path, variant: str, *, force: bool = False) -> Export:
-    """Export ``source`` as ``variant`` into the cache (or reuse the cached one)."""
+    """Export sentence encoder ``source`` as ``variant`` into the cache (or reuse it)."""
+
+    def build() -> BuiltGraph:
+        config = BertConfig.from_file(source / "config.json")
+        pooling = Pooling.from_file(source / "pooling.json")
+        model = build_graph(config, load_weights(source / "model.safetensors"), pooling)
+        facts: dict[str, object] = {
+            "dimension": config.hidden_size,
+            "pooling": pooling.mode,
+            "normalize": pooling.normalize,
+        }
+        return BuiltGraph(model, config, facts)
+
+    return cached_export(source, cache_root, variant, SOURCE_FILES, build, force=force)
+
+
+def cached_export(
+    source: Path,
+    cache_root: Path,
+    variant: str,
+    source_files: Sequence[str],
+    build: Callable[[], BuiltGraph],
+    *,
+    salt: str = "",
+    force: bool = False,
+) -> Export:
+    """The one export path for every graph kind: key by the source files' hashes,
+    reuse a verified cached export, else build, optimise, convert to ``variant``
+    and move the result into place whole."""
     if variant not in VARIANTS:
         raise ModelFilesError(f"unknown model variant {variant!r}; choose one of {VARIANTS}")
-    digest = source_hash(source)
+    digest = source_hash(source, source_files, salt=salt)
     target = export_dir(cache_root, digest, variant)
     if not force:
         try:
@@ -349,22 +408,18 @@ def export_model(source: Path, cache_root: Path, variant: str, *, force: bool = 
         except ModelFilesError:
             pass
     started = time.perf_counter()
-    config = BertConfig.from_file(source / "config.json")
-    pooling = Pooling.from_file(source / "pooling.json")
+    built = build()  # before anything is written, so a bad source leaves no trace
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{variant}-", dir=target.parent) as tmp:
         staging = Path(tmp) / "out"
         staging.mkdir()
-        model = build_graph(config, load_weights(source / "model.safetensors"), pooling)
-        fusions = _optimize_and_save(model, config, variant, staging / "model.onnx")
+        fusions = _optimize_and_save(built.model, built.config, variant, staging / "model.onnx")
         manifest: dict[str, object] = {
             "variant": variant,
             "source_hash": digest,
             "exporter_version": EXPORTER_VERSION,
             "opset": OPSET,
-            "dimension": config.hidden_size,
-            "pooling": pooling.mode,
-            "normalize": pooling.normalize,
+            **built.facts,
             "fusions": fusions,
             "model_sha256": sha256_file(staging / "model.onnx"),
             "seconds": round(time.perf_counter() - started, 1),
@@ -483,11 +538,15 @@ __all__ = [
     "MANIFEST",
     "VARIANTS",
     "BertConfig",
+    "BuiltGraph",
     "Export",
+    "GraphBuilder",
     "Pooling",
     "build_graph",
+    "cached_export",
     "export_model",
     "list_exports",
     "source_hash",
     "verify_export",
+    "write_encoder",
 ]
