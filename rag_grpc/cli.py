@@ -12,10 +12,13 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rag_grpc.config import ConfigError, Settings, load_settings, read_secret_file
 from rag_grpc.documents import Document, Hit
+
+if TYPE_CHECKING:
+    from rag_grpc.client import SearchOptions
 
 DEFAULT_TARGET = "localhost:50051"
 TEXT_SUFFIXES = {".txt", ".md"}
@@ -206,8 +209,51 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with --by-document: up to N chunks per document (default 1, at most 16)",
     )
+    search.add_argument(
+        "--mode",
+        choices=["dense", "lexical", "hybrid"],
+        help="dense (embeddings), lexical (BM25) or hybrid (both, fused); default: the "
+        "server's retrieval.default_mode",
+    )
+    search.add_argument(
+        "--fusion",
+        choices=["rrf", "relative_score"],
+        help="with --mode hybrid: how the two rankings merge (default: the server's)",
+    )
+    search.add_argument(
+        "--rrf-k", type=int, default=0, metavar="K", help="reciprocal rank fusion's k (1-1000)"
+    )
+    search.add_argument(
+        "--rerank",
+        action="store_true",
+        default=None,
+        help="re-score the best candidates with the server's cross-encoder",
+    )
     search.add_argument("--json", action="store_true", help="print one JSON array of hits")
     search.set_defaults(func=_search)
+
+    evaluate = client_command(
+        "eval", "retrieval quality of a queries file: recall, MRR and nDCG at k per mode"
+    )
+    evaluate.add_argument(
+        "queries",
+        type=Path,
+        help='JSON Lines: {"query": "...", "relevant": ["doc-id", ...] or {"doc-id": grade}}',
+    )
+    evaluate.add_argument("-k", "--k", type=int, default=10, help="documents per query (10)")
+    evaluate.add_argument(
+        "--mode",
+        action="append",
+        help="dense, lexical or hybrid; repeat or comma-separate (default: all three)",
+    )
+    evaluate.add_argument(
+        "--fusion", choices=["rrf", "relative_score"], help="hybrid's fusion (server default)"
+    )
+    evaluate.add_argument(
+        "--rerank", action="store_true", default=None, help="re-rank every mode's candidates"
+    )
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object per mode")
+    evaluate.set_defaults(func=_eval)
 
     ask = client_command("ask", "ask a question; streams the answer, then the citations")
     ask.add_argument("question")
@@ -722,6 +768,7 @@ def _search(args: argparse.Namespace) -> int:
             filter=_parse_filter(args.filter),
             by_document=args.by_document,
             chunks_per_document=args.chunks_per_document,
+            **_search_options(args),
         )
     if args.json:
         print(_json([_hit_json(h) for h in hits]))
@@ -732,6 +779,72 @@ def _search(args: argparse.Namespace) -> int:
     if not hits:
         print("no hits")
     return 0
+
+
+def _search_options(args: argparse.Namespace) -> SearchOptions:
+    """Mode, fusion and re-ranking as given; the rest left to the server."""
+    options: SearchOptions = {}
+    if args.mode:
+        options["mode"] = args.mode
+    if args.fusion:
+        options["fusion"] = args.fusion
+    if args.rrf_k:
+        options["rrf_k"] = args.rrf_k
+    if args.rerank is not None:
+        options["rerank"] = args.rerank
+    return options
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rag_grpc.evaluation import MODES, QueriesError, evaluate, load_queries, variants
+
+    modes = [m.strip() for given in args.mode or [",".join(MODES)] for m in given.split(",")]
+    modes = list(dict.fromkeys(m for m in modes if m))
+    try:
+        chosen = variants(modes, fusion=args.fusion or "", rerank=args.rerank)
+    except ValueError as exc:
+        raise UsageError(f"--mode/--fusion: {exc}") from None
+    if args.k < 1:
+        raise UsageError(f"--k must be at least 1, got {args.k}")
+    try:
+        queries = load_queries(args.queries)
+    except QueriesError as exc:
+        raise UsageError(str(exc)) from None
+    with _client(args) as client:
+        reports = evaluate(client, queries, args.k, chosen, args.namespace)
+    if args.json:
+        from dataclasses import asdict
+
+        for report in reports:
+            print(_json(asdict(report)))
+    else:
+        k = args.k
+        print(f"{len(queries)} queries, k={k}, namespace {shown(args.namespace or 'default')}")
+        header = ["mode", f"recall@{k}", f"MRR@{k}", f"nDCG@{k}", "p50 ms", "p95 ms", "dup"]
+        rows = [
+            [
+                r.label,
+                f"{r.recall:.3f}",
+                f"{r.mrr:.3f}",
+                f"{r.ndcg:.3f}",
+                f"{r.latency_p50_ms:.1f}",
+                f"{r.latency_p95_ms:.1f}",
+                str(r.duplicates),
+            ]
+            for r in reports
+        ]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            print(
+                "  ".join(
+                    c.ljust(w) if i == 0 else c.rjust(w)
+                    for i, (c, w) in enumerate(zip(row, widths, strict=True))
+                )
+            )
+    failed = [r for r in reports if r.error]
+    for r in failed:
+        print(f"rag-grpc: {r.label}: {shown(r.error or '')}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _ask(args: argparse.Namespace) -> int:
