@@ -1,9 +1,11 @@
-"""An independent BERT sentence-encoder forward pass in plain numpy, read
-straight from model.safetensors: the yardstick for our ONNX exports.
+"""Independent BERT forward passes in plain numpy, read straight from
+model.safetensors: the yardsticks for our ONNX exports (the sentence encoder,
+and the sequence-classification cross-encoder).
 
 Written from the BERT paper's definition (post-LayerNorm blocks, exact erf
-Gelu, additive attention mask) and sentence-transformers' mean pooling; it
-shares no code with rag_grpc.embed.export.
+Gelu, additive attention mask, tanh pooler over [CLS]), sentence-transformers'
+mean pooling and Hugging Face's BertForSequenceClassification head; it shares
+no code with rag_grpc.embed.export or rag_grpc.rerank.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ _erf = np.frompyfunc(math.erf, 1, 1)
 class ReferenceEncoder:
     def __init__(self, model_dir: Path) -> None:
         self.config = json.loads((model_dir / "config.json").read_text())
+        # ForSequenceClassification checkpoints keep the encoder under "bert.".
         self.w = {
-            k: v.astype(np.float64)
+            k.removeprefix("bert."): v.astype(np.float64)
             for k, v in load_file(model_dir / "model.safetensors").items()
             if v.dtype == np.float32
         }
@@ -38,12 +41,17 @@ class ReferenceEncoder:
 
     def encode_one(self, ids: list[int]) -> np.ndarray:
         """One text's token ids (with [CLS]/[SEP]) -> its unit sentence vector."""
+        pooled = self.token_states(ids).mean(0)
+        return pooled / np.linalg.norm(pooled)
+
+    def token_states(self, ids: list[int], type_ids: list[int] | None = None) -> np.ndarray:
+        """One sequence's final hidden states [tokens, hidden] (no padding)."""
         heads = self.config["num_attention_heads"]
         n = len(ids)
         x = (
             self.w["embeddings.word_embeddings.weight"][ids]
             + self.w["embeddings.position_embeddings.weight"][:n]
-            + self.w["embeddings.token_type_embeddings.weight"][0]
+            + self.w["embeddings.token_type_embeddings.weight"][type_ids or [0] * n]
         )
         x = self._layer_norm(x, "embeddings.LayerNorm")
         for i in range(self.config["num_hidden_layers"]):
@@ -67,5 +75,14 @@ class ReferenceEncoder:
             x = self._layer_norm(
                 x + self._linear(gelu, f"{p}.output.dense"), f"{p}.output.LayerNorm"
             )
-        pooled = x.mean(0)
-        return pooled / np.linalg.norm(pooled)
+        return x
+
+
+class ReferenceCrossEncoder(ReferenceEncoder):
+    def score_one(self, ids: list[int], type_ids: list[int]) -> float:
+        """One (query, passage) pair's token and type ids -> its relevance score:
+        the logit with one label, logit[1] - logit[0] with two."""
+        cls_state = self.token_states(ids, type_ids)[0]
+        pooled = np.tanh(self._linear(cls_state, "pooler.dense"))
+        logits = self._linear(pooled, "classifier")
+        return float(logits[0] if len(logits) == 1 else logits[1] - logits[0])
