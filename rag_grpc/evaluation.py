@@ -227,59 +227,76 @@ def evaluate(
     modes: Sequence[str | Variant] = MODES,
     namespace: str = "",
     *,
-    progress: Callable[[str, int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[ModeReport]:
     """Search every query once per mode (a name or a Variant), k distinct
     documents each, and report the metrics' means and the latency a client
     sees. A mode the server refuses (an RpcError) ends that mode with its
-    error; the others still run. progress(label, done) after each query."""
+    error; the others still run. progress(done) after each query."""
     from rag_grpc.client import RpcError
 
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    reports = []
-    for mode in modes:
-        variant = mode if isinstance(mode, Variant) else variants([mode])[0]
-        recalls: list[float] = []
-        rranks: list[float] = []
-        ndcgs: list[float] = []
-        latencies: list[float] = []
-        duplicates = short = 0
-        error = None
-        # Relevance is judged per document: k distinct documents, one hit each.
-        options: SearchOptions = {**variant.options, "by_document": True, "chunks_per_document": 1}
-        for query in queries:
+    runs = [_Run(m if isinstance(m, Variant) else variants([m])[0]) for m in modes]
+    for number, query in enumerate(queries):
+        # The modes take turns on each query, first place rotating, so a
+        # change in the machine's load while this runs reaches every mode
+        # alike and their latencies stay comparable.
+        for i in range(len(runs)):
+            run = runs[(number + i) % len(runs)]
+            if run.error is not None:
+                continue
             started = time.perf_counter()
             try:
-                hits = client.search(query.query, k=k, namespace=namespace, **options)
+                hits = client.search(query.query, k=k, namespace=namespace, **run.options)
             except RpcError as exc:
-                error = str(exc)
-                break
-            latencies.append((time.perf_counter() - started) * 1000)
+                run.error = str(exc)
+                continue
+            run.latencies.append((time.perf_counter() - started) * 1000)
             ranked = list(dict.fromkeys(hit.document_id for hit in hits))
-            duplicates += len(hits) - len(ranked)
-            short += len(ranked) < k
-            recalls.append(recall_at_k(ranked, query.relevant, k))
-            rranks.append(reciprocal_rank_at_k(ranked, query.relevant, k))
-            ndcgs.append(ndcg_at_k(ranked, query.relevant, k))
-            if progress is not None:
-                progress(variant.label, len(recalls))
-        reports.append(
-            ModeReport(
-                variant.label,
-                len(recalls),
-                k,
-                _mean(recalls),
-                _mean(rranks),
-                _mean(ndcgs),
-                percentile(latencies, 50),
-                percentile(latencies, 95),
-                duplicates,
-                short,
-                error,
-            )
+            run.duplicates += len(hits) - len(ranked)
+            run.short += len(ranked) < k
+            run.recalls.append(recall_at_k(ranked, query.relevant, k))
+            run.rranks.append(reciprocal_rank_at_k(ranked, query.relevant, k))
+            run.ndcgs.append(ndcg_at_k(ranked, query.relevant, k))
+        if progress is not None:
+            progress(number + 1)
+    return [run.report(k) for run in runs]
+
+
+class _Run:
+    """What one variant has gathered so far."""
+
+    def __init__(self, variant: Variant) -> None:
+        self.label = variant.label
+        # Relevance is judged per document: k distinct documents, one hit each.
+        self.options: SearchOptions = {
+            **variant.options,
+            "by_document": True,
+            "chunks_per_document": 1,
+        }
+        self.recalls: list[float] = []
+        self.rranks: list[float] = []
+        self.ndcgs: list[float] = []
+        self.latencies: list[float] = []
+        self.duplicates = 0
+        self.short = 0
+        self.error: str | None = None
+
+    def report(self, k: int) -> ModeReport:
+        return ModeReport(
+            self.label,
+            len(self.recalls),
+            k,
+            _mean(self.recalls),
+            _mean(self.rranks),
+            _mean(self.ndcgs),
+            percentile(self.latencies, 50),
+            percentile(self.latencies, 95),
+            self.duplicates,
+            self.short,
+            self.error,
         )
-    return reports
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -143,6 +143,16 @@ def test_evaluate_reports_the_metrics_the_data_implies(seeded: RagClient) -> Non
     assert report.recall == 0.5 and report.mrr == 0.5 and report.ndcg == 0.5
     assert report.duplicates == 0 and report.short == 0
     assert 0 < report.latency_p50_ms <= report.latency_p95_ms
+    # Five documents stored: k=10 finds all of them, so every query is short.
+    [report] = evaluate(seeded, queries, k=10, modes=["dense"])
+    assert (report.recall, report.short, report.duplicates) == (0.5, 2, 0)
+
+
+def test_a_mode_the_server_refuses_reports_its_error(seeded: RagClient) -> None:
+    queries = parse_queries(json.dumps(r) for r in QUERIES)
+    reports = evaluate(seeded, queries, k=2, modes=["dense"], namespace="nowhere")
+    assert reports[0].error is not None and "NOT_FOUND" in reports[0].error
+    assert reports[0].queries == 0
 
 
 def test_eval_command_prints_each_mode(
@@ -176,6 +186,9 @@ def test_eval_command_prints_each_mode(
     assert set(rows) == {"dense", "lexical", "hybrid"}
     for row in rows.values():
         assert row[1:4] == ["0.500", "0.500", "0.500"] and row[-1] == "0"
+
+    assert cli.main(["eval", str(path), "--namespace", "nowhere", *target]) == 1
+    assert "rag-grpc: dense: NOT_FOUND" in capsys.readouterr().err
 
 
 def test_eval_command_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
