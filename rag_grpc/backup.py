@@ -53,6 +53,7 @@ from typing import IO, Any, Protocol
 from rag_grpc import __version__
 from rag_grpc.documents import resolve_namespace
 from rag_grpc.errors import InvalidArgument
+from rag_grpc.store import lexical
 
 MAGIC = b"RAGBACKUP"
 VERSION = 2
@@ -665,24 +666,47 @@ def check_database(path: Path) -> None:
             raise BackupError(
                 f"the database in the archive fails SQLite's integrity check: {result}"
             )
-        objects = conn.execute("SELECT type, name FROM sqlite_master").fetchall()
+        objects = conn.execute("SELECT type, name, sql FROM sqlite_master").fetchall()
     except sqlite3.Error as exc:
         raise BackupError(f"the database in the archive is damaged: {exc}") from None
     finally:
         conn.close()
-    tables = {name for kind, name in objects if kind == "table"}
+    tables = {name for kind, name, _ in objects if kind == "table"}
     if not tables >= REQUIRED_TABLES:
         raise BackupError(
             "the database in the archive is not a rag-grpc database (it lacks the tables "
             f"{sorted(REQUIRED_TABLES - tables)})"
         )
-    # We create tables and indexes only; a trigger or view in a restored
-    # database would run its SQL on our reads and writes.
-    foreign = sorted(f"{kind} {name}" for kind, name in objects if kind not in ("table", "index"))
+    # We create tables and indexes, and the lexical index's virtual table and
+    # triggers exactly as lexical.SCHEMA writes them; another trigger, view or
+    # virtual table in a restored database would run its SQL or module on our
+    # reads and writes.
+    ours = lexical.definitions()
+    foreign = sorted(
+        f"{kind} {name}"
+        for kind, name, sql in objects
+        if not (
+            kind == "index"
+            or (kind == "table" and not (sql or "").upper().startswith("CREATE VIRTUAL"))
+            or ours.get(name) == sql
+        )
+    )
     if foreign:
         raise BackupError(
             f"the database in the archive holds objects rag-grpc never makes: {foreign}"
         )
+    if lexical.TABLE in tables:
+        try:
+            conn = sqlite3.connect(path, isolation_level=None)
+            try:
+                conn.execute("PRAGMA trusted_schema = OFF")
+                lexical.check_integrity(conn)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise BackupError(
+                f"the database's lexical index disagrees with its chunks: {exc}"
+            ) from None
 
 
 def check_indexes(index_dir: Path) -> dict[str, str]:

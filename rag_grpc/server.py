@@ -34,6 +34,7 @@ from rag_grpc.generate.extractive import ExtractiveGenerator
 from rag_grpc.generate.pipeline import AnswerCache, LocalSearch, RagPipeline, SearchBackend
 from rag_grpc.generate.triton import TritonGenerator
 from rag_grpc.index.retriever import Retriever
+from rag_grpc.index.search import Rescorer
 from rag_grpc.index.sizes import NamespaceSizes
 from rag_grpc.ingest.backend import IngestionBackend, LocalWrites, WriteBackend
 from rag_grpc.ingest.jobs import IngestionManager, JobQueue
@@ -248,7 +249,15 @@ class RagServer:
                 s.chunking.overlap_tokens,
             )
             self.retriever = Retriever(
-                self.store, self.embedder, chunker, s.data_dir / "index", s.index, s.limits
+                self.store,
+                self.embedder,
+                chunker,
+                s.data_dir / "index",
+                s.index,
+                s.limits,
+                retrieval=s.retrieval,
+                reranker=self._reranker(),
+                rerank=s.rerank,
             )
             if s.ingestion.queue == "nats":
                 # Every process with a store follows the shared write log.
@@ -263,6 +272,16 @@ class RagServer:
                 self.writes = self.nats
             else:
                 self.writes = LocalWrites(self.retriever, self.write_executor)
+
+    def _reranker(self) -> Rescorer | None:
+        """The configured cross-encoder, loaded (and exported) now so a
+        missing file or a wrong hash stops the start, not a search."""
+        s = self.settings
+        if not s.rerank.configured:
+            return None
+        from rag_grpc.rerank import load_reranker
+
+        return load_reranker(s.rerank, s.data_dir)
 
     def _generator(self) -> Generator:
         s = self.settings

@@ -16,13 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rag_grpc.config import IndexConfig, LimitsConfig
+from rag_grpc.config import IndexConfig, LimitsConfig, RerankConfig, RetrievalConfig
 from rag_grpc.documents import Document, SearchResult, WriteResult
 from rag_grpc.embed.chunking import TokenChunker
 from rag_grpc.embed.encoder import Embedder
 from rag_grpc.filters import Filter
 from rag_grpc.index.namespaces import NamespaceIndexes
-from rag_grpc.index.search import ResultCache, Searcher, SearchQuery
+from rag_grpc.index.search import Rescorer, ResultCache, Searcher, SearchQuery
 from rag_grpc.index.writes import PreparedDelete, PreparedUpsert, WritePath
 from rag_grpc.store.sqlite import DocumentStore
 
@@ -51,13 +51,19 @@ class Retriever:
         index_dir: Path,
         index_config: IndexConfig,
         limits: LimitsConfig,
+        *,
+        retrieval: RetrievalConfig | None = None,
+        reranker: Rescorer | None = None,
+        rerank: RerankConfig | None = None,
     ) -> None:
         self.store = store
         self.embedder = embedder
         self.limits = limits
         self.indexes = NamespaceIndexes(store, embedder.dimension, index_dir, index_config)
         self.writes = WritePath(store, self.indexes, embedder, chunker, index_config, limits)
-        self.searcher = Searcher(store, self.indexes, embedder, index_config, limits)
+        self.searcher = Searcher(
+            store, self.indexes, embedder, index_config, limits, retrieval, reranker, rerank
+        )
         cache = self.searcher.results
         if cache is not None:
             self.writes.forget_listeners.append(cache.drop_namespace)

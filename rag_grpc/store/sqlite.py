@@ -23,6 +23,7 @@ import numpy as np
 from rag_grpc.documents import DEFAULT_NAMESPACE, Document, Metadata, MetadataScalar
 from rag_grpc.errors import RagError, ResourceExhausted, Unavailable
 from rag_grpc.filters import And, AnyOf, Equals, Filter, Or, Range
+from rag_grpc.store import lexical
 
 # Chunk records kept in memory for hydrating hits: at most this many, and
 # about this many bytes of their text and metadata.
@@ -158,6 +159,7 @@ class DocumentStore:
         self._local = threading.local()
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
+        lexical.install(self._writer)
         # The default namespace always exists, so a fresh server answers
         # searches with no hits rather than NOT_FOUND.
         self._writer.execute(
@@ -321,8 +323,11 @@ class DocumentStore:
         SQLite build: every connection runs with secure_delete, but a page
         freed by another connection (or a build or caller that turned it off)
         may still hold old text, so VACUUM rewrites the file from live rows
-        and the WAL is checkpointed and truncated (checked, not assumed)."""
+        (after the lexical index merged its segments, which keep deleted
+        chunks' words until then) and the WAL is checkpointed and truncated
+        (checked, not assumed)."""
         self._checkpoint(conn)
+        lexical.merge_away_deleted(conn)
         conn.execute("VACUUM")
         self._checkpoint(conn)
 
@@ -656,6 +661,16 @@ class DocumentStore:
                 if record is not None:
                     self._chunk_cache_bytes -= _record_bytes(record)
 
+    def lexical_ranking(
+        self, namespace: str, expression: str, allowed: np.ndarray | None = None
+    ) -> Iterator[tuple[int, float]]:
+        """(label, BM25 score) of the namespace's chunks matching an FTS5
+        expression from `lexical.match_expression`, best first; consume it in
+        the calling thread (it reads through that thread's connection)."""
+        conn = self._reader()
+        with interruptible(conn, "matching words"):
+            yield from lexical.ranked_labels(conn, namespace, expression, allowed)
+
     def labels(self, namespace: str) -> np.ndarray:
         """Chunk labels of a namespace, without reading their vectors."""
         rows = self._reader().execute(
@@ -793,7 +808,9 @@ PROGRESS_STEPS = 10_000
 
 
 @contextmanager
-def interruptible(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+def interruptible(
+    conn: sqlite3.Connection, stage: str = "matching the filter"
+) -> Iterator[sqlite3.Connection]:
     """Run queries on conn that stop (sqlite3.OperationalError 'interrupted',
     raised as DeadlineExceeded/Cancelled) when the call's deadline passes or it
     is cancelled."""
@@ -803,7 +820,7 @@ def interruptible(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
     def progress() -> int:
         try:
-            deadlines.check("matching the filter")
+            deadlines.check(stage)
         except Exception as exc:  # raised again below, once SQLite has stopped
             stopped.append(exc)
             return 1
