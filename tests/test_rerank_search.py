@@ -86,5 +86,5 @@ def test_a_broken_model_stops_the_start(
     start_server: Callable[..., ServerThread], model: Path
 ) -> None:
     (model / "tokenizer.json").unlink()
-    with pytest.raises(ModelFilesError, match="tokenizer.json"):
+    with pytest.raises(ModelFilesError, match=r"tokenizer\.json"):
         start_server(**settings_for(model))
