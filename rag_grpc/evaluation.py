@@ -203,15 +203,16 @@ def percentile(values: Sequence[float], q: float) -> float:
 def variants(
     modes: Sequence[str], *, fusion: str = "", rerank: bool | None = None
 ) -> list[Variant]:
-    """One Variant per mode name, each with the same fusion and re-ranking."""
+    """One Variant per mode name, each with the same re-ranking; fusion goes
+    to the hybrid mode only (the server refuses it for the others)."""
+    if fusion and fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}; choose {' or '.join(FUSIONS)}")
     out = []
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; modes are {', '.join(MODES)}")
         options: SearchOptions = {"mode": mode}
-        if fusion:
-            if fusion not in FUSIONS:
-                raise ValueError(f"unknown fusion {fusion!r}; choose {' or '.join(FUSIONS)}")
+        if fusion and mode == "hybrid":
             options["fusion"] = fusion
         if rerank is not None:
             options["rerank"] = rerank

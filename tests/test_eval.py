@@ -168,7 +168,8 @@ def test_eval_command_prints_each_mode(
     assert (report["recall"], report["mrr"], report["ndcg"]) == (0.5, 0.5, 0.5)
     assert report["duplicates"] == 0 and report["error"] is None
 
-    assert cli.main(["eval", str(path), "-k", "2", *target]) == 0
+    # --fusion applies to the hybrid mode only (the server refuses it elsewhere).
+    assert cli.main(["eval", str(path), "-k", "2", "--fusion", "relative_score", *target]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "2 queries, k=2, namespace default"
     assert out[1].split() == [
@@ -184,11 +185,21 @@ def test_eval_command_prints_each_mode(
     ]
     rows = {line.split()[0]: line.split() for line in out[2:]}
     assert set(rows) == {"dense", "lexical", "hybrid"}
+    assert "hybrid relative_score" in "\n".join(out)
     for row in rows.values():
-        assert row[1:4] == ["0.500", "0.500", "0.500"] and row[-1] == "0"
+        assert row[-6:-3] == ["0.500", "0.500", "0.500"] and row[-1] == "0"
 
     assert cli.main(["eval", str(path), "--namespace", "nowhere", *target]) == 1
     assert "rag-grpc: dense: NOT_FOUND" in capsys.readouterr().err
+
+    # No cross-encoder on this server: the re-ranked mode fails, the others run.
+    argv = ["eval", str(path), "-k", "2", "--mode", "dense", "--json", *target]
+    assert cli.main([*argv, "--mode", "hybrid", "--rerank"]) == 1
+    captured = capsys.readouterr()
+    reports = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["label"] for r in reports] == ["dense + rerank", "hybrid + rerank"]
+    assert all("FAILED_PRECONDITION" in r["error"] for r in reports)
+    assert "hybrid + rerank: FAILED_PRECONDITION" in captured.err
 
 
 def test_eval_command_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -223,3 +234,6 @@ def test_search_command_with_a_mode(
     assert cli.main([*argv, "--mode", "dense", "--target", target]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert hits[0]["document_id"] == "chess" and len(hits) == 2
+    for options in (["--mode", "lexical"], ["--mode", "hybrid", "--fusion", "rrf", "--rrf-k", "5"]):
+        assert cli.main([*argv, *options, "--target", target]) == 0
+        assert json.loads(capsys.readouterr().out)[0]["document_id"] == "chess"
