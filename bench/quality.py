@@ -26,9 +26,12 @@ Near-duplicate pages (a module and the topic about it) make some "misses"
 right answers, so the numbers are lower bounds, the same for every mode.
 
 Modes: dense, lexical, hybrid with RRF, hybrid with relative-score fusion,
-and hybrid RRF + re-rank when --rerank-model names a cross-encoder (skipped
-with the reason otherwise). A re-ranker with random weights (the test model)
-measures the stage's cost only: its quality figures are no claim. Searches go
+and hybrid RRF + re-rank when --rerank-model names a cross-encoder, or with
+--rerank-random (skipped with the reason otherwise). No trained cross-encoder
+is on this machine: --rerank-random builds one of the shape of
+cross-encoder/ms-marco-MiniLM-L-6-v2 (6 layers, 384 wide) from the embedding
+model's BERT body and a classifier with random weights, so the stage's cost is
+a real one while its quality figures are no claim (they are left out). Searches go
 one at a time through `rag_grpc.evaluation.evaluate` (k distinct documents),
 with the server's result and embedding caches off so each mode pays its own
 way. Targets (measured, not asserted): hybrid >= dense + 0.02 in recall@10
@@ -60,7 +63,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.common import command_line, free_port, record, table
+from bench.common import MODEL_DIR, command_line, free_port, record, table
 from bench.load import start_server
 from rag_grpc.client import RagClient
 from rag_grpc.documents import Document
@@ -209,6 +212,33 @@ def cloze_queries(
     return indexed, [EvalQuery(sentence, {doc_id: 1.0}) for doc_id, sentence in picked]
 
 
+def random_cross_encoder(model_dir: Path, seed: int) -> Path:
+    """A BertForSequenceClassification directory: the embedding model's body
+    and pooler with a random one-logit classifier (cost only, no quality)."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    source = MODEL_DIR
+    model_dir.mkdir(parents=True, exist_ok=True)
+    config = json.loads((source / "config.json").read_text())
+    config.update(
+        architectures=["BertForSequenceClassification"],
+        id2label={"0": "LABEL_0"},
+        label2id={"LABEL_0": 0},
+    )
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.copyfile(source / "tokenizer.json", model_dir / "tokenizer.json")
+    weights = load_file(str(source / "model.safetensors"))
+    rng = np.random.default_rng(seed)
+    hidden = int(config["hidden_size"])
+    weights["classifier.weight"] = rng.normal(0, hidden**-0.5, (1, hidden)).astype(np.float32)
+    weights["classifier.bias"] = np.zeros(1, np.float32)
+    save_file(weights, str(model_dir / "model.safetensors"))
+    return model_dir
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -221,6 +251,11 @@ def main() -> None:
     parser.add_argument("--max-chars", type=int, default=16000)
     parser.add_argument(
         "--rerank-model", type=Path, help="cross-encoder model dir (rerank.model_dir)"
+    )
+    parser.add_argument(
+        "--rerank-random",
+        action="store_true",
+        help="re-rank with a MiniLM-L6-shaped cross-encoder of random head weights (cost only)",
     )
     parser.add_argument("--no-record", action="store_true", help="print only")
     args = parser.parse_args()
@@ -244,6 +279,10 @@ def main() -> None:
         "RAG_GRPC_INDEX__RESULT_CACHE_ENTRIES": "0",
         "RAG_GRPC_EMBEDDING__CACHE_BYTES": "0",
     }
+    if args.rerank_random:
+        if args.rerank_model:
+            parser.error("give --rerank-model or --rerank-random, not both")
+        args.rerank_model = random_cross_encoder(workdir / "random-cross-encoder", args.seed)
     if args.rerank_model:
         env["RAG_GRPC_RERANK__MODEL_DIR"] = str(args.rerank_model.resolve())
     server = start_server(
@@ -263,7 +302,7 @@ def main() -> None:
                 Variant("hybrid rrf", {"mode": "hybrid", "fusion": "rrf"}),
                 Variant("hybrid relative_score", {"mode": "hybrid", "fusion": "relative_score"}),
             ]
-            skipped = "no --rerank-model given (rag-grpc ships no cross-encoder)"
+            skipped = "no --rerank-model or --rerank-random (rag-grpc ships no cross-encoder)"
             if args.rerank_model:
                 skipped = ""
                 modes.append(
@@ -283,46 +322,22 @@ def main() -> None:
             print(f"kept the server's data dir and log for a look: {workdir}", file=sys.stderr)
 
     k = args.k
-    rows = [
-        [
-            r.label,
-            r.recall,
-            r.mrr,
-            r.ndcg,
-            r.latency_p50_ms,
-            r.latency_p95_ms,
-            r.duplicates,
-            "",
-        ]
-        if not r.error
-        else [r.label, "-", "-", "-", "-", "-", "-", f"failed: {r.error}"]
-        for r in reports
-    ]
+    headers = ["mode", f"recall@{k}", f"MRR@{k}", f"nDCG@{k}", "p50 ms", "p95 ms", "duplicates"]
+    rows = result_rows(reports, cost_only={"hybrid rrf + rerank"} if args.rerank_random else set())
     if skipped:
         rows.append(["hybrid rrf + rerank", "-", "-", "-", "-", "-", "-", f"skipped: {skipped}"])
-    headers = [
-        "mode",
-        f"recall@{k}",
-        f"MRR@{k}",
-        f"nDCG@{k}",
-        "p50 ms",
-        "p95 ms",
-        "duplicates",
-        "note",
-    ]
     body = (
         f"{len(docs)} documents ({topics} pydoc topics, {len(docs) - topics} stdlib modules' "
         f"docstrings, {chunks} chunks), {len(queries)} inverse-cloze queries (seed {args.seed}), "
-        f"k={k} documents by document, one search at a time, caches off; upsert took "
-        f"{ingest_s:.0f} s.\n\n"
-        + table(headers, rows)
+        f"k={k} documents by document, one search at a time, modes taking turns, caches off; "
+        f"upsert took {ingest_s:.0f} s.\n\n"
+        + table([*headers, "note"], rows)
         + "\n\nTargets (measured, not asserted):\n\n"
         + table(["target", "measured", "met"], targets(reports))
     )
     if args.rerank_model:
-        body += (
-            f"\n\nRe-ranker: {args.rerank_model.name}; a random-weight model measures the "
-            "stage's latency only, its quality figures are no claim."
+        body += f"\n\nRe-ranker: {args.rerank_model.name}" + (
+            " (random classifier weights: cost only)." if args.rerank_random else "."
         )
     record(
         "Retrieval quality on CPython's documentation",
@@ -332,6 +347,23 @@ def main() -> None:
         {"reports": [asdict(r) for r in reports], "documents": len(docs), "queries": len(queries)},
         save=not args.no_record,
     )
+
+
+def result_rows(reports: list[ModeReport], cost_only: set[str]) -> list[list[object]]:
+    """A table row per mode; quality left out where it means nothing."""
+    rows: list[list[object]] = []
+    for r in reports:
+        if r.error:
+            rows.append([r.label, "-", "-", "-", "-", "-", "-", f"failed: {r.error}"])
+        elif r.label in cost_only:
+            note = "random weights: latency only"
+            rows.append(
+                [r.label, "-", "-", "-", r.latency_p50_ms, r.latency_p95_ms, r.duplicates, note]
+            )
+        else:
+            row = [r.recall, r.mrr, r.ndcg, r.latency_p50_ms, r.latency_p95_ms, r.duplicates]
+            rows.append([r.label, *row, ""])
+    return rows
 
 
 def targets(reports: list[ModeReport]) -> list[list[object]]:
