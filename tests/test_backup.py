@@ -106,6 +106,9 @@ def test_backup_while_serving_then_restore_gives_the_same_results(
         assert busy.documents == busy.chunks == busy.vectors
         hits = client.search("busy note number 0", namespace="busy", k=1)
         assert hits and hits[0].document_id == "busy-0"
+        # The lexical index came with the database, checked against its chunks.
+        words = client.search("glaciers valleys", namespace="geo", k=1, mode="lexical")
+        assert [h.document_id for h in words] == ["extra"]
 
 
 def test_without_a_key_backup_refuses_unless_told(
@@ -374,6 +377,23 @@ def test_forged_archives_are_refused_and_write_nothing(tmp_path: Path) -> None:
     conn.commit()
     conn.close()  # checkpoints the WAL into the file
     trapped = trap.read_bytes()
+    # Look-alikes of the lexical index: a trigger under its name doing
+    # something else, and index entries no chunk backs.
+    lookalike = tmp_path / "lookalike.sqlite3"
+    lookalike.write_bytes(db)
+    conn = sqlite3.connect(lookalike)
+    conn.execute("DROP TRIGGER chunk_words_insert")
+    conn.execute(
+        "CREATE TRIGGER chunk_words_insert AFTER INSERT ON chunks BEGIN DELETE FROM documents; END"
+    )
+    conn.commit()
+    conn.close()
+    forged_words = tmp_path / "words.sqlite3"
+    forged_words.write_bytes(db)
+    conn = sqlite3.connect(forged_words)
+    conn.execute("INSERT INTO chunk_words (rowid, text) VALUES (999, 'words of no chunk')")
+    conn.commit()
+    conn.close()
     huge_pax = tarfile.TarInfo("index/default.json")
     huge_pax.pax_headers = {"comment": "x" * (1 << 20)}
     cases: dict[str, tuple[bytes, str]] = {
@@ -422,6 +442,8 @@ def test_forged_archives_are_refused_and_write_nothing(tmp_path: Path) -> None:
         ),
         "someone else's database": (forge([("rag.sqlite3", not_ours)]), "not a rag-grpc database"),
         "a trigger": (forge([("rag.sqlite3", trapped)]), "never makes"),
+        "a look-alike trigger": (forge([("rag.sqlite3", lookalike.read_bytes())]), "never makes"),
+        "forged words": (forge([("rag.sqlite3", forged_words.read_bytes())]), "disagrees"),
     }
     for name, (blob, message) in cases.items():
         parent = tmp_path / "cases" / name.replace(" ", "-").replace("'", "")

@@ -112,8 +112,12 @@ def holds(client: RagClient, expected: dict[str, tuple[int, int]]) -> Callable[[
     return lambda: counts(client) == expected
 
 
-def answers(client: RagClient, queries: list[str]) -> list[list[tuple[str, float]]]:
-    return [[(h.chunk_id, round(h.score, 5)) for h in client.search(q, k=5)] for q in queries]
+def answers(
+    client: RagClient, queries: list[str], mode: str = "dense"
+) -> list[list[tuple[str, float]]]:
+    return [
+        [(h.chunk_id, round(h.score, 5)) for h in client.search(q, k=5, mode=mode)] for q in queries
+    ]
 
 
 def test_workers_share_the_queue_and_replicas_converge(
@@ -153,6 +157,11 @@ def test_workers_share_the_queue_and_replicas_converge(
         for client in (ca, cb, cc):
             wait_for(holds(client, {"default": (63, 63)}))
         assert answers(ca, queries) == answers(cb, queries) == answers(cc, queries)
+        # The lexical index follows the log on every replica too.
+        words = answers(ca, queries, "lexical")
+        assert words[0] and words == answers(cb, queries, "lexical") == answers(
+            cc, queries, "lexical"
+        )
         # Re-submitting the same documents changes nothing anywhere.
         again = list(ca.watch_job(ca.submit(docs[1:]), timeout=120))[-1]
         assert (again.state, again.failed) == ("SUCCEEDED", 0)
