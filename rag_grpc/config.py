@@ -265,7 +265,7 @@ class RetrievalConfig(_Section):
     rrf_k: int = Field(60, ge=1, le=1000)
     dense_weight: float = Field(1.0, ge=0.0, le=1.0)
     lexical_weight: float = Field(1.0, ge=0.0, le=1.0)
-    # Candidates each ranking of a hybrid search contributes (at least k).
+    # Chunks each ranking of a hybrid search reads before fusion (at least k).
     hybrid_candidates: int = Field(50, ge=1, le=10_000)
     # Re-rank with the cross-encoder ([rerank]) when a request does not say.
     rerank_by_default: bool = False

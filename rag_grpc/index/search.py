@@ -82,8 +82,12 @@ class Retrieval:
     method: str
     rrf_k: int
     weights: tuple[float, float]  # dense, lexical
-    # Candidates (chunks, or documents when by document) each ranking gives.
-    fetch: int
+    # Results each ranking must give (chunks, or documents when by
+    # document): k, or the re-ranker's top_n.
+    want: int
+    # Chunks each ranking reads first (more when by document and they hold
+    # fewer than `want` documents).
+    pool: int
     # Candidates the re-ranker scores (0: no re-ranking).
     rerank_top_n: int
     # The lexical arm's FTS5 expression (None: no word to match).
@@ -215,11 +219,12 @@ class Searcher:
                     "punctuation); search it in dense or hybrid mode"
                 )
         top_n = self._rerank_top_n(query, k)
-        fetch = max(k, top_n)
+        want = max(k, top_n)
+        pool = want * max(_per_document(query), 1)
         if mode == "hybrid":
-            fetch = max(fetch, query.candidates or cfg.hybrid_candidates)
+            pool = max(pool, query.candidates or cfg.hybrid_candidates)
         rrf_k = query.rrf_k or cfg.rrf_k
-        return Retrieval(mode, method, rrf_k, weights, fetch, top_n, expression)
+        return Retrieval(mode, method, rrf_k, weights, want, pool, top_n, expression)
 
     def _rerank_top_n(self, query: SearchQuery, k: int) -> int:
         rerank = self.retrieval.rerank_by_default if query.rerank is None else query.rerank
@@ -334,7 +339,7 @@ class Searcher:
                     self._lexical,
                     namespace,
                     retrieval.expression,
-                    retrieval.fetch,
+                    retrieval,
                     _per_document(query),
                     query.filter,
                 )
@@ -396,19 +401,19 @@ class Searcher:
         # Queries that share namespace, filter, candidates, ef and grouping go
         # to the index as one native call (a batch runs in parallel without
         # the GIL).
-        groups: dict[tuple[str, Filter | None, int, int, int], list[int]] = {}
+        groups: dict[tuple[str, Filter | None, int, int, int, int], list[int]] = {}
         for i in rows:
             namespace, per_document = plans[i][0], _per_document(queries[i])
-            k = how[i].fetch
-            ef = max(queries[i].ef or self.config.ef_search, k * max(per_document, 1))
-            groups.setdefault((namespace, queries[i].filter, k, ef, per_document), []).append(i)
-        for (namespace, flt, k, ef, per_document), group in groups.items():
+            want, fetch = how[i].want, how[i].pool
+            ef = max(queries[i].ef or self.config.ef_search, fetch)
+            key = (namespace, queries[i].filter, want, fetch, ef, per_document)
+            groups.setdefault(key, []).append(i)
+        for (namespace, flt, want, fetch, ef, per_document), group in groups.items():
             t0 = time.perf_counter()
             # Filters are answered in memory by the namespace's payload index
             # (SQLite took tens of ms at 20k documents, growing with the matches).
             allowed = self.indexes.payload(namespace).matching(flt) if flt is not None else None
-            fetch = k * max(per_document, 1)
-            with telemetry.span("index.search", namespace=namespace, queries=len(group), k=k):
+            with telemetry.span("index.search", namespace=namespace, queries=len(group), k=fetch):
                 index = self.indexes.get(namespace)
                 labels, distances = index.search(
                     vectors[group],
@@ -426,8 +431,9 @@ class Searcher:
                         index,
                         vectors[row],
                         found,
+                        fetch,
                         int((row_labels != MISSING_LABEL).sum()),
-                        k,
+                        want,
                         ef,
                         per_document,
                         allowed,
@@ -438,10 +444,16 @@ class Searcher:
         return hits, tokens, embed_ms, search_ms
 
     def _lexical(
-        self, namespace: str, expression: str, fetch: int, per_document: int, flt: Filter | None
+        self,
+        namespace: str,
+        expression: str,
+        how: Retrieval,
+        per_document: int,
+        flt: Filter | None,
     ) -> list[Hit]:
-        """The lexical arm: the best `fetch` chunks by BM25 (documents, each
-        with its best per_document chunks, when by document)."""
+        """The lexical arm: the best `how.pool` chunks by BM25; by document,
+        every document among them (reading on while fewer than `how.want`),
+        each with its best per_document chunks."""
         allowed = None
         if flt is not None:
             allowed = np.sort(self.indexes.payload(namespace).matching(flt))
@@ -449,22 +461,19 @@ class Searcher:
             ranking = self.store.lexical_ranking(namespace, expression, allowed)
             hits: list[Hit] = []
             documents: set[str] = set()
-            # By document, chunks are read in slices until `fetch` documents.
-            step = fetch * max(per_document, 1)
+            step = how.pool
             while True:
                 part = [pair for _, pair in zip(range(step), ranking, strict=False)]
                 labels = np.asarray([label for label, _ in part], dtype=np.uint64)
                 found = self._hydrate(labels, np.asarray([score for _, score in part]))
                 hits.extend(found)
-                if not per_document or len(part) < step:
-                    break
                 documents.update(hit.document_id for hit in found)
-                if len(documents) >= fetch:
+                if not per_document or len(part) < step or len(documents) >= how.want:
                     break
                 deadlines.check("matching words")
         if per_document:
-            return group_by_document(hits, fetch, per_document)[0]
-        return hits[:fetch]
+            return group_by_document(hits, len(documents), per_document)[0]
+        return hits
 
     def _fuse(
         self, dense: list[Hit], found: list[Hit], how: Retrieval, per_document: int
@@ -533,23 +542,23 @@ class Searcher:
         index: VectorIndex,
         vector: np.ndarray,
         hits: list[Hit],
+        fetch: int,
         fetched: int,
         k: int,
         ef: int,
         per_document: int,
         allowed: np.ndarray | None,
     ) -> list[Hit]:
-        """k documents' best hits, fetching more candidates while fewer than k
-        documents were found.
+        """Every document among the candidates with its best hits, grouped;
+        fetching more candidates while fewer than k documents were found.
 
         A few long documents can fill any fixed number of candidates, so the
         fetch doubles instead, until k documents, an answer shorter than
         asked (the index or filter is exhausted), the namespace's size, or the
         larger of the first fetch and limits.max_ef (the widest search a
         client may ask for; its cost bound)."""
-        fetch = k * per_document
         bound = min(len(index), max(fetch, self.limits.max_ef))
-        grouped, documents = group_by_document(hits, k, per_document)
+        grouped, documents = group_by_document(hits, len(hits), per_document)
         while documents < k and fetched >= fetch and fetch < bound:
             fetch = min(fetch * 2, bound)
             deadlines.check("searching the index for more documents")
@@ -563,7 +572,7 @@ class Searcher:
             )
             fetched = int((labels[0] != MISSING_LABEL).sum())
             hits = self._hydrate(labels[0], 1.0 - distances[0])
-            grouped, documents = group_by_document(hits, k, per_document)
+            grouped, documents = group_by_document(hits, len(hits), per_document)
         return grouped
 
     def _exact_threshold(self, index: VectorIndex, ef: int) -> int:
