@@ -677,8 +677,8 @@ def check_database(path: Path) -> None:
             "the database in the archive is not a rag-grpc database (it lacks the tables "
             f"{sorted(REQUIRED_TABLES - tables)})"
         )
-    # We create tables and indexes, and the lexical index's virtual table and
-    # triggers exactly as lexical.SCHEMA writes them; another trigger, view or
+    # We create tables and indexes, and the lexical index (virtual table, view,
+    # triggers) exactly as lexical.SCHEMA writes it; another trigger, view or
     # virtual table in a restored database would run its SQL or module on our
     # reads and writes.
     ours = lexical.definitions()

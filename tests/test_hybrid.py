@@ -227,9 +227,7 @@ def test_a_database_from_before_the_lexical_index_gets_one(tmp_path: Path) -> No
     store = DocumentStore(path)
     store.close()
     conn = sqlite3.connect(path)
-    conn.execute("DROP TABLE chunk_words")
-    for trigger in ("insert", "delete", "update"):
-        conn.execute(f"DROP TRIGGER chunk_words_{trigger}")
+    lexical.drop(conn)
     conn.execute(
         "INSERT INTO chunks (namespace, doc_id, seq, text, vector) "
         "VALUES ('default', 'old', 0, 'an obsidian arrowhead', x'00')"
@@ -243,6 +241,37 @@ def test_a_database_from_before_the_lexical_index_gets_one(tmp_path: Path) -> No
         assert [label for label, _ in store.lexical_ranking("default", expression)] == [1]
     finally:
         store.close()
+
+
+def test_an_older_form_of_the_lexical_index_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "rag.sqlite3"
+    DocumentStore(path).close()
+    conn = sqlite3.connect(path)
+    lexical.drop(conn)
+    # The first form: the text alone, the chunks table as its content.
+    conn.execute(
+        "CREATE VIRTUAL TABLE chunk_words USING fts5(text, content='chunks', content_rowid='label')"
+    )
+    conn.execute(
+        "INSERT INTO chunks (namespace, doc_id, seq, text, vector) "
+        "VALUES ('default', 'old', 0, 'an obsidian arrowhead', x'00')"
+    )
+    conn.commit()
+    conn.close()
+    store = DocumentStore(path)
+    try:
+        assert [label for label, _ in store.lexical_ranking("default", '"obsidian"')] == [1]
+    finally:
+        store.close()
+    conn = sqlite3.connect(path)
+    try:
+        lexical.check_integrity(conn)
+        assert (
+            lexical.space_token("默认~ns")
+            == conn.execute("SELECT 'n' || hex(?) || '0'", ("默认~ns",)).fetchone()[0]
+        )
+    finally:
+        conn.close()
 
 
 def test_match_expression_quotes_everything() -> None:
@@ -293,3 +322,16 @@ def test_bad_choices_get_clear_errors(client: RagClient, server: ServerThread) -
         assert caught.value.code == "INVALID_ARGUMENT" and "text" in caught.value.message
     assert client.stats().namespaces == before
     assert lexical_ids(client, "magma") == ["volcano"]
+
+
+class _NoFts5:
+    """A connection of a SQLite built without FTS5 (the real one has it and
+    is what every other test here runs on)."""
+
+    def execute(self, sql: str, *args: object) -> None:
+        raise sqlite3.OperationalError("no such module: fts5")
+
+
+def test_a_sqlite_without_fts5_is_named_at_start() -> None:
+    with pytest.raises(lexical.LexicalUnavailable, match=r"no FTS5.*lexical index needs it"):
+        lexical.check_fts5(_NoFts5())  # type: ignore[arg-type]

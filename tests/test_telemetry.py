@@ -151,17 +151,23 @@ def test_prometheus_endpoint_serves_metrics_that_move(
         for _ in range(3):
             client.search("an active volcano in Sicily")  # repeats come from the result cache
         client.search("zzzz qqqq xxxx")
+        client.search("zzzz qqqq xxxx", mode="lexical")  # no word matches
+        client.search("an active volcano", mode="hybrid")
         for _ in range(2):
             client.embed(["espresso crema"])  # the second is an embedding cache hit
         list(client.ask("How is espresso brewed?"))
     after = scrape()
     search_calls = r'^rag_rpc_calls_total\{.*method="/rag.v1.RetrievalService/Search".*\}'
-    assert value(after, search_calls) - value(before, search_calls) == 4
+    assert value(after, search_calls) - value(before, search_calls) == 6
     assert value(after, r'^rag_rpc_calls_total\{.*code="OK"') > value(
         before, r"^rag_rpc_calls_total"
     )
     assert value(after, r"^rag_rpc_duration_milliseconds_count") > 0
     assert value(after, r'^rag_searches_total\{.*outcome="success"') >= 3
+    # Success and relevance per retrieval mode (the business metrics' mode split).
+    assert value(after, r'^rag_searches_total\{(?=.*mode="lexical")(?=.*outcome="miss")') == 1
+    assert value(after, r'^rag_searches_total\{(?=.*mode="hybrid")(?=.*outcome="success")') == 1
+    assert value(after, r'^rag_searches_total\{.*mode="dense"') >= 4
     assert value(after, r"^rag_search_top_score_count") >= 4
     assert 0 < value(after, r"^rag_embed_cache_hit_ratio") < 1
     assert value(after, r"^rag_index_vectors") == len(CORPUS)
