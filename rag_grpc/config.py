@@ -231,9 +231,12 @@ class EmbeddingConfig(_Section):
     batch_size: int = Field(32, ge=1, le=4096)
     intra_op_threads: int = Field(0, ge=0, le=256)
     # ONNX Runtime's threads spin briefly after each op instead of sleeping:
-    # lower latency for a lone caller (2.3 vs 4 ms p50 per short query on 2
-    # cores), at the cost of CPU the gRPC side could use under load.
-    intra_op_spinning: bool = True
+    # lower latency for a lone dense query (2.3 vs 4 ms p50 per short query
+    # on 2 cores), at the cost of CPU the gRPC side could use under load and
+    # the core a hybrid search's lexical arm runs on meanwhile: with it on,
+    # hybrid took 7.98 ms p50 in process against 6.09 ms with it off (dense
+    # 3.71 vs 4.58, bench/RESULTS.md). Off, as hybrid is the default mode.
+    intra_op_spinning: bool = False
     # Micro-batching of concurrent requests: a batch closes at this many texts
     # or this long after its first text arrived (0: take what is queued).
     # Measured on 2 cores with 32 clients of short queries (bench/RESULTS.md):
@@ -259,8 +262,11 @@ class RetrievalConfig(_Section):
     """How Search finds candidates when the request leaves it to the server:
     dense (HNSW), lexical (BM25 over SQLite FTS5) or hybrid (both, fused)."""
 
-    default_mode: Literal["dense", "lexical", "hybrid"] = "dense"
-    fusion: Literal["rrf", "relative_score"] = "rrf"
+    # Hybrid with relative-score fusion: best recall@10 and MRR@10 on
+    # bench/quality.py (0.925 / 0.739 against dense 0.850 / 0.612 and RRF
+    # 0.898 / 0.704, bench/RESULTS.md).
+    default_mode: Literal["dense", "lexical", "hybrid"] = "hybrid"
+    fusion: Literal["rrf", "relative_score"] = "relative_score"
     # Reciprocal rank fusion's k (as Milvus' RRFRanker).
     rrf_k: int = Field(60, ge=1, le=1000)
     dense_weight: float = Field(1.0, ge=0.0, le=1.0)

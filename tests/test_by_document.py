@@ -65,8 +65,12 @@ DOCUMENTS = [
 
 @pytest.fixture
 def server(start_server: Callable[..., ServerThread]) -> ServerThread:
-    """A server that cuts documents into small chunks (a few per sentence)."""
-    return start_server(chunking={"chunk_tokens": 16, "overlap_tokens": 0})
+    """A server that cuts documents into small chunks (a few per sentence),
+    searching dense by default: these tests hold grouping to the plain dense
+    ranking (hybrid by document is in test_hybrid.py)."""
+    return start_server(
+        chunking={"chunk_tokens": 16, "overlap_tokens": 0}, retrieval={"default_mode": "dense"}
+    )
 
 
 @pytest.fixture
@@ -192,7 +196,8 @@ def test_the_fetch_stops_at_the_limit(start_server: Callable[..., ServerThread])
     with RagClient(server.target, timeout=60) as c:
         c.upsert(DOCUMENTS)
         # 8 candidates at most, all of the long document: one document, no error.
-        assert {h.document_id for h in c.search(QUERY, k=3, by_document=True)} == {"volcano"}
+        hits = c.search(QUERY, k=3, by_document=True, mode="dense")
+        assert {h.document_id for h in hits} == {"volcano"}
 
 
 def test_cli_by_document(client: RagClient, server: ServerThread) -> None:

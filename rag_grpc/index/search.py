@@ -175,7 +175,9 @@ class Searcher:
         """The query's mode, fusion and candidates over the server's defaults;
         InvalidArgument / FailedPrecondition for choices it cannot have."""
         cfg = self.retrieval
-        mode = query.mode or cfg.default_mode
+        # A vector query left to the server's default is dense: the other
+        # modes read words.
+        mode = query.mode or (cfg.default_mode if query.vector is None else "dense")
         if mode not in MODES:
             raise InvalidArgument(f"unknown mode {query.mode!r}; choose {', '.join(MODES)}")
         method = query.fusion or cfg.fusion
@@ -222,7 +224,9 @@ class Searcher:
         want = max(k, top_n)
         pool = want * max(_per_document(query), 1)
         if mode == "hybrid":
-            pool = max(pool, query.candidates or cfg.hybrid_candidates)
+            # The server's default stays within its own cost bound, max_ef.
+            default = min(cfg.hybrid_candidates, self.limits.max_ef)
+            pool = max(pool, query.candidates or default)
         rrf_k = query.rrf_k or cfg.rrf_k
         return Retrieval(mode, method, rrf_k, weights, want, pool, top_n, expression)
 
