@@ -37,7 +37,22 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-install
 	$(PIP) install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
+# Prometheus and promtool (alert rule checks, and the real server the alert and
+# dashboard tests scrape rag-grpc with) come from the Debian package: installed
+# here as root, otherwise we say what to install. The package's own service is
+# stopped: the tests start their own servers on free ports.
 install-test: $(VENV)/.stamp-test
+	@if ! command -v promtool >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus && \
+	    if [ -d /run/systemd/system ]; then systemctl disable --now prometheus || true; \
+	    elif [ -x /etc/init.d/prometheus ]; then /etc/init.d/prometheus stop || true; fi; \
+	  else \
+	    echo "make install-test: promtool is missing; as root run:" \
+	      "apt-get install --no-install-recommends prometheus (Prometheus 2.42+)" >&2; \
+	  fi; \
+	fi
 
 # On a machine with an NVIDIA GPU: ONNX Runtime's GPU build (CUDA, TensorRT).
 # onnxruntime-gpu ships the same `onnxruntime` package as the CPU wheel, so it
