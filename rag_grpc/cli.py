@@ -84,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", type=Path, help="data directory (default ./data)")
     serve.add_argument("--config", type=Path, help="TOML configuration file")
     serve.add_argument(
+        "--env",
+        help="environment overlay read over the config file: --env prod reads rag-grpc.toml "
+        "then rag-grpc.prod.toml (default $RAG_GRPC_ENV)",
+    )
+    serve.add_argument(
         "--services",
         help="comma-separated services to run (default: all): "
         "retrieval,embedding,generation,rag,ingestion,admin",
@@ -125,6 +130,17 @@ def _parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="print the effective configuration (secrets redacted)")
     config.add_argument("--config", type=Path, help="TOML configuration file")
+    config.add_argument(
+        "--env",
+        help="environment overlay read over the config file: --env prod reads rag-grpc.toml "
+        "then rag-grpc.prod.toml (default $RAG_GRPC_ENV)",
+    )
+    config.add_argument(
+        "--show-origin",
+        action="store_true",
+        help="print each value as `key = value  # origin` (default, a file, an environment "
+        "variable or the command line) instead of JSON",
+    )
     config.set_defaults(func=_config)
 
     model = sub.add_parser("model", help="manage the embedding model files and their exports")
@@ -368,7 +384,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "generation_target": getattr(args, "generation_target", None),
     }
     if any(remote.values()):
-        base = load_settings(args.config).remote.model_dump()
+        base = load_settings(args.config, env=args.env).remote.model_dump()
         overrides["remote"] = {**base, **{k: v for k, v in remote.items() if v}}
     # Partial sections: pydantic-settings merges them into the file's and
     # the environment's values field by field.
@@ -391,12 +407,12 @@ def _settings(args: argparse.Namespace) -> Settings:
     }
     generator = getattr(args, "generator", None)
     if generator or any(triton.values()):
-        base_generation = load_settings(args.config).generation.model_dump()
+        base_generation = load_settings(args.config, env=args.env).generation.model_dump()
         base_generation["triton"].update({k: v for k, v in triton.items() if v})
         if generator:
             base_generation["generator"] = generator
         overrides["generation"] = base_generation
-    return load_settings(getattr(args, "config", None), **overrides)
+    return load_settings(getattr(args, "config", None), env=getattr(args, "env", None), **overrides)
 
 
 def _configure_logging(settings: Settings) -> None:
@@ -552,8 +568,23 @@ def _descriptor(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    print(json.dumps(_settings(args).redacted(), indent=2))
+    settings = _settings(args)
+    if not args.show_origin:
+        print(json.dumps(settings.redacted(), indent=2))
+        return 0
+    for path, value in _leaf_values(settings.redacted()):
+        print(f"{'.'.join(path)} = {json.dumps(value)}  # {settings.origin(path)}")
     return 0
+
+
+def _leaf_values(
+    data: dict[str, Any], prefix: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], Any]]:
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            yield from _leaf_values(value, (*prefix, key))
+        else:
+            yield (*prefix, key), value
 
 
 def _model_prepare(args: argparse.Namespace) -> int:

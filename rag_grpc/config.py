@@ -2,8 +2,13 @@
 
 Sources, highest priority first: explicit values (CLI flags), ``RAG_GRPC_*``
 environment variables (nested fields with ``__``, e.g.
-``RAG_GRPC_LIMITS__MAX_K=50``), the TOML file named by ``--config`` or
-``RAG_GRPC_CONFIG``, then the defaults below.
+``RAG_GRPC_LIMITS__MAX_K=50``), the environment's overlay file (``--env
+prod`` or ``RAG_GRPC_ENV``: ``rag-grpc.prod.toml`` beside the base file), the
+TOML file named by ``--config`` or ``RAG_GRPC_CONFIG`` (with an environment
+and neither: ``./rag-grpc.toml`` when it exists), then the defaults below.
+Tables are merged key by key across sources; any other value is replaced.
+Each leaf's source is kept (`Settings.origin`) for `rag-grpc config
+--show-origin`.
 """
 
 from __future__ import annotations
@@ -11,17 +16,28 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
-    TomlConfigSettingsSource,
 )
 
 from rag_grpc.native import DEFAULT_EXACT_THRESHOLD
@@ -566,6 +582,32 @@ class LoggingConfig(_Section):
     call_log_sample_ratio: float = Field(0.01, ge=0.0, le=1.0)
 
 
+class FlagConfig(_Section):
+    """One feature flag, a ``[flags.<name>]`` table (names in rag_grpc/flags.py).
+
+    On for a request when enabled, its key is not in ``deny``, and the key is
+    in ``allow`` or falls in the first ``percentage`` of the stable hash
+    buckets (sha256 of flag name and key, so each flag splits keys on its own
+    and a key keeps its bucket across restarts and replicas)."""
+
+    # Off: off for everyone, allow list included (the kill switch).
+    enabled: bool = True
+    # Share of keys the flag is on for, 0-100 (fractions allowed: 0.5).
+    percentage: float = Field(100.0, ge=0.0, le=100.0)
+    # What is hashed and listed: the request's tenant ("" on a single-tenant
+    # server) or its namespace as stored ("acme~docs" under a policy).
+    key: Literal["tenant", "namespace"] = "namespace"
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _lists_apart(self) -> FlagConfig:
+        both = sorted(set(self.allow) & set(self.deny))
+        if both:
+            raise ValueError(f"{', '.join(both)} both allowed and denied; keep one")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration of a rag-grpc process."""
 
@@ -598,6 +640,27 @@ class Settings(BaseSettings):
     # 32 random bytes that encrypt backup archives (AES-256-GCM); the
     # environment variable RAG_GRPC_BACKUP_KEY_FILE sets it too.
     backup_key_file: Path | None = None
+    # Feature flags by name, reloaded on SIGHUP (rag_grpc/flags.py).
+    flags: dict[str, FlagConfig] = Field(default_factory=dict)
+
+    # The TOML files this class reads, lowest priority first, as (name, data);
+    # set on the per-load subclass, so the choice stays out of global state.
+    config_layers: ClassVar[tuple[tuple[str, dict[str, Any]], ...]] = ()
+    _origins: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
+    _sources: ConfigSources | None = PrivateAttr(default=None)
+
+    @field_validator("flags")
+    @classmethod
+    def _known_flags(cls, value: dict[str, FlagConfig]) -> dict[str, FlagConfig]:
+        from rag_grpc.flags import KNOWN_FLAGS
+
+        unknown = sorted(set(value) - set(KNOWN_FLAGS))
+        if unknown:
+            # A misspelt flag would otherwise stay on for everyone unnoticed.
+            raise ValueError(
+                f"unknown flag(s) {', '.join(unknown)}; known: {', '.join(KNOWN_FLAGS)}"
+            )
+        return value
 
     @field_validator("services", mode="before")
     @classmethod
@@ -627,9 +690,27 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if settings_cls.model_config.get("toml_file"):
-            sources.append(TomlConfigSettingsSource(settings_cls))
+        layers = getattr(settings_cls, "config_layers", ())
+        if layers:
+            sources.append(_TomlLayers(settings_cls, layers))
         return tuple(sources)
+
+    @property
+    def sources(self) -> ConfigSources | None:
+        """The files and explicit values this configuration was loaded from
+        (None when built directly), to load it again on reload."""
+        return self._sources
+
+    def origin(self, path: tuple[str, ...]) -> str:
+        """Where the value at path (("limits", "max_k")) came from: "default",
+        a file's name, an environment variable's name or "command line"."""
+        for end in range(len(path), 0, -1):
+            found = self._origins.get(path[:end])
+            if found is not None:
+                return found
+        if path == ("server", "auth_token") and self.server.auth_token is not None:
+            return f"{self.origin(('server', 'auth_token_file'))} (server.auth_token_file)"
+        return "default"
 
     @property
     def audit_path(self) -> Path:
@@ -728,24 +809,73 @@ class ConfigError(Exception):
     """The configuration is invalid; the message names each bad field."""
 
 
-def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Load and validate the configuration; raise ConfigError with a readable message."""
-    from pydantic import ValidationError
+@dataclass(frozen=True)
+class ConfigSources:
+    """Where a Settings was loaded from: its TOML files, lowest priority
+    first, and the explicit values given on top (CLI flags)."""
 
+    files: tuple[Path, ...]
+    overrides: Mapping[str, Any]
+
+
+# An environment names a file: letters, digits, - and _ only.
+_ENV_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+DEFAULT_CONFIG_FILE = Path("rag-grpc.toml")
+
+
+def config_files(config_file: Path | None = None, env: str | None = None) -> tuple[Path, ...]:
+    """The TOML files to read, lowest priority first: the base file
+    (config_file, else $RAG_GRPC_CONFIG) and, for an environment (env, else
+    $RAG_GRPC_ENV), its overlay beside it: base rag-grpc.toml, env prod ->
+    rag-grpc.prod.toml. With an environment and no base named,
+    ./rag-grpc.toml is the base when it exists. ConfigError when a named
+    file or the overlay is missing."""
     if config_file is None and os.environ.get("RAG_GRPC_CONFIG"):
         config_file = Path(os.environ["RAG_GRPC_CONFIG"])
-    settings_cls: type[Settings] = Settings
+    env = env or os.environ.get("RAG_GRPC_ENV") or None
+    files: list[Path] = []
     if config_file is not None:
         if not config_file.is_file():
             raise ConfigError(f"config file {config_file} does not exist")
-        # A subclass per file keeps the file choice out of global state.
-        settings_cls = type(
-            "FileSettings",
-            (Settings,),
-            {"model_config": {**Settings.model_config, "toml_file": config_file}},
+        files.append(config_file)
+    if env is None:
+        return tuple(files)
+    if not _ENV_NAME_RE.match(env):
+        raise ConfigError(
+            f"environment name {env!r} must be letters, digits, '-' or '_' (like prod)"
         )
+    base = config_file or DEFAULT_CONFIG_FILE
+    if config_file is None and base.is_file():
+        files.append(base)
+    overlay = base.with_name(f"{base.stem}.{env}{base.suffix or '.toml'}")
+    if not overlay.is_file():
+        raise ConfigError(f"environment {env!r} needs its overlay file {overlay}, which is missing")
+    files.append(overlay)
+    return tuple(files)
+
+
+def load_settings(
+    config_file: Path | None = None, *, env: str | None = None, **overrides: Any
+) -> Settings:
+    """Load and validate the configuration (base file, the environment's
+    overlay, environment variables, overrides); raise ConfigError with a
+    readable message."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return load_from(ConfigSources(config_files(config_file, env), given))
+
+
+def load_from(sources: ConfigSources) -> Settings:
+    """Load a configuration from these sources again (a reload reads the
+    files afresh); ConfigError when it is invalid."""
+    from pydantic import ValidationError
+
+    layers = tuple((str(path), _read_toml(path)) for path in sources.files)
+    settings_cls: type[Settings] = Settings
+    if layers:
+        settings_cls = type("FileSettings", (Settings,), {"config_layers": layers})
     try:
-        return settings_cls(**{k: v for k, v in overrides.items() if v is not None})
+        settings = settings_cls(**sources.overrides)
+        environment = EnvSettingsSource(settings_cls)()
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
@@ -754,5 +884,73 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise ConfigError(f"invalid configuration: {problems}") from None
     except SettingsError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from None
+    origins: dict[tuple[str, ...], str] = {}
+    for name, data in layers:
+        origins.update(dict.fromkeys(_leaves(data), name))
+    names = {variable.upper() for variable in os.environ}
+    for path in _leaves(environment):
+        origins[path] = _variable_name(path, names)
+    origins.update(dict.fromkeys(_leaves(sources.overrides), "command line"))
+    settings._origins = origins
+    settings._sources = sources
+    return settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def deep_merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """base with overlay on top: tables merged key by key, any other value
+    (arrays included) replaced."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _leaves(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for key, value in data.items():
+        path = (*prefix, str(key))
+        if isinstance(value, Mapping) and value:
+            yield from _leaves(value, path)
+        else:
+            yield path
+
+
+def _variable_name(path: tuple[str, ...], names: set[str]) -> str:
+    # A section may come whole from one variable (RAG_GRPC_LIMITS='{...}'):
+    # the longest name that is set is the one that gave this value.
+    for end in range(len(path), 0, -1):
+        name = "RAG_GRPC_" + "__".join(path[:end]).upper()
+        if name in names:
+            return name
+    return "RAG_GRPC_" + "__".join(path).upper()
+
+
+class _TomlLayers(PydanticBaseSettingsSource):
+    """The configuration files, merged in order (tables key by key)."""
+
+    def __init__(
+        self, settings_cls: type[BaseSettings], layers: tuple[tuple[str, dict[str, Any]], ...]
+    ) -> None:
+        super().__init__(settings_cls)
+        self.layers = layers
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # __call__ gives the whole merged mapping
+
+    def __call__(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for _, data in self.layers:
+            merged = deep_merge(merged, data)
+        return merged

@@ -29,6 +29,7 @@ from rag_grpc.embed.cache import EmbeddingCache
 from rag_grpc.embed.chunking import TokenChunker
 from rag_grpc.embed.encoder import OnnxEncoder
 from rag_grpc.embed.loader import load_encoder
+from rag_grpc.flags import FeatureFlags
 from rag_grpc.generate.base import Generator
 from rag_grpc.generate.extractive import ExtractiveGenerator
 from rag_grpc.generate.pipeline import AnswerCache, LocalSearch, RagPipeline, SearchBackend
@@ -134,6 +135,8 @@ class RagServer:
         self.access: AccessControl | None = None
         self.audit: AuditLog | None = None
         self.usage: UsageLedger | None = None
+        # Read per request; SIGHUP reloads them from the same files.
+        self.flags = FeatureFlags.from_settings(settings)
 
     # -- access ------------------------------------------------------------
 
@@ -204,8 +207,13 @@ class RagServer:
         )
 
     def reload(self) -> str | None:
-        """Reload the policy and JWT keys (SIGHUP); the old ones stay on error."""
-        return self.access.reload() if self.access is not None else None
+        """Reload the policy, JWT keys and feature flags (SIGHUP); the old
+        ones stay on error."""
+        errors = [
+            self.access.reload() if self.access is not None else None,
+            self.flags.reload(),
+        ]
+        return "; ".join(error for error in errors if error) or None
 
     # -- assembly ----------------------------------------------------------
 
@@ -357,7 +365,12 @@ class RagServer:
                 raise ConfigError(str(exc)) from None
         self.telemetry = Telemetry(s.telemetry)
         telemetry.install(self.telemetry)
+        self.flags.register_metrics(self.telemetry.meter_provider)
         await asyncio.get_running_loop().run_in_executor(self.executor, self._build_core)
+        if self.retriever is not None:
+            self.retriever.searcher.default_mode_for = self.flags.default_mode(
+                s.retrieval.default_mode
+            )
         if self.retriever is not None and access.multi_tenant:
             # Tenancy: every write keeps its tenant's sizes current, is
             # admitted against its storage quotas, and counts its embedding.
@@ -418,6 +431,7 @@ class RagServer:
                 generator,
                 s.limits,
                 answer_cache,
+                answer_cache_on=functools.partial(self.flags.enabled, "answer_cache"),
             )
             rag_service_pb2_grpc.add_RagServiceServicer_to_server(
                 RagServicer(pipeline, access, s.generation.default_max_tokens), server
@@ -450,6 +464,7 @@ class RagServer:
                     executor=self.write_executor,
                     backup_key=default_key_provider(s.backup_key_file),
                     access=access,
+                    flags=self.flags,
                 ),
                 server,
             )

@@ -7,7 +7,7 @@ generator in this process or behind remote gRPC services.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -129,11 +129,15 @@ class RagPipeline:
         generator: Generator,
         limits: LimitsConfig,
         answers: AnswerCache | None = None,
+        answer_cache_on: Callable[[str], bool] | None = None,
     ) -> None:
         self.search = search
         self.generator = generator
         self.limits = limits
         self.answers = answers
+        # Whether a (stored) namespace uses the answer cache now (the
+        # answer_cache feature flag); None: always.
+        self.answer_cache_on = answer_cache_on
 
     async def ask(
         self,
@@ -167,6 +171,8 @@ class RagPipeline:
         first_token: float | None = None
         finished: Finished | None = None
         cache = self.answers if self.answers is not None and not params.temperature else None
+        if cache is not None and self.answer_cache_on is not None:
+            cache = cache if self.answer_cache_on(namespace) else None
         # Keyed by the namespace's real name ("" is "default"), which is what
         # a forget drops.
         name = resolve_namespace(namespace)
@@ -206,6 +212,8 @@ class RagPipeline:
             finished = Finished(Usage(), self.generator.name, "no_answer")
         done = time.perf_counter()
         assert finished is not None, "a generator must end with Finished"
+        # What the caller waits for, retrieval included: the Ask latency SLO.
+        telemetry.record("ask_first_token", ((first_token or done) - started) * 1000)
         timings = AskTimings(
             embed_ms=result.timings.embed_ms,
             retrieve_ms=(retrieved - started) * 1000,

@@ -8,7 +8,7 @@ import contextvars
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -128,6 +128,9 @@ class Searcher:
             if config.result_cache_entries
             else None
         )
+        # The default mode for a namespace (feature flags, set by server.py);
+        # None: retrieval.default_mode everywhere.
+        self.default_mode_for: Callable[[str], str] | None = None
 
     def validate(self, query: SearchQuery) -> tuple[str, int]:
         """(namespace, k) of a well-formed query; InvalidArgument / NotFound otherwise."""
@@ -177,7 +180,10 @@ class Searcher:
         cfg = self.retrieval
         # A vector query left to the server's default is dense: the other
         # modes read words.
-        mode = query.mode or (cfg.default_mode if query.vector is None else "dense")
+        default_mode: str = cfg.default_mode
+        if not query.mode and self.default_mode_for is not None:
+            default_mode = self.default_mode_for(query.namespace)
+        mode = query.mode or (default_mode if query.vector is None else "dense")
         if mode not in MODES:
             raise InvalidArgument(f"unknown mode {query.mode!r}; choose {', '.join(MODES)}")
         method = query.fusion or cfg.fusion

@@ -17,6 +17,7 @@ from rag_grpc.config import IndexConfig
 from rag_grpc.deadlines import in_thread
 from rag_grpc.embed.batcher import BatchingEmbedder
 from rag_grpc.errors import FailedPrecondition, InvalidArgument, PermissionDenied, ResourceExhausted
+from rag_grpc.flags import KNOWN_FLAGS, FeatureFlags
 from rag_grpc.index.retriever import Retriever
 from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
 from rag_grpc.security import tenancy
@@ -45,8 +46,10 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         executor: Executor | None,
         backup_key: KeyProvider | None = None,
         access: AccessControl | None = None,
+        flags: FeatureFlags | None = None,
     ) -> None:
         self.access = access
+        self.flags = flags
         self.backup_key = backup_key or default_key_provider()
         self.services = services
         self.retriever = retriever
@@ -72,6 +75,8 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             response.generation.CopyFrom(
                 admin_pb2.GeneratorStats(name=self.generator_name, **backend)
             )
+        if self.flags is not None:
+            self._add_flags(response, show_lists=current_caller().tenant is None)
         if self.retriever is not None:
             # A tenant sees its own namespaces as it names them; operators
             # (and a single-tenant server) see all, each with its tenant.
@@ -116,6 +121,23 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
                 batched_texts=stats.texts,
             )
         return response
+
+    def _add_flags(self, response: admin_pb2.StatsResponse, show_lists: bool) -> None:
+        assert self.flags is not None
+        flags = self.flags.current
+        for name in sorted({*KNOWN_FLAGS, *flags}):
+            config = flags.get(name)
+            flag = response.flags.add(
+                name=name, configured=config is not None, description=KNOWN_FLAGS.get(name, "")
+            )
+            if config is None:
+                flag.enabled, flag.percentage, flag.key = True, 100.0, "namespace"
+                continue
+            flag.enabled, flag.percentage, flag.key = config.enabled, config.percentage, config.key
+            # The lists name tenants and namespaces: empty for a tenant's callers.
+            if show_lists:
+                flag.allow.extend(config.allow)
+                flag.deny.extend(config.deny)
 
     async def Snapshot(
         self, request: admin_pb2.SnapshotRequest, context: grpc.aio.ServicerContext
