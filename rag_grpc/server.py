@@ -55,7 +55,7 @@ from rag_grpc.security.audit import AuditLog
 from rag_grpc.security.authn import Authenticator
 from rag_grpc.security.jwt_auth import JwtConfigError, JwtSettings, JwtVerifier
 from rag_grpc.security.policy import Policy, PolicyError, PolicyHolder
-from rag_grpc.security.tls import TlsConfigError, server_credentials
+from rag_grpc.security.tls import TlsConfigError, certificate_expiry, server_credentials
 from rag_grpc.security.usage import COUNTERS, GAUGES, UsageLedger
 from rag_grpc.security.xfcc import TrustedProxies
 from rag_grpc.services.admin import AdminServicer
@@ -540,9 +540,63 @@ class RagServer:
             return [Observation(queue.pending_count())] if queue is not None else []
 
         t.observe("rag_ingestion_pending_jobs", "Ingestion jobs not finished yet", lag)
+        self._register_operations_gauges(t)
         access = self.access
         if access is not None and access.multi_tenant and access.usage is not None:
             self._register_tenant_gauges(t, access)
+
+    def _register_operations_gauges(self, t: Telemetry) -> None:
+        """The gauges the operational alerts watch (deploy/prometheus/):
+        queue room, index memory and its limit, the write log's lag, the
+        generation circuit and the serving certificate's expiry."""
+        embedder, retriever, nats = self.embedder, self.retriever, self.nats
+        if isinstance(embedder, BatchingEmbedder):
+            t.observe(
+                "rag_embed_queue_limit_texts",
+                "Texts the embedding queue holds before it refuses more (RESOURCE_EXHAUSTED)",
+                lambda: [Observation(embedder.max_queue_texts)],
+            )
+        if retriever is not None:
+            t.observe(
+                "rag_index_memory_bytes",
+                "Memory of the loaded vector indexes (what limits.max_index_bytes bounds)",
+                lambda: [Observation(retriever.indexes.memory_bytes())],
+            )
+            t.observe(
+                "rag_index_memory_limit_bytes",
+                "limits.max_index_bytes in effect (0: no limit); writes past it are refused",
+                lambda: [Observation(retriever.writes.memory_limit)],
+            )
+        if nats is not None:
+            t.observe(
+                "rag_write_log_lag",
+                "Write log entries this replica knows exist and has not applied yet",
+                lambda: [Observation(nats.log_lag)],
+            )
+            t.observe(
+                "rag_write_log_stalled",
+                "1 once this replica stopped applying the write log for good (restore it)",
+                lambda: [Observation(int(nats.stalled is not None))],
+            )
+
+        def circuit() -> list[Observation]:
+            # Read at collection: the generator is built after the gauges.
+            triton = self.triton
+            return [Observation(int(triton.breaker.state == "open"))] if triton else []
+
+        t.observe(
+            "rag_generation_circuit_open",
+            "1 while the circuit breaker in front of Triton is open (calls refused)",
+            circuit,
+        )
+        cert = self.settings.server.tls_cert
+        if cert is not None:
+            not_after = certificate_expiry(cert)
+            t.observe(
+                "rag_tls_certificate_expiry_timestamp_seconds",
+                "When the certificate this server presents expires (Unix time)",
+                lambda: [Observation(not_after)],
+            )
 
     def _register_tenant_gauges(self, t: Telemetry, access: AccessControl) -> None:
         """Usage per tenant and budget state, labelled by tenant: the tenants

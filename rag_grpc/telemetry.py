@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ class Instruments:
     write_log_errors: Any
     compactions: Any
     ingestion_retries: Any
+    log_messages: Any
+    ask_first_token: Any
 
 
 class Telemetry:
@@ -155,7 +158,19 @@ class Telemetry:
                 description="Ingestion batches retried after a transient failure (busy or "
                 "full database)",
             ),
+            log_messages=meter.create_counter(
+                "rag_log_messages",
+                description="Log records at WARNING and above by level and logger (the log "
+                "anomaly alert compares their rate with its own day)",
+            ),
+            ask_first_token=meter.create_histogram(
+                "rag_ask_first_token",
+                unit="ms",
+                description="Time from an Ask's start to its first answer text, retrieval included",
+            ),
         )
+        self._log_counter = LogCounter(self.instruments.log_messages)
+        logging.getLogger().addHandler(self._log_counter)
 
     def observe(
         self, name: str, description: str, read: Callable[[], Sequence[Observation]]
@@ -171,12 +186,36 @@ class Telemetry:
         self.meter.create_observable_gauge(name, callbacks=[callback], description=description)
 
     def shutdown(self) -> None:
+        logging.getLogger().removeHandler(self._log_counter)
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
         server = getattr(self, "_prometheus_server", None)
         if server is not None:
             server.shutdown()
             server.server_close()
+
+
+class LogCounter(logging.Handler):
+    """Counts log records at WARNING and above into `rag_log_messages` by
+    level and logger: the metric the log anomaly alert watches. Logger names
+    are module names, so the label stays bounded."""
+
+    def __init__(self, counter: Any) -> None:
+        super().__init__(logging.WARNING)
+        self.counter = counter
+        self._inside = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # A warning logged while the SDK records this one must not recurse.
+        if getattr(self._inside, "active", False):
+            return
+        self._inside.active = True
+        try:
+            self.counter.add(1, {"level": record.levelname, "logger": record.name})
+        except Exception:  # counting must never break logging
+            pass
+        finally:
+            self._inside.active = False
 
 
 class JsonFormatter(logging.Formatter):

@@ -139,6 +139,10 @@ class NatsIngestion:
         self.stall_listeners: list[Callable[[str], Awaitable[None]]] = []
         self._prune_at = 0.0
         self.applied = 0
+        # The highest log sequence this process has seen exist (stream info,
+        # deliveries with their pending count, its own publishes): the head
+        # `log_lag` is measured from.
+        self.log_head = 0
         # The log position this process found in its store at start.
         self.resumed_from = 0
         self._applied_changed = asyncio.Condition()
@@ -159,6 +163,11 @@ class NatsIngestion:
         self._usage_settled = False
         self.worker = QueueWorker(self)
         self.eraser = LogEraser(self)
+
+    @property
+    def log_lag(self) -> int:
+        """Log entries this replica knows exist and has not applied yet."""
+        return max(self.log_head - self.applied, 0)
 
     @property
     def worked(self) -> int:
@@ -409,6 +418,7 @@ class NatsIngestion:
         store's position; drop notes of entries it no longer holds."""
         info = await self.js.stream_info(self.writes_stream)
         first, last = int(info.state.first_seq), int(info.state.last_seq)
+        self.log_head = max(self.log_head, last)
         if self.applied > last:
             raise _Behind(
                 f"the log ends at entry {last}, before this store's position: the stream was "
@@ -453,6 +463,7 @@ class NatsIngestion:
                 except (nats.errors.TimeoutError, TimeoutError):
                     continue
                 seq = int(msg.metadata.sequence.stream)
+                self.log_head = max(self.log_head, seq + int(msg.metadata.num_pending or 0))
                 if seq <= self.applied:
                     continue
                 if seq > self.applied + 1:
@@ -649,6 +660,7 @@ class NatsIngestion:
             self.js.publish(self.writes_subject, data, headers={"Nats-Msg-Id": uuid.uuid4().hex}),
         )
         seq = int(ack.seq)
+        self.log_head = max(self.log_head, seq)
         if not self.config.apply:
             return WriteResult(0, 0, 0), seq
         await self.wait_applied(seq)

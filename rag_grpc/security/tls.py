@@ -47,6 +47,13 @@ def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.Se
     )
 
 
+def certificate_expiry(cert: Path) -> float:
+    """When the first (leaf) certificate of a PEM chain expires, as Unix time:
+    what the server exports for the certificate-expiry alert."""
+    leaf = _certificates(cert, _read(cert, "server certificate"), "server certificate")[0]
+    return leaf.not_valid_after_utc.timestamp()
+
+
 def channel_credentials(
     ca: Path | None, cert: Path | None, key: Path | None
 ) -> grpc.ChannelCredentials:
