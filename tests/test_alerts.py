@@ -13,6 +13,7 @@ import logging
 import re
 import shutil
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -25,8 +26,9 @@ from rag_grpc import errors
 from rag_grpc.client import RagClient, RpcError
 from tests.conftest import CORPUS, ServerThread, free_port
 from tests.prometheus_server import PrometheusServer, prometheus_binary, start_prometheus
+from tests.test_nats import Nats, nats_server, on_nats, wait_for
 
-__all__ = ["start_prometheus"]  # a fixture, used by name
+__all__ = ["nats_server", "start_prometheus"]  # fixtures, used by name
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -399,6 +401,37 @@ def test_ask_records_its_first_token(start_server: Callable[..., ServerThread]) 
         before = metric(scrape(port), count)
         list(client.ask("What is a volcano?"))
     assert metric(scrape(port), count) == before + 1
+
+
+def test_write_log_lag_counts_entries_published_but_not_applied(
+    start_server: Callable[..., ServerThread], nats_server: Nats
+) -> None:
+    server = start_server(telemetry={"prometheus_port": 0}, **on_nats(nats_server.url))
+    port = server.server.telemetry.prometheus_port  # type: ignore[union-attr]
+    nats = server.server.nats
+    assert nats is not None
+    wait_for(nats.connected.is_set)
+    with RagClient(server.target, timeout=60) as client:
+        client.upsert(CORPUS[:1])
+        assert metric(scrape(port), r"^rag_write_log_lag") == 0
+        assert re.search(r"(?m)^rag_write_log_stalled\{.*\} 0\.0$", scrape(port))
+        # The applier is held inside the next entry: published, not applied.
+        release = threading.Event()
+        apply = nats._apply
+
+        def held(data: bytes, seq: int) -> Any:
+            release.wait(30)
+            return apply(data, seq)
+
+        nats._apply = held  # type: ignore[method-assign]
+        writer = threading.Thread(target=client.upsert, args=(CORPUS[1:2],))
+        writer.start()
+        try:
+            wait_for(lambda: metric(scrape(port), r"^rag_write_log_lag") == 1, timeout=30)
+        finally:
+            release.set()
+            writer.join(60)
+        wait_for(lambda: metric(scrape(port), r"^rag_write_log_lag") == 0, timeout=30)
 
 
 # -- end to end: a real Prometheus, a real server, injected failures ----------------
