@@ -129,18 +129,27 @@ class Telemetry:
                 "rag_rpc_in_flight", description="RPCs being served now"
             ),
             batch_size=meter.create_histogram(
-                "rag_embed_batch_size", description="Texts per embedding model call"
+                "rag_embed_batch_size",
+                description="Texts per embedding model call",
+                explicit_bucket_boundaries_advisory=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512],
             ),
             tokens=meter.create_counter(
                 "rag_generation_tokens", description="Generation tokens by direction (in, out)"
             ),
             searches=meter.create_counter(
                 "rag_searches",
-                description="Searches by outcome: success when a hit scores above the "
-                "relevance threshold",
+                description="Searches by mode and outcome: success when the best dense hit "
+                "scores above the relevance threshold, or a lexical or hybrid search found any",
             ),
+            # Cosine similarities and relative-score fusion live in [0, 2],
+            # BM25 goes higher; a negative similarity is recorded as 0.
             scores=meter.create_histogram(
-                "rag_search_top_score", description="Score of the best hit of each search"
+                "rag_search_top_score",
+                description="Score of the best hit of each search, by mode",
+                explicit_bucket_boundaries_advisory=[
+                    *(i / 10 for i in range(11)),
+                    *(1.5, 2, 5, 10, 20, 50),
+                ],
             ),
             answers=meter.create_counter(
                 "rag_answer_cache", description="Ask answers by answer cache outcome (hit, miss)"

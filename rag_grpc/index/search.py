@@ -664,7 +664,7 @@ def _record_outcome(hits: list[Hit], mode: str) -> None:
         success = top is not None
     telemetry.record("searches", 1, outcome="success" if success else "miss", mode=mode)
     if top is not None:
-        telemetry.record("scores", top, mode=mode)
+        telemetry.record("scores", max(top, 0.0), mode=mode)
 
 
 def result_bytes(result: SearchResult) -> int:
