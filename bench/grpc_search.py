@@ -4,6 +4,11 @@ ceiling of Python gRPC on this machine. The load comes from several client
 processes, each keeping a number of asyncio calls in flight.
 
     python bench/grpc_search.py [--n 100000] [--seconds 10] [--procs 2] [--inflight 8]
+
+With `--backend milvus --milvus-uri http://127.0.0.1:19530` the server keeps
+its vectors in that Milvus (start one with `milvus-server --data DIR
+--proxy-port 19530`, PyPI `milvus`); it fills its collection from the store
+at start, and searches it at `--consistency` (docs/milvus.md).
 """
 
 from __future__ import annotations
@@ -59,7 +64,22 @@ def main() -> None:
     parser.add_argument("--inflight", type=int, default=8)
     parser.add_argument("--ef", type=int, nargs="+", default=[64, 320])
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--backend", choices=["native", "milvus"], default="native")
+    parser.add_argument("--milvus-uri", default="http://127.0.0.1:19530")
+    parser.add_argument(
+        "--consistency", choices=["Strong", "Session", "Bounded", "Eventually"], default="Strong"
+    )
     args = parser.parse_args()
+    env: dict[str, str] = {}
+    if args.backend == "milvus":
+        env = {
+            "RAG_GRPC_INDEX__BACKEND": "milvus",
+            "RAG_GRPC_INDEX__MILVUS__URI": args.milvus_uri,
+            # A collection of this run's own, left in Milvus afterwards.
+            "RAG_GRPC_INDEX__MILVUS__COLLECTION_PREFIX": f"bench_{os.getpid()}",
+            "RAG_GRPC_INDEX__MILVUS__CONSISTENCY_LEVEL": args.consistency,
+            "RAG_GRPC_INDEX__MILVUS__TIMEOUT_S": "600",
+        }
 
     vectors = embedding_like(args.n, seed=1)
     queries = embedding_like(1000, seed=2)
@@ -72,7 +92,7 @@ def main() -> None:
         fill_s = time.perf_counter() - started
         started = time.perf_counter()
         server = start_server(
-            workdir / "data", port, workdir / "server.log", "retrieval,embedding,admin"
+            workdir / "data", port, workdir / "server.log", "retrieval,embedding,admin", env
         )
         start_s = time.perf_counter() - started
         try:
@@ -124,8 +144,15 @@ def main() -> None:
         for row in rows:
             row.append(row[2] / ceiling)  # type: ignore[operator]
             row.append(recalls.get(str(row[0]), "-"))
+        backend = (
+            f"Milvus ({args.milvus_uri}, consistency {args.consistency}; start = filling "
+            "its collection from the store)"
+            if args.backend == "milvus"
+            else "native index"
+        )
         body = (
-            f"{args.n:,} embedding-like unit vectors (d={DIM}) stored as one-chunk documents; "
+            f"Backend: {backend}. {args.n:,} embedding-like unit vectors (d={DIM}) stored as "
+            "one-chunk documents; "
             "server "
             f"`rag-grpc serve --services retrieval,embedding,admin` on loopback; load from "
             f"{args.procs} client processes x {args.inflight} asyncio calls in flight, "

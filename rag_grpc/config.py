@@ -186,9 +186,63 @@ def _check_proxies(entries: tuple[str, ...], what: str) -> None:
             ) from None
 
 
+class MilvusConfig(_Section):
+    """Milvus as the vector index (index.backend = "milvus", docs/milvus.md):
+    one collection holds every namespace's vectors and filterable metadata,
+    the namespace as its partition key; SQLite keeps documents, chunks and
+    their vectors, so the collection can always be rebuilt from it."""
+
+    # http://host:19530 (https:// for TLS). No user:password@ here: use token.
+    uri: str = "http://127.0.0.1:19530"
+    # "user:password" or an API key; or the same from an owner-only file.
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    db_name: str = ""
+    # The collection is <prefix>_d<dimension>: a model of another dimension
+    # gets its own.
+    collection_prefix: str = Field("rag", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
+    # Strong: a search sees every write Milvus acknowledged before it
+    # (read-your-writes); Bounded/Eventually: seconds stale, much cheaper;
+    # Session: this process's own writes only (docs/milvus.md has figures).
+    consistency_level: Literal["Strong", "Session", "Bounded", "Eventually"] = "Strong"
+    index_type: str = "HNSW"
+    # Index build parameters; empty means HNSW with index.m and ef_construction.
+    index_params: dict[str, int | float | str] = Field(default_factory=dict)
+    # Partitions the namespace key hashes into (fixed at creation).
+    partitions: int = Field(64, ge=1, le=1024)
+    # This process writes its applied writes to Milvus. Exactly one process
+    # per collection may (the designated applier); the other replicas follow
+    # the log into their own SQLite and only search Milvus.
+    writer: bool = True
+    # Per call to Milvus; the start fails after it when Milvus cannot be reached.
+    timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _token_from_file(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("token_file"):
+            if data.get("token"):
+                raise ValueError("set index.milvus.token or index.milvus.token_file, not both")
+            path = Path(data["token_file"])
+            data = {**data, "token": read_secret_file(path, "index.milvus.token_file")}
+        return data
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_without_credentials(cls, value: str) -> str:
+        if split_url_credentials(value)[1] is not None:
+            raise ValueError("index.milvus.uri must not carry user:password@; set token instead")
+        return value
+
+
 class IndexConfig(_Section):
     """Vector index parameters (HNSW)."""
 
+    # "native": our in-process HNSW core, one copy per replica in its RAM;
+    # "milvus": a Milvus server or cluster ([index.milvus]), beyond one
+    # machine's RAM.
+    backend: Literal["native", "milvus"] = "native"
+    milvus: MilvusConfig = MilvusConfig()
     m: int = Field(16, ge=4, le=128)
     ef_construction: int = Field(200, ge=10, le=4096)
     ef_search: int = Field(64, ge=1, le=4096)
@@ -746,6 +800,7 @@ _URL_FIELDS = (
     ("ingestion", "nats_url"),
     ("telemetry", "otlp_endpoint"),
     ("generation", "triton", "url"),
+    ("index", "milvus", "uri"),
     ("remote", "retrieval_target"),
     ("remote", "generation_target"),
 )

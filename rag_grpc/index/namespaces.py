@@ -27,12 +27,18 @@ import numpy as np
 from rag_grpc.config import IndexConfig
 from rag_grpc.documents import resolve_namespace
 from rag_grpc.errors import NotFound
+from rag_grpc.filters import Filter
 from rag_grpc.index import payload_file
+from rag_grpc.index.milvus_index import MilvusCollection, MilvusIndex
 from rag_grpc.index.payload import PayloadIndex, PayloadRow
 from rag_grpc.native import VectorIndex
 from rag_grpc.store.sqlite import DocumentStore
 
 log = logging.getLogger(__name__)
+
+# A namespace's vector index: the native core in this process, or its view
+# of the Milvus collection (index.backend = "milvus").
+Index = VectorIndex | MilvusIndex
 
 
 class NamespaceIndexes:
@@ -45,7 +51,7 @@ class NamespaceIndexes:
         self.dimension = dimension
         self.index_dir = index_dir
         self.config = config
-        self._indexes: dict[str, VectorIndex] = {}
+        self._indexes: dict[str, Index] = {}
         self._payloads: dict[str, PayloadIndex] = {}
         # Each namespace's write counter as of its last applied write, kept
         # here so a search reads it without a SQLite query (it was 11 % of a
@@ -57,6 +63,13 @@ class NamespaceIndexes:
         self._write_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         index_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # With Milvus the vectors live there; payload indexes stay here (the
+        # lexical arm's filters), rebuilt from the store at each start.
+        self.milvus = (
+            MilvusCollection(config.milvus, config, dimension, store)
+            if config.backend == "milvus"
+            else None
+        )
         for namespace in store.namespaces():
             self._indexes[namespace], saved = self._open(namespace)
             self._payloads[namespace] = self._open_payload(namespace, saved)
@@ -67,7 +80,7 @@ class NamespaceIndexes:
     def __contains__(self, namespace: str) -> bool:
         return namespace in self._indexes
 
-    def get(self, namespace: str) -> VectorIndex:
+    def get(self, namespace: str) -> Index:
         """The namespace's index; NotFound if it does not exist."""
         index = self._indexes.get(namespace)
         if index is None:
@@ -86,6 +99,14 @@ class NamespaceIndexes:
     def set_generation(self, namespace: str, generation: int) -> None:
         """After a write is in the store and the index (caller holds the write lock)."""
         self._generations[namespace] = generation
+
+    def for_search(self, namespace: str, flt: Filter | None) -> tuple[Index, np.ndarray | None]:
+        """The namespace's index and the labels a filter allows; Milvus takes
+        the filter itself, as an expression run inside it."""
+        index = self.get(namespace)
+        if isinstance(index, MilvusIndex):
+            return index.where(flt), None
+        return index, self.payload(namespace).matching(flt) if flt is not None else None
 
     def payload(self, namespace: str) -> PayloadIndex:
         """The namespace's payload index; NotFound if it does not exist."""
@@ -139,12 +160,16 @@ class NamespaceIndexes:
         the namespace's indexes on its first write."""
         index = self._indexes.get(namespace)
         if index is None:
-            index = self._indexes[namespace] = self.new_index(len(labels))
+            index = self._indexes[namespace] = (
+                self.milvus.new(namespace) if self.milvus else self.new_index(len(labels))
+            )
         payload_index = self._payloads.get(namespace)
         if payload_index is None:
             payload_index = self._payloads[namespace] = PayloadIndex()
         payload_index.add(payload)
-        if len(labels):
+        if isinstance(index, MilvusIndex):
+            index.add(vectors, labels, payload)
+        elif len(labels):
             index.add(vectors, labels)
 
     def remove(
@@ -159,10 +184,15 @@ class NamespaceIndexes:
         if payload_index is not None:
             payload_index.remove(payload)
 
-    def rebuild(self, namespace: str) -> VectorIndex:
+    def rebuild(self, namespace: str) -> Index:
         """A fresh index from the store's rows, swapped in and saved over the
         old files, so deleted vectors (hnswlib only marks them) are gone.
-        The payload index stays: labels are row ids, the same after a rebuild."""
+        The payload index stays: labels are row ids, the same after a rebuild.
+        Milvus compacts its segments instead."""
+        current = self._indexes.get(namespace)
+        if isinstance(current, MilvusIndex):
+            current.compact()
+            return current
         index = self._build(namespace)
         self._indexes[namespace] = index
         self._save(namespace, index)
@@ -191,12 +221,14 @@ class NamespaceIndexes:
     def payload_path(self, namespace: str) -> Path:
         return self.paths(namespace)[0].with_suffix(".payload.npz")
 
-    def _open(self, namespace: str) -> tuple[VectorIndex, _Saved | None]:
+    def _open(self, namespace: str) -> tuple[Index, _Saved | None]:
         """Load the saved index and bring it up to date from the store (rows
         newer than the last label it applied, minus deleted ones); rebuild it
         from the store when it is missing, damaged or does not match. With
         it, what the payload index needs to catch up the same way (None
         after a rebuild)."""
+        if self.milvus is not None:
+            return self.milvus.open(namespace), None
         path, meta_path = self.paths(namespace)
         generation = self.store.generation(namespace)
         live = self.store.labels(namespace)
@@ -301,7 +333,13 @@ class NamespaceIndexes:
                 saved += 1
         return saved
 
-    def _save(self, namespace: str, index: VectorIndex) -> None:
+    def _save(self, namespace: str, index: Index) -> None:
+        if isinstance(index, MilvusIndex):
+            # Milvus persists itself (a write that failed to reach it is
+            # reconciled here); the payload index is built at start.
+            index.recover()
+            self._saved_at[namespace] = self.generation(namespace)
+            return
         path, meta_path = self.paths(namespace)
         # Saving also moves vectors added since the last save from RAM to the
         # mapped file (VectorIndex.save remaps).
@@ -317,14 +355,17 @@ class NamespaceIndexes:
     def save_copy(self, namespace: str, out_dir: Path, generation: int) -> None:
         """Save the namespace's index into out_dir (caller holds its write lock)."""
         index = self._indexes.get(namespace)
-        if index is None:
+        if index is None or isinstance(index, MilvusIndex):
+            # With Milvus the snapshot is the database alone: it holds every
+            # chunk's vector, and the writer puts them back into Milvus at
+            # start (docs/milvus.md).
             return
         # remap=False: the live index keeps reading its own file, never the
         # snapshot's copy (which is deleted once the archive is sent).
         index.save(out_dir / f"{namespace}.hnsw", remap=False)
         write_json(out_dir / f"{namespace}.json", self.meta(index, generation))
 
-    def meta(self, index: VectorIndex, generation: int) -> dict[str, Any]:
+    def meta(self, index: Index, generation: int) -> dict[str, Any]:
         labels = index.labels()
         return {
             "generation": generation,

@@ -22,9 +22,9 @@ from rag_grpc.embed.encoder import Embedder
 from rag_grpc.errors import FailedPrecondition, InvalidArgument
 from rag_grpc.filters import Filter, validate_filter
 from rag_grpc.index import fusion
-from rag_grpc.index.namespaces import NamespaceIndexes
+from rag_grpc.index.namespaces import Index, NamespaceIndexes
 from rag_grpc.lru import BoundedLRU
-from rag_grpc.native import MISSING_LABEL, VectorIndex
+from rag_grpc.native import MISSING_LABEL
 from rag_grpc.store import lexical
 from rag_grpc.store.sqlite import DocumentStore
 
@@ -421,10 +421,10 @@ class Searcher:
         for (namespace, flt, want, fetch, ef, per_document), group in groups.items():
             t0 = time.perf_counter()
             # Filters are answered in memory by the namespace's payload index
-            # (SQLite took tens of ms at 20k documents, growing with the matches).
-            allowed = self.indexes.payload(namespace).matching(flt) if flt is not None else None
+            # (SQLite took tens of ms at 20k documents, growing with the
+            # matches), or by Milvus itself.
+            index, allowed = self.indexes.for_search(namespace, flt)
             with telemetry.span("index.search", namespace=namespace, queries=len(group), k=fetch):
-                index = self.indexes.get(namespace)
                 labels, distances = index.search(
                     vectors[group],
                     fetch,
@@ -549,7 +549,7 @@ class Searcher:
 
     def _by_document(
         self,
-        index: VectorIndex,
+        index: Index,
         vector: np.ndarray,
         hits: list[Hit],
         fetch: int,
@@ -585,7 +585,7 @@ class Searcher:
             grouped, documents = group_by_document(hits, len(hits), per_document)
         return grouped
 
-    def _exact_threshold(self, index: VectorIndex, ef: int) -> int:
+    def _exact_threshold(self, index: Index, ef: int) -> int:
         """Allowed vectors up to which a filtered search scans them exactly.
 
         The filtered walk costs about ef / selectivity, the scan the allowed
