@@ -162,3 +162,20 @@ def test_stats_describe_index_and_model(seeded: RagClient) -> None:
     assert "rag.v1.RetrievalService" in stats.services
     ns = stats.namespaces[0]
     assert (ns.name, ns.documents, ns.chunks, ns.vectors) == ("default", 5, 5, 5)
+
+
+def test_a_boolean_filter_and_a_number_filter_are_not_the_same_search(client: RagClient) -> None:
+    # Equals("n", True) == Equals("n", 1) as Python values (True == 1); a
+    # boolean never matches a number, so neither the result cache nor one
+    # batched index call may take one for the other.
+    client.upsert([Document("yes", "a lamp", {"n": True}), Document("one", "a lamp", {"n": 1})])
+    for _ in range(2):  # the second round is served from the result cache
+        assert [h.document_id for h in client.search("lamp", filter=Equals("n", True))] == ["yes"]
+        assert [h.document_id for h in client.search("lamp", filter=Equals("n", 1))] == ["one"]
+    both = client.search_batch(
+        [
+            SearchQuery(text="lamp", filter=Equals("n", True), mode="dense"),
+            SearchQuery(text="lamp", filter=Equals("n", 1), mode="dense"),
+        ]
+    )
+    assert [[h.document_id for h in r.hits] for r in both] == [["yes"], ["one"]]

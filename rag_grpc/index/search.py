@@ -323,7 +323,7 @@ class Searcher:
             namespace,
             self.indexes.generation(namespace),
             what,
-            query.filter,
+            _exactly(query.filter),
             k,
             ef,
             _per_document(query),
@@ -411,14 +411,15 @@ class Searcher:
         # Queries that share namespace, filter, candidates, ef and grouping go
         # to the index as one native call (a batch runs in parallel without
         # the GIL).
-        groups: dict[tuple[str, Filter | None, int, int, int, int], list[int]] = {}
+        groups: dict[tuple[str, str | None, int, int, int, int], list[int]] = {}
         for i in rows:
             namespace, per_document = plans[i][0], _per_document(queries[i])
             want, fetch = how[i].want, how[i].pool
             ef = max(queries[i].ef or self.config.ef_search, fetch)
-            key = (namespace, queries[i].filter, want, fetch, ef, per_document)
+            key = (namespace, _exactly(queries[i].filter), want, fetch, ef, per_document)
             groups.setdefault(key, []).append(i)
-        for (namespace, flt, want, fetch, ef, per_document), group in groups.items():
+        for (namespace, _, want, fetch, ef, per_document), group in groups.items():
+            flt = queries[group[0]].filter
             t0 = time.perf_counter()
             # Filters are answered in memory by the namespace's payload index
             # (SQLite took tens of ms at 20k documents, growing with the
@@ -621,6 +622,13 @@ def _ranking(hits: Sequence[Hit], key: str) -> list[tuple[str, float]]:
     for hit in hits:
         ranking.setdefault(getattr(hit, key), hit.score)
     return list(ranking.items())
+
+
+def _exactly(flt: Filter | None) -> str | None:
+    """A filter as a key that tells its values' kinds apart: as dataclasses
+    Equals("n", True) == Equals("n", 1) (True == 1 in Python), yet a boolean
+    never matches a number. (1 and 1.0 differ here too: a cache miss only.)"""
+    return None if flt is None else repr(flt)
 
 
 def _per_document(query: SearchQuery) -> int:
