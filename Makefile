@@ -12,7 +12,7 @@ SOURCES := pyproject.toml setup.py constraints.txt $(wildcard proto/rag/v1/*.pro
 HNSWLIB_INCLUDE ?= build/hnswlib-include
 export HNSWLIB_INCLUDE
 
-.PHONY: install install-test install-gpu serve test lint typecheck unit format clean bench
+.PHONY: install install-test install-gpu serve test lint typecheck unit format clean bench image
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -91,6 +91,15 @@ bench: $(VENV)/.stamp-bench
 	$(BIN)/python -m bench.embed
 	$(BIN)/python -m bench.ask
 	$(BIN)/python -m bench.gateway
+
+# The container image (Containerfile) with no image registry: a bookworm root
+# filesystem from this machine's Debian mirror (mmdebstrap, cached in
+# build/rootfs.tar), imported into podman, then a podman build on it.
+# podman, runc and mmdebstrap (Debian) are installed when missing, as root;
+# otherwise the script says what to install.
+IMAGE ?= localhost/rag-grpc:latest
+image:
+	IMAGE=$(IMAGE) deploy/image/build.sh
 
 format: install-test
 	$(BIN)/ruff format rag_grpc tests $(wildcard bench/*.py envoy/*.py)
