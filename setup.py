@@ -61,6 +61,8 @@ setup(
         "rag_grpc.generate",
         "rag_grpc.ingest",
         "rag_grpc.native",
+        "rag_grpc.rerank",
+        "rag_grpc.security",
     ],
     ext_modules=cythonize([native_core], language_level=3, include_path=["native"]),
     package_data={
