@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from Cython.Build import cythonize
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 
@@ -49,21 +49,9 @@ native_core = Extension(
 )
 
 setup(
-    packages=[
-        "rag_grpc",
-        "rag_grpc._gen",
-        "rag_grpc._gen.rag",
-        "rag_grpc._gen.rag.v1",
-        "rag_grpc.services",
-        "rag_grpc.store",
-        "rag_grpc.index",
-        "rag_grpc.embed",
-        "rag_grpc.generate",
-        "rag_grpc.ingest",
-        "rag_grpc.native",
-        "rag_grpc.rerank",
-        "rag_grpc.security",
-    ],
+    # Every package under rag_grpc/ (a hand-kept list left rerank and
+    # security out of the wheel while editable installs hid it).
+    packages=find_packages(include=["rag_grpc", "rag_grpc.*"]),
     ext_modules=cythonize([native_core], language_level=3, include_path=["native"]),
     package_data={
         "rag_grpc._gen.rag.v1": ["*.pyi"],
