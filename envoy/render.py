@@ -134,12 +134,13 @@ def upstream_tls(args: argparse.Namespace, host: str) -> dict[str, Any]:
     return {"name": "envoy.transport_sockets.tls", "typed_config": context}
 
 
-def upstream_cluster(name: str, host: str, port: int) -> dict[str, Any]:
-    """A rag-grpc upstream: HTTP/2, health-checked, with breakers and outlier detection."""
+def upstream_cluster(name: str, endpoints: list[tuple[str, int]]) -> dict[str, Any]:
+    """rag-grpc upstreams, round robin: HTTP/2, health-checked, with breakers
+    and outlier detection."""
     return {
         "@type": TYPE + "envoy.config.cluster.v3.Cluster",
         "name": name,
-        "type": "STATIC" if is_ip(host) else "STRICT_DNS",
+        "type": "STATIC" if all(is_ip(host) for host, _ in endpoints) else "STRICT_DNS",
         "connect_timeout": "1s",
         "lb_policy": "ROUND_ROBIN",
         "typed_extension_protocol_options": {
@@ -150,7 +151,13 @@ def upstream_cluster(name: str, host: str, port: int) -> dict[str, Any]:
         },
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address(host, port)}}]}],
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": address(host, port)}} for host, port in endpoints
+                    ]
+                }
+            ],
         },
         "circuit_breakers": {
             "thresholds": [
@@ -174,6 +181,10 @@ def upstream_cluster(name: str, host: str, port: int) -> dict[str, Any]:
             {
                 "timeout": "1s",
                 "interval": "2s",
+                # Envoy checks every 60 s until a cluster has had traffic; a
+                # replica killed then stayed in rotation until outlier
+                # detection saw its failures.
+                "no_traffic_interval": "2s",
                 "unhealthy_threshold": 2,
                 "healthy_threshold": 1,
                 "grpc_health_check": {},
@@ -237,6 +248,19 @@ def route_action(args: argparse.Namespace, *, retries: bool, streaming: bool) ->
             "retry_on": "unavailable,reset,connect-failure,refused-stream",
             "num_retries": 2,
             "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
+            # A retry goes to another replica: without it a retry could land
+            # on the dead one again (Search failed after a replica was killed,
+            # tests/test_chaos.py).
+            "retry_host_predicate": [
+                {
+                    "name": "envoy.retry_host_predicates.previous_hosts",
+                    "typed_config": {
+                        "@type": TYPE
+                        + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                    },
+                }
+            ],
+            "host_selection_retry_max_attempts": 3,
         }
     return action
 
@@ -499,7 +523,7 @@ def bootstrap(args: argparse.Namespace, cds_path: Path) -> dict[str, Any]:
                 },
             },
         }
-        collector = upstream_cluster("otel_collector", host, port)
+        collector = upstream_cluster("otel_collector", [(host, port)])
         for key in ("@type", "health_checks", "outlier_detection", "common_lb_config"):
             collector.pop(key)
         static_clusters.append(collector)
@@ -541,11 +565,13 @@ def bootstrap(args: argparse.Namespace, cds_path: Path) -> dict[str, Any]:
 
 def clusters(args: argparse.Namespace) -> dict[str, Any]:
     resources = []
-    upstreams = [("stable", args.upstream)] + ([("canary", args.canary)] if args.canary else [])
-    for name, (host, port) in upstreams:
-        cluster = upstream_cluster(name, host, port)
+    upstreams = [("stable", list(args.upstream))]
+    if args.canary:
+        upstreams.append(("canary", [args.canary]))
+    for name, endpoints in upstreams:
+        cluster = upstream_cluster(name, endpoints)
         if args.upstream_ca:
-            cluster["transport_socket"] = upstream_tls(args, host)
+            cluster["transport_socket"] = upstream_tls(args, endpoints[0][0])
         if args.source_address:
             # The address rag-grpc's auth.trusted_proxies names: calls from any
             # other address of this host are not the gateway's.
@@ -590,7 +616,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--admin-port", type=int, default=9901, help="admin interface, on 127.0.0.1"
     )
-    parser.add_argument("--upstream", type=hostport, required=True, help="HOST:PORT of rag-grpc")
+    parser.add_argument(
+        "--upstream",
+        type=hostport,
+        action="append",
+        required=True,
+        help="HOST:PORT of a rag-grpc replica; repeat for each (round robin)",
+    )
     parser.add_argument("--canary", type=hostport, help="HOST:PORT of the canary rag-grpc")
     parser.add_argument("--canary-weight", type=int, default=10, help="percent to the canary (10)")
     parser.add_argument("--rate-limit", type=float, default=200.0, help="calls/s per route (200)")

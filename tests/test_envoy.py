@@ -647,3 +647,35 @@ def test_grpcurl_lists_and_calls_through_the_gateway(
         timeout=30,
     )
     assert refused.returncode != 0
+
+
+def test_every_upstream_is_a_replica_and_retries_go_to_another(
+    tmp_path: Path, certs: dict[str, Path]
+) -> None:
+    out = tmp_path / "gw.yaml"
+    replicas = ["127.0.0.1:50061", "127.0.0.1:50062", "127.0.0.1:50063"]
+    upstreams = [arg for replica in replicas for arg in ("--upstream", replica)]
+    made = render(tmp_path, *upstreams, "--certs", str(certs["ours"]), "--out", str(out))
+    assert made.returncode == 0, made.stderr
+    check = subprocess.run(
+        [tool("envoy"), "--mode", "validate", "-c", str(out)], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    (stable,) = json.loads(cds_of(out).read_text())["resources"]
+    endpoints = stable["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert [
+        f"{e['endpoint']['address']['socket_address']['address']}:"
+        f"{e['endpoint']['address']['socket_address']['port_value']}"
+        for e in endpoints
+    ] == replicas
+    # Health checks run before the cluster sees traffic, so a dead replica
+    # leaves the rotation in seconds (tests/test_chaos.py kills one).
+    assert stable["health_checks"][0]["no_traffic_interval"] == "2s"
+    config = json.loads(out.read_text())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    policies = [r["route"]["retry_policy"] for r in routes if "retry_policy" in r.get("route", {})]
+    assert policies and all(
+        p["retry_host_predicate"][0]["name"] == "envoy.retry_host_predicates.previous_hosts"
+        for p in policies
+    )

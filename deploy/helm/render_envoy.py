@@ -59,7 +59,7 @@ def arguments(mtls: bool) -> argparse.Namespace:
         listen_port=LISTEN_PORT,
         listen_address="0.0.0.0",
         admin_port=ADMIN_PORT,
-        upstream=(UPSTREAM_HOST, UPSTREAM_PORT),
+        upstream=[(UPSTREAM_HOST, UPSTREAM_PORT)],
         canary=None,
         canary_weight=10,
         rate_limit=200.0,
