@@ -366,7 +366,7 @@ class Milvus:
         wait_until(lambda: self._client().has_collection("bench"), self.proc, log)
 
     def _client(self) -> Any:
-        from pymilvus import MilvusClient  # type: ignore[import-not-found]
+        from pymilvus import MilvusClient  # type: ignore[import-untyped]
 
         return MilvusClient(uri=f"http://127.0.0.1:{self.port}", timeout=600)
 

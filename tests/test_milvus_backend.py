@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pymilvus  # type: ignore[import-untyped]
 import pytest
 
 from rag_grpc.client import RagClient
@@ -26,8 +27,6 @@ from rag_grpc.errors import FailedPrecondition, Unavailable
 from rag_grpc.filters import And, AnyOf, Equals, Or, Range
 from rag_grpc.index.milvus_index import filter_expression
 from tests.conftest import CORPUS, ROOT, ServerThread, free_port, make_settings
-
-pymilvus = pytest.importorskip("pymilvus")
 
 MILVUS_VENV = ROOT / "build" / "milvus-venv"
 MILVUS_PIN = "milvus==2.3.5"
