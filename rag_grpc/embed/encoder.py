@@ -99,27 +99,11 @@ class OnnxEncoder:
             ) from None
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=spec.max_sequence_length)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
-        if not intra_op_spinning:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(
-                str(spec.graph), options, providers=pick_providers(spec.providers)
-            )
-        except ModelFilesError:
-            raise
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise ModelFilesError(f"ONNX Runtime cannot load {spec.graph}: {exc}") from None
+        self.session = open_session(
+            spec.graph, spec.providers, intra_op_threads, spinning=intra_op_spinning
+        )
         self.provider = self.session.get_providers()[0]
         self._input_names = {i.name for i in self.session.get_inputs()}
-        for name in ("input_ids", "attention_mask"):
-            if name not in self._input_names:
-                raise ModelFilesError(
-                    f"{spec.graph} has no input {name!r} (inputs: {sorted(self._input_names)})"
-                )
         output = self.session.get_outputs()[0]
         expected_rank = 2 if spec.pooling == "none" else 3
         if len(output.shape) != expected_rank:
@@ -227,3 +211,28 @@ def validate_embed_request(
         size = len(text.encode("utf-8", errors="surrogatepass"))
         if size > max_text_bytes:
             raise InvalidArgument(f"text {i} is {size} bytes; at most {max_text_bytes}")
+
+
+def open_session(
+    graph: Path, providers: Sequence[str], intra_op_threads: int = 0, *, spinning: bool = True
+) -> ort.InferenceSession:
+    """An ONNX Runtime session for a text model's graph (the embedder's or the
+    re-ranker's): every graph optimisation, the provider choice, and the
+    token inputs it must take (input_ids, attention_mask) checked."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        session = ort.InferenceSession(str(graph), options, providers=pick_providers(providers))
+    except ModelFilesError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise ModelFilesError(f"ONNX Runtime cannot load {graph}: {exc}") from None
+    inputs = {i.name for i in session.get_inputs()}
+    for name in ("input_ids", "attention_mask"):
+        if name not in inputs:
+            raise ModelFilesError(f"{graph} has no input {name!r} (inputs: {sorted(inputs)})")
+    return session

@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from rag_grpc import deadlines
-from rag_grpc.embed.encoder import pick_providers
+from rag_grpc.embed.encoder import open_session
 from rag_grpc.embed.model_files import ModelFilesError
 
 log = logging.getLogger(__name__)
@@ -59,25 +58,9 @@ class Reranker:
         self.tokenizer.enable_truncation(
             max_length=spec.max_sequence_length, strategy="only_second"
         )
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
-        try:
-            self.session = ort.InferenceSession(
-                str(spec.graph), options, providers=pick_providers(spec.providers)
-            )
-        except ModelFilesError:
-            raise
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise ModelFilesError(f"ONNX Runtime cannot load {spec.graph}: {exc}") from None
+        self.session = open_session(spec.graph, spec.providers, intra_op_threads)
         self.provider = self.session.get_providers()[0]
         self._input_names = {i.name for i in self.session.get_inputs()}
-        for name in ("input_ids", "attention_mask"):
-            if name not in self._input_names:
-                raise ModelFilesError(
-                    f"{spec.graph} has no input {name!r} (inputs: {sorted(self._input_names)})"
-                )
         unknown = self._input_names - {"input_ids", "attention_mask", "token_type_ids"}
         if unknown:
             raise ModelFilesError(f"{spec.graph} needs inputs we cannot give: {sorted(unknown)}")
