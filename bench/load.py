@@ -21,7 +21,12 @@ NO_OP = "/grpc.health.v1.Health/Check"
 
 
 def start_server(
-    data_dir: Path, port: int, log: Path, services: str, env: dict[str, str] | None = None
+    data_dir: Path,
+    port: int,
+    log: Path,
+    services: str,
+    env: dict[str, str] | None = None,
+    ready_within_s: float = 600,
 ) -> subprocess.Popen[bytes]:
     """`rag-grpc serve` on loopback; returns once its health check answers SERVING."""
     environment = {
@@ -46,7 +51,7 @@ def start_server(
         stderr=subprocess.STDOUT,
         env=environment,
     )
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + ready_within_s
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
@@ -57,7 +62,8 @@ def start_server(
                     return proc
             except grpc.RpcError:
                 time.sleep(0.5)
-    raise RuntimeError("server did not start")
+    proc.kill()
+    raise RuntimeError(f"server did not start within {ready_within_s:.0f} s")
 
 
 async def _load(
