@@ -1,0 +1,517 @@
+"""Answer quality of Ask per generator, on the demo corpus (CPython's pydoc topics).
+
+    python -m bench.answers [--generators extractive llm]
+        [--model qwen2.5-coder-0.5b-instruct-q4_k_m] [--limit N] [--k 5] [--no-record]
+
+Questions: bench/answers_questions.json, written by hand from the topic texts
+and phrased as a user would ask. Each answerable one has a short gold answer,
+accepted variants, the topic that holds the answer and a `support`: a passage
+of that topic (whitespace folded) that proves it. Unanswerable ones are
+plausible Python questions whose answer is in no topic (third-party
+libraries, facts the reference does not state); each names `absent` terms,
+which must occur in no topic. load_questions() checks both and fails loudly.
+
+Each generator gets its own `rag-grpc serve` over one data dir seeded with the
+demo corpus (rag_grpc.demo.pydoc_topics, as `--seed-demo` seeds it) through
+Upsert, and every question goes once through Ask (streaming), one at a time,
+with k passages, temperature 0 and the answer cache off:
+
+- extractive: the server's default generator.
+- llm: deploy/triton/serve.sh --models llm with the GGUF from
+  deploy/triton/weights.py (--model), and rag-grpc --generator triton
+  --triton-model llm (sampling parameters as one JSON input).
+
+Rules (the same for every generator):
+
+- Normalisation: SQuAD's (lowercase, articles dropped, whitespace folded)
+  except that punctuation other than "_" becomes a space instead of
+  vanishing, so "str.casefold()" keeps the token "casefold" and "__all__"
+  stays apart from "all"; citation markers [n] are dropped first.
+- correct: the normalised gold answer or a variant occurs as a run of tokens
+  in the normalised answer. F1: SQuAD token F1, best over gold and variants.
+- A cited passage supports the answer when its text contains the support's
+  tokens in order, or when its longest run of tokens in common with the
+  support covers >= 50% of the support's tokens (a support cut by a chunk
+  boundary). Citation precision = supporting citations / all citations over
+  the answerable questions; a marker [n] past the passages given counts as an
+  unsupported citation. "support retrieved": some passage given supports it,
+  the ceiling for every generator.
+- abstains: the first sentence of the answer holds one of ABSTAIN_PHRASES, or
+  the generator finished with "no_answer". The extractive generator quotes
+  passages and never abstains; a quoted sentence can still match a phrase.
+- time to first token: from sending Ask to the first answer text, at the
+  client (retrieval included). tokens/s: completion tokens (the Ask summary's
+  usage) / the summary's generate time, summed over questions.
+
+Per-question rows, answer texts included, go to bench/results/answers-*.json;
+the table goes to bench/RESULTS.md (not with --no-record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import difflib
+import importlib.util
+import json
+import re
+import shutil
+import signal
+import string
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from bench.common import BENCH_DIR, command_line, free_port, record, table
+from bench.load import start_server
+from rag_grpc.client import AskCitation, AskSummary, RagClient
+from rag_grpc.demo import pydoc_topics
+from rag_grpc.generate.base import GenerationParams
+
+ROOT = BENCH_DIR.parent
+QUESTIONS = BENCH_DIR / "answers_questions.json"
+WEIGHTS = ROOT / "deploy" / "triton" / "weights.py"
+# What an answer that declines says; matched in its first sentence, lowercased.
+ABSTAIN_PHRASES = (
+    "cannot answer",
+    "can't answer",
+    "can not answer",
+    "unable to answer",
+    "not able to answer",
+    "cannot be answered",
+    "can't be answered",
+    "i don't know",
+    "i do not know",
+    "no information",
+    "not enough information",
+    "insufficient information",
+    "does not contain",
+    "do not contain",
+    "doesn't contain",
+    "don't contain",
+    "does not mention",
+    "do not mention",
+    "doesn't mention",
+    "don't mention",
+    "not mentioned",
+    "does not provide",
+    "do not provide",
+    "not provided",
+    "does not say",
+    "do not say",
+    "not specified",
+    "not in the context",
+    "not in the passages",
+    "no answer",
+)
+_CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
+# Curly quotes, as the topics print them, are punctuation too.
+_PUNCTUATION = str.maketrans(
+    {c: " " for c in string.punctuation + "\u2018\u2019\u201c\u201d" if c != "_"}
+)
+_ARTICLES = {"a", "an", "the"}
+_FIRST_SENTENCE = re.compile(r"^.*?(?:[.!?](?:\s|$)|\n|$)", re.S)
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question; gold, variants, topic and support only when answerable."""
+
+    id: str
+    question: str
+    answerable: bool
+    answer: str = ""
+    variants: tuple[str, ...] = ()
+    topic: str = ""
+    support: str = ""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one Ask gave for one question, scored."""
+
+    id: str
+    question: str
+    answerable: bool
+    gold: str
+    answer: str
+    generator: str
+    finish_reason: str
+    correct: bool
+    f1: float
+    cited: tuple[int, ...]
+    supporting: tuple[int, ...]
+    support_retrieved: bool
+    abstained: bool
+    passages: tuple[str, ...]
+    first_token_s: float
+    total_s: float
+    generate_s: float
+    completion_tokens: int
+    prompt_tokens: int
+
+
+def fold(text: str) -> str:
+    """Whitespace runs folded to one space."""
+    return " ".join(text.split())
+
+
+def tokens(text: str, *, drop_articles: bool = True) -> list[str]:
+    """Normalised tokens (see the module docstring)."""
+    words = _CITATION.sub(" ", text).lower().translate(_PUNCTUATION).split()
+    return [w for w in words if not (drop_articles and w in _ARTICLES)]
+
+
+def contains_run(haystack: list[str], needle: list[str]) -> bool:
+    """Whether needle occurs in haystack as consecutive tokens."""
+    n = len(needle)
+    return n > 0 and any(haystack[i : i + n] == needle for i in range(len(haystack) - n + 1))
+
+
+def token_f1(prediction: list[str], reference: list[str]) -> float:
+    """SQuAD's token F1."""
+    common = sum(
+        min(prediction.count(w), reference.count(w)) for w in set(prediction) & set(reference)
+    )
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(prediction), common / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+def supports(passage: str, support: str) -> bool:
+    """Whether a passage holds the support, in full or >= 50% as one run of tokens."""
+    have, want = tokens(passage, drop_articles=False), tokens(support, drop_articles=False)
+    if contains_run(have, want):
+        return True
+    match = difflib.SequenceMatcher(None, have, want, autojunk=False).find_longest_match(
+        0, len(have), 0, len(want)
+    )
+    return match.size * 2 >= len(want)
+
+
+def cited_numbers(answer: str) -> tuple[int, ...]:
+    """The passage numbers cited as [n] or [n, m], in order of first citation."""
+    seen: list[int] = []
+    for group in _CITATION.findall(answer):
+        for number in (int(n) for n in group.split(",")):
+            if number not in seen:
+                seen.append(number)
+    return tuple(seen)
+
+
+def abstains(answer: str, finish_reason: str) -> bool:
+    """Whether the answer declines (see ABSTAIN_PHRASES)."""
+    match = _FIRST_SENTENCE.match(answer.strip())
+    first = (match.group(0) if match else answer).lower().replace("\u2019", "'")
+    return finish_reason == "no_answer" or any(p in first for p in ABSTAIN_PHRASES)
+
+
+def load_questions(path: Path = QUESTIONS) -> list[Question]:
+    """The question set, checked against the topic texts; raises ValueError on any flaw."""
+    from pydoc_data.topics import topics
+
+    folded = {name: fold(text) for name, text in topics.items()}
+    lowered = "\n".join(folded.values()).lower()
+    questions: list[Question] = []
+    problems: list[str] = []
+    for row in json.loads(path.read_text()):
+        q = Question(
+            row["id"],
+            row["question"],
+            row["answerable"],
+            row.get("answer", ""),
+            tuple(row.get("variants", ())),
+            row.get("topic", ""),
+            row.get("support", ""),
+        )
+        if q.answerable:
+            if q.topic not in folded:
+                problems.append(f"{q.id}: no pydoc topic {q.topic!r}")
+            elif fold(q.support) not in folded[q.topic]:
+                problems.append(f"{q.id}: support not in topic {q.topic!r}: {q.support!r}")
+            for reference in (q.answer, *q.variants):
+                if not tokens(reference):
+                    problems.append(f"{q.id}: {reference!r} normalises to nothing")
+        else:
+            for term in row.get("absent", ()):
+                if term.lower() in lowered:
+                    problems.append(f"{q.id}: {term!r} occurs in the topics: not unanswerable")
+            if not row.get("absent"):
+                problems.append(f"{q.id}: an unanswerable question names no absent terms")
+        questions.append(q)
+    if len({q.id for q in questions}) != len(questions):
+        problems.append("question ids repeat")
+    if problems:
+        raise ValueError(f"{path.name} is wrong:\n  " + "\n  ".join(problems))
+    return questions
+
+
+def ask(client: RagClient, q: Question, k: int, params: GenerationParams) -> Outcome:
+    """One streaming Ask, timed and scored."""
+    started = time.perf_counter()
+    first: float | None = None
+    citations: list[AskCitation] = []
+    pieces: list[str] = []
+    summary: AskSummary | None = None
+    for event in client.ask(q.question, k=k, params=params):
+        if isinstance(event, list):
+            citations = event
+        elif isinstance(event, str):
+            if first is None and event.strip():
+                first = time.perf_counter()
+            pieces.append(event)
+        else:
+            summary = event
+    done = time.perf_counter()
+    assert summary is not None, "Ask ended without a summary"
+    answer = "".join(pieces).strip()
+    passages = {c.index: c.hit.text for c in citations}
+    cited = cited_numbers(answer)
+    supporting: tuple[int, ...] = ()
+    correct, f1, retrieved = False, 0.0, False
+    if q.answerable:
+        supporting = tuple(n for n in cited if n in passages and supports(passages[n], q.support))
+        retrieved = any(supports(text, q.support) for text in passages.values())
+        said = tokens(answer)
+        references = [tokens(r) for r in (q.answer, *q.variants)]
+        correct = any(contains_run(said, r) for r in references)
+        f1 = max(token_f1(said, r) for r in references) if said else 0.0
+    return Outcome(
+        q.id,
+        q.question,
+        q.answerable,
+        q.answer,
+        answer,
+        summary.generator,
+        summary.finish_reason,
+        correct,
+        f1,
+        cited,
+        supporting,
+        retrieved,
+        abstains(answer, summary.finish_reason),
+        tuple(f"{c.index} {c.hit.document_id} {c.hit.chunk_id}" for c in citations),
+        (first if first is not None else done) - started,
+        done - started,
+        summary.timings["generate_ms"] / 1000,
+        summary.usage.completion_tokens,
+        summary.usage.prompt_tokens,
+    )
+
+
+def load_weights_module() -> ModuleType:
+    """deploy/triton/weights.py, imported by path (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("rag_llm_weights", WEIGHTS)
+    if spec is None or spec.loader is None or not WEIGHTS.exists():
+        raise SystemExit(f"{WEIGHTS} is missing: the llm arm needs it to fetch the weights")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def llm_triton(work: Path, model: str) -> Iterator[str]:
+    """Triton serving the `llm` model with the named GGUF; yields its gRPC HOST:PORT."""
+    from tests.triton_server import Triton
+
+    weights = load_weights_module()
+    env = {
+        "RAG_LLM_MODEL_PATH": str(weights.fetch(model)),
+        "RAG_LLM_MODEL_SHA256": weights.CATALOG[model].sha256,
+    }
+    # Explicit model control: Triton is ready once the model has loaded.
+    triton = Triton(work / "triton.log", models="llm", env=env).start(timeout=900)
+    try:
+        yield triton.url
+    finally:
+        triton.kill()
+
+
+@contextlib.contextmanager
+def rag_server(work: Path, env: dict[str, str]) -> Iterator[str]:
+    """`rag-grpc serve` on the shared data dir with the demo corpus in it; yields its target."""
+    port = free_port()
+    server = start_server(
+        work / "data",
+        port,
+        work / f"server-{port}.log",
+        "retrieval,embedding,rag",
+        # Every question once per generator, but no replays from a cache either way.
+        {"RAG_GRPC_GENERATION__ANSWER_CACHE_ENTRIES": "0", **env},
+    )
+    try:
+        with RagClient(f"127.0.0.1:{port}", timeout=600) as client:
+            # Synchronous: the corpus is searchable when this returns; the second
+            # server finds the documents unchanged and embeds nothing.
+            client.upsert(pydoc_topics())
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+
+
+def run_arm(
+    target: str, questions: list[Question], k: int, params: GenerationParams
+) -> list[Outcome]:
+    """Every question once through Ask, one at a time, after one unrecorded Ask."""
+    outcomes = []
+    with RagClient(target, timeout=600) as client:
+        for _ in client.ask("What is a docstring?", k=k, params=params):
+            pass
+        for q in questions:
+            outcome = ask(client, q, k, params)
+            print(
+                f"  {q.id} {'ok ' if outcome.correct else '-- '}{outcome.total_s:5.1f} s  "
+                f"{fold(outcome.answer)[:90]}",
+                flush=True,
+            )
+            outcomes.append(outcome)
+    return outcomes
+
+
+def summarise(outcomes: list[Outcome]) -> dict[str, float]:
+    """The figures of one generator's run."""
+    answerable = [o for o in outcomes if o.answerable]
+    unanswerable = [o for o in outcomes if not o.answerable]
+    citations = sum(len(o.cited) for o in answerable)
+
+    def share(rows: list[Outcome], test: str) -> float:
+        return float(np.mean([getattr(o, test) for o in rows])) if rows else float("nan")
+
+    generate_s = sum(o.generate_s for o in outcomes)
+    return {
+        "answerable": len(answerable),
+        "unanswerable": len(unanswerable),
+        "correct": share(answerable, "correct"),
+        "f1": share(answerable, "f1"),
+        "citation_precision": (
+            sum(len(o.supporting) for o in answerable) / citations if citations else float("nan")
+        ),
+        "cited_answers": float(np.mean([bool(o.cited) for o in outcomes])),
+        "support_retrieved": share(answerable, "support_retrieved"),
+        "abstention": share(unanswerable, "abstained"),
+        "false_abstention": share(answerable, "abstained"),
+        "first_token_p50_ms": float(np.percentile([o.first_token_s for o in outcomes], 50) * 1e3),
+        "ask_p50_s": float(np.percentile([o.total_s for o in outcomes], 50)),
+        "tokens_per_s": (
+            sum(o.completion_tokens for o in outcomes) / generate_s if generate_s else float("nan")
+        ),
+        "total_s": sum(o.total_s for o in outcomes),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--generators", nargs="+", choices=["extractive", "llm"], default=["extractive", "llm"]
+    )
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct-q4_k_m")
+    parser.add_argument("--limit", type=int, default=0, help="the first N questions of each kind")
+    parser.add_argument("--k", type=int, default=5, help="passages per Ask")
+    parser.add_argument("--max-tokens", type=int, default=256, help="the server's default")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+
+    questions = load_questions()
+    if args.limit:
+        questions = [q for q in questions if q.answerable][: args.limit] + [
+            q for q in questions if not q.answerable
+        ][: args.limit]
+    params = GenerationParams(max_tokens=args.max_tokens, temperature=0.0)
+    work = Path(tempfile.mkdtemp(prefix="rag-answers-bench-"))
+    results: dict[str, list[Outcome]] = {}
+    names: dict[str, str] = {"extractive": "extractive"}
+    try:
+        for generator in args.generators:
+            print(f"{generator}:", flush=True)
+            with contextlib.ExitStack() as stack:
+                env: dict[str, str] = {}
+                if generator == "llm":
+                    url = stack.enter_context(llm_triton(work, args.model))
+                    env = {
+                        "RAG_GRPC_GENERATION__GENERATOR": "triton",
+                        "RAG_GRPC_GENERATION__TRITON__URL": url,
+                        "RAG_GRPC_GENERATION__TRITON__MODEL": "llm",
+                        "RAG_GRPC_GENERATION__TRITON__PARAMETERS": "sampling_parameters",
+                        "RAG_GRPC_GENERATION__TRITON__TIMEOUT_S": "600",
+                    }
+                    names["llm"] = f"llm ({args.model}, Triton)"
+                target = stack.enter_context(rag_server(work, env))
+                results[generator] = run_arm(target, questions, args.k, params)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    figures = {g: summarise(rows) for g, rows in results.items()}
+    headers = [
+        "generator",
+        "correct",
+        "F1",
+        "citation precision",
+        "answers citing",
+        "support retrieved",
+        "abstains (unanswerable)",
+        "false abstention",
+        "first token p50 ms",
+        "tokens/s",
+        "total s",
+    ]
+    keys = [
+        "correct",
+        "f1",
+        "citation_precision",
+        "cited_answers",
+        "support_retrieved",
+        "abstention",
+        "false_abstention",
+        "first_token_p50_ms",
+        "tokens_per_s",
+        "total_s",
+    ]
+    rows = [[names[g], *(f[key] for key in keys)] for g, f in figures.items()]
+    answerable = sum(q.answerable for q in questions)
+    body = "\n\n".join(
+        [
+            f"{answerable} answerable and {len(questions) - answerable} unanswerable questions "
+            f"(bench/answers_questions.json) through Ask, one at a time, k={args.k} passages, "
+            f"max_tokens {args.max_tokens}, temperature 0, answer cache off; the demo corpus "
+            "(CPython's pydoc topics). correct: the gold answer or a variant in the answer; "
+            "F1: SQuAD token F1; citation precision: cited passages that hold the support; "
+            "support retrieved: some passage given holds it (the ceiling). Rules in "
+            "bench/answers.py.",
+            table(headers, rows),
+        ]
+    )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = BENCH_DIR / "results"
+    out.mkdir(exist_ok=True)
+    detail = out / f"answers-{stamp}.json"
+    detail.write_text(
+        json.dumps(
+            {
+                "command": command_line(),
+                "figures": figures,
+                "questions": {g: [dataclasses.asdict(o) for o in r] for g, r in results.items()},
+            },
+            indent=2,
+        )
+    )
+    print(f"per-question rows: {detail}")
+    record(
+        "Answer quality: extractive vs LLM",
+        command_line(),
+        ", ".join(names[g] for g in results),
+        body,
+        {"figures": figures, "detail": str(detail.relative_to(ROOT))},
+        save=not args.no_record,
+    )
+
+
+if __name__ == "__main__":
+    main()
