@@ -44,6 +44,7 @@ The output is JSON, which Envoy reads as YAML too.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ipaddress
 import json
 import os
@@ -432,10 +433,20 @@ def jwt_authn(args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
 
 
-SERVICES = [
-    f"rag.v1.{name}Service"
-    for name in ("Retrieval", "Embedding", "Generation", "Rag", "Ingestion", "Admin")
-]
+def _service_registry() -> Any:
+    """rag_grpc/services/registry.py, loaded by path: it imports only the
+    standard library, so this script still runs before anything is installed."""
+    path = Path(__file__).resolve().parent.parent / "rag_grpc" / "services" / "registry.py"
+    spec = importlib.util.spec_from_file_location("_rag_grpc_service_registry", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # Registered while it runs: dataclasses look their module up by name.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+SERVICES = [entry.full_name for entry in _service_registry().SERVICES.values()]
 
 
 def bootstrap(args: argparse.Namespace, cds_path: Path) -> dict[str, Any]:

@@ -40,9 +40,13 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from rag_grpc.native import DEFAULT_EXACT_THRESHOLD
+from rag_grpc.services.registry import SERVICE_NAMES
 
-ALL_SERVICES = ("retrieval", "embedding", "generation", "rag", "ingestion", "admin")
+# The default of `index.exact_scan_threshold`, the same number as the native
+# core's own default (rag_grpc.native.DEFAULT_EXACT_THRESHOLD, checked by
+# tests/test_server_process.py): written here so that reading the config
+# does not load the compiled extension.
+DEFAULT_EXACT_THRESHOLD = 12_000
 
 
 class _Section(BaseModel):
@@ -676,7 +680,7 @@ class Settings(BaseSettings):
     port: int = Field(50051, ge=0, le=65535)
     data_dir: Path = Path("data")
     # NoDecode: "retrieval,rag" from the environment is split by the validator below.
-    services: Annotated[tuple[str, ...], NoDecode] = ALL_SERVICES
+    services: Annotated[tuple[str, ...], NoDecode] = SERVICE_NAMES
     server: ServerConfig = ServerConfig()
     index: IndexConfig = IndexConfig()
     embedding: EmbeddingConfig = EmbeddingConfig()
@@ -726,11 +730,11 @@ class Settings(BaseSettings):
     @field_validator("services")
     @classmethod
     def _known_services(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [name for name in value if name not in ALL_SERVICES]
+        unknown = [name for name in value if name not in SERVICE_NAMES]
         if unknown or not value:
             raise ValueError(
                 f"unknown service(s) {unknown or '(none given)'}; "
-                f"choose from {', '.join(ALL_SERVICES)}"
+                f"choose from {', '.join(SERVICE_NAMES)}"
             )
         return tuple(dict.fromkeys(value))
 

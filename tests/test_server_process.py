@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document
-from tests.conftest import CORPUS, ServerProcess, ask_citations, free_port, tool
+from tests.conftest import CORPUS, ROOT, ServerProcess, ask_citations, free_port, tool
 
 SERVICES = [
     "rag.v1.RetrievalService",
@@ -261,3 +262,56 @@ def test_a_deadline_that_expires_while_the_server_works_is_seen_by_the_server(
         assert client.get(["late-0", "late-999"])[1] == ["late-0", "late-999"]
         assert client.stats().namespaces[0].documents == 1
     proc.stop(sig=9)  # the abandoned embedding may still be running; nothing to save
+
+
+def test_the_service_registry_names_every_proto_service_once() -> None:
+    from rag_grpc.pb import SERVICE_FILES
+    from rag_grpc.services.registry import SERVICES as REGISTRY
+
+    assert [entry.full_name for entry in REGISTRY.values()] == SERVICES
+    declared = [
+        service.full_name
+        for module in SERVICE_FILES
+        for service in module.DESCRIPTOR.services_by_name.values()
+    ]
+    assert sorted(declared) == sorted(SERVICES)
+    for entry in REGISTRY.values():
+        assert entry.health_name == entry.full_name
+        assert entry.name in entry.proto_name.lower()
+
+
+def test_the_gateway_and_the_config_read_the_registry() -> None:
+    import importlib.util
+
+    from rag_grpc.config import Settings
+
+    assert Settings.model_fields["services"].default == (
+        "retrieval",
+        "embedding",
+        "generation",
+        "rag",
+        "ingestion",
+        "admin",
+    )
+    spec = importlib.util.spec_from_file_location("envoy_render", ROOT / "envoy" / "render.py")
+    assert spec is not None and spec.loader is not None
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    assert render.SERVICES == SERVICES
+
+
+def test_reading_the_config_does_not_load_the_native_core_or_grpc() -> None:
+    probe = (
+        "import sys, rag_grpc.config as c; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('grpc', 'onnxruntime', 'numpy') or m.startswith('rag_grpc.native'))); "
+        "print(c.DEFAULT_EXACT_THRESHOLD)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    loaded, threshold = result.stdout.splitlines()
+    assert loaded == "[]"
+    from rag_grpc.native import DEFAULT_EXACT_THRESHOLD
+
+    assert int(threshold) == DEFAULT_EXACT_THRESHOLD
