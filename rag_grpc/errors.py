@@ -1,5 +1,5 @@
 """Core exceptions. The service layer maps each one to a gRPC status in one
-place (``services/interceptors.py``); the core library never imports grpc."""
+place (``services/status.py``); the core library never imports grpc."""
 
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ from rag_grpc.security.access import SINGLE_TENANT, AccessControl, Caller
 from rag_grpc.security.authn import Authenticator
 from rag_grpc.security.authz import Scope, is_open
 from rag_grpc.security.quotas import QuotaExceeded
+from rag_grpc.services.status import status_of
 from rag_grpc.store.sqlite import storage_error as store_storage_error
 
 # The admitted caller of the call being served (identity and scope), for
@@ -50,18 +51,6 @@ def current_caller() -> Caller:
 
 log = logging.getLogger("rag_grpc.rpc")
 
-STATUS_OF: dict[type[errors.RagError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.Cancelled: grpc.StatusCode.CANCELLED,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-}
-
 
 def storage_error(exc: Exception) -> errors.RagError | None:
     """A busy or full database as the error callers see (logged here)."""
@@ -69,14 +58,6 @@ def storage_error(exc: Exception) -> errors.RagError | None:
     if known is not None:
         log.warning("database: %s", exc)
     return known
-
-
-def status_of(exc: errors.RagError) -> grpc.StatusCode:
-    """The gRPC status for a core error (most specific class wins)."""
-    for cls in type(exc).__mro__:
-        if cls in STATUS_OF:
-            return STATUS_OF[cls]
-    return grpc.StatusCode.UNKNOWN
 
 
 class _Undecodable:

@@ -26,25 +26,31 @@ from rag_grpc.pb import generation_pb2, generation_service_pb2_grpc, retrieval_s
 from rag_grpc.security import tenancy
 from rag_grpc.services import convert
 from rag_grpc.services.interceptors import current_caller
+from rag_grpc.services.status import ERROR_OF
 
-_ERROR_OF = {
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: errors.NotFound,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+# Statuses of a remote service passed on as the same core error. The rest
+# (UNAVAILABLE, CANCELLED, and refusals of this server's own credential) are
+# this deployment's trouble, not the caller's: they become Unavailable.
+_PASSED_ON = {
+    code: ERROR_OF[code]
+    for code in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
 }
-
-
-_CALLER_REFUSALS: dict[grpc.StatusCode, type[errors.RagError]] = {
-    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
-    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+# Refusals passed on when the call carried the caller's own credential.
+_CALLER_REFUSALS = {
+    code: ERROR_OF[code]
+    for code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 }
 
 
 def _core_error(exc: grpc.aio.AioRpcError, service: str, target: str) -> errors.RagError:
     """A remote status as a core error; transport trouble becomes Unavailable."""
-    cls = _ERROR_OF.get(exc.code(), errors.Unavailable)
+    cls = _PASSED_ON.get(exc.code(), errors.Unavailable)
     if cls is errors.Unavailable:
         return errors.Unavailable(
             f"{service} at {target} failed: {exc.code().name} {exc.details()}"
