@@ -1,5 +1,7 @@
 """The Generator interface: the extractive generator, a remote
-GenerationService and (later) Triton all stream the same events."""
+GenerationService and Triton all stream the same events; and the events of
+an Ask built on them (citations, deltas, the finish), which the pipeline
+yields and the client returns."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from rag_grpc.documents import Hit
 from rag_grpc.errors import InvalidArgument
 
 MAX_PROMPT_BYTES = 16 * 1024
@@ -64,6 +67,41 @@ class Finished:
 
 
 GenerationEvent = Delta | Finished
+
+
+# -- the events of an Ask (RagPipeline.ask, RagClient.ask) --------------------
+
+
+@dataclass(frozen=True)
+class AskTimings:
+    """Milliseconds per stage of one Ask."""
+
+    embed_ms: float
+    retrieve_ms: float
+    generate_ms: float
+    first_token_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class Citations:
+    """First event of an Ask: the passages the answer may cite, numbered from 1."""
+
+    hits: list[Hit]
+
+
+@dataclass(frozen=True)
+class AskFinished:
+    """Last event of an Ask."""
+
+    finished: Finished
+    timings: AskTimings
+    cited: tuple[int, ...] = field(default_factory=tuple)
+    # The answer came from the answer cache (same question, passages and generation).
+    cached: bool = False
+
+
+AskEvent = Citations | Delta | AskFinished
 
 
 class Generator(Protocol):

@@ -9,16 +9,20 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rag_grpc import telemetry
 from rag_grpc.config import LimitsConfig
 from rag_grpc.deadlines import in_thread
-from rag_grpc.documents import Hit, SearchResult, resolve_namespace
+from rag_grpc.documents import SearchResult, resolve_namespace
 from rag_grpc.errors import InvalidArgument
 from rag_grpc.filters import Filter
 from rag_grpc.generate.base import (
+    AskEvent,
+    AskFinished,
+    AskTimings,
+    Citations,
     Delta,
     Finished,
     GenerationParams,
@@ -48,38 +52,6 @@ class LocalSearch:
 
     async def search(self, query: SearchQuery) -> SearchResult:
         return await in_thread(self.executor, self.retriever.search, query)
-
-
-@dataclass(frozen=True)
-class AskTimings:
-    """Milliseconds per stage of one Ask."""
-
-    embed_ms: float
-    retrieve_ms: float
-    generate_ms: float
-    first_token_ms: float
-    total_ms: float
-
-
-@dataclass(frozen=True)
-class Citations:
-    """First event of an Ask: the passages the answer may cite, numbered from 1."""
-
-    hits: list[Hit]
-
-
-@dataclass(frozen=True)
-class AskFinished:
-    """Last event of an Ask."""
-
-    finished: Finished
-    timings: AskTimings
-    cited: tuple[int, ...] = field(default_factory=tuple)
-    # The answer came from the answer cache (same question, passages and generation).
-    cached: bool = False
-
-
-AskEvent = Citations | Delta | AskFinished
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, replace
-from enum import Enum
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -36,6 +35,7 @@ from rag_grpc.errors import (
 from rag_grpc.index.retriever import Retriever
 from rag_grpc.index.writes import PreparedUpsert
 from rag_grpc.ingest.document_json import document_from_json, document_to_json
+from rag_grpc.ingest.job_status import JobState, JobStatus
 from rag_grpc.store.sqlite import connect, storage_error
 
 log = logging.getLogger(__name__)
@@ -138,35 +138,6 @@ async def watch_job(
             await asyncio.wait_for(wait(), left)
         except TimeoutError:
             return
-
-
-class JobState(Enum):
-    """Lifecycle of a job."""
-
-    QUEUED = "QUEUED"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-
-    @property
-    def done(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED)
-
-
-@dataclass(frozen=True)
-class JobStatus:
-    """A job's progress as stored."""
-
-    job_id: str
-    namespace: str
-    state: JobState
-    total: int
-    processed: int
-    failed: int
-    chunks: int
-    errors: tuple[tuple[str, str], ...]
-    created_at: float
-    updated_at: float
 
 
 class JobQueue:
