@@ -100,6 +100,21 @@ class AskFinished:
     # The answer came from the answer cache (same question, passages and generation).
     cached: bool = False
 
+    @property
+    def usage(self) -> Usage:
+        """Tokens the generation took (its Finished's)."""
+        return self.finished.usage
+
+    @property
+    def generator(self) -> str:
+        """The generator that answered, e.g. "extractive"."""
+        return self.finished.generator
+
+    @property
+    def finish_reason(self) -> str:
+        """Why the generation stopped, e.g. "stop" or "length"."""
+        return self.finished.finish_reason
+
 
 AskEvent = Citations | Delta | AskFinished
 
