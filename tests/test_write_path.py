@@ -437,7 +437,7 @@ def test_result_and_answer_caches_are_bounded_in_bytes() -> None:
     from rag_grpc.documents import Hit, SearchResult
     from rag_grpc.generate.base import Finished, GenerationParams, Usage
     from rag_grpc.generate.pipeline import AnswerCache, CachedAnswer
-    from rag_grpc.index.search import ResultCache, result_bytes
+    from rag_grpc.index.result_cache import ResultCache, result_bytes
 
     def result(i: int) -> SearchResult:
         return SearchResult([Hit(f"d{i}", f"d{i}#0", 0.5, "x" * 10_000, {})], i)

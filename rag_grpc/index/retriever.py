@@ -4,16 +4,15 @@ Synchronous and thread-safe; the services call it from worker threads.
 
 The parts live in their own modules: `namespaces` (index files, catch-up,
 write locks), `payload` (each namespace's metadata values -> labels, for
-filters), `writes` (prepare and apply), `search` (queries and the result
-cache). This class wires them together and is what servers, tests and
-benchmarks hold.
+filters), `writes` (prepare and apply), `search` (queries: planned, then
+answered by the result cache or the arms, fused and re-ranked). This class
+wires them together and is what servers, tests and benchmarks hold.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from rag_grpc.config import IndexConfig, LimitsConfig, RerankConfig, RetrievalConfig
@@ -22,22 +21,14 @@ from rag_grpc.embed.chunking import TokenChunker
 from rag_grpc.embed.encoder import Embedder
 from rag_grpc.filters import Filter
 from rag_grpc.index.namespaces import NamespaceIndexes
-from rag_grpc.index.search import Rescorer, ResultCache, Searcher, SearchQuery
+from rag_grpc.index.query import NamespaceStats, SearchQuery
+from rag_grpc.index.ranking import Rescorer
+from rag_grpc.index.result_cache import ResultCache
+from rag_grpc.index.search import Searcher
 from rag_grpc.index.writes import PreparedDelete, PreparedUpsert, WritePath
 from rag_grpc.store.sqlite import DocumentStore
 
 __all__ = ["NamespaceStats", "Retriever", "SearchQuery"]
-
-
-@dataclass(frozen=True)
-class NamespaceStats:
-    """Stored and indexed sizes of one namespace."""
-
-    name: str
-    documents: int
-    chunks: int
-    vectors: int
-    generation: int
 
 
 class Retriever:
