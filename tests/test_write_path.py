@@ -17,6 +17,7 @@ import nats
 import numpy as np
 import pytest
 
+import rag_grpc.store.database as database
 import rag_grpc.store.sqlite as sqlite_store
 from rag_grpc import deadlines
 from rag_grpc.client import RagClient, RpcError
@@ -335,7 +336,7 @@ def test_filter_queries_stop_at_the_deadline(
     start_server: Callable[..., ServerThread], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Checked every step here, so even this small query gets interrupted.
-    monkeypatch.setattr(sqlite_store, "PROGRESS_STEPS", 1)
+    monkeypatch.setattr(database, "PROGRESS_STEPS", 1)
     server = start_server()
     store = server.server.store
     assert store is not None

@@ -36,7 +36,7 @@ from rag_grpc.index.retriever import Retriever
 from rag_grpc.index.writes import PreparedUpsert
 from rag_grpc.ingest.document_json import document_from_json, document_to_json
 from rag_grpc.ingest.job_status import JobState, JobStatus
-from rag_grpc.store.sqlite import connect, storage_error
+from rag_grpc.store.database import connect, storage_error
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -3,95 +3,50 @@
 The vector index is derived from the ``chunks`` table and can be rebuilt from
 it at any time. Chunk labels are AUTOINCREMENT row ids, never reused, so a
 label found in the index names at most one chunk forever.
+
+Long (about 600 lines) on purpose: DocumentStore is one class over one writer
+connection and its lock, and its transactions span the tables (a write
+replaces documents, chunks and metadata, bumps the generation and records the
+write log's position in one commit), so its methods stay together. The parts
+that stand alone live beside it: the tables (schema.py), connections and
+storage errors (database.py), filters as SQL (filter_sql.py), the chunk
+record cache (chunk_cache.py) and the full-text arm (lexical.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rag_grpc.documents import DEFAULT_NAMESPACE, Document, Metadata, MetadataScalar
-from rag_grpc.errors import RagError, ResourceExhausted, Unavailable
-from rag_grpc.filters import And, AnyOf, Equals, Filter, Or, Range
+from rag_grpc.documents import DEFAULT_NAMESPACE, Document, MetadataScalar
+from rag_grpc.errors import Unavailable
+from rag_grpc.filters import Filter
 from rag_grpc.store import lexical
+from rag_grpc.store.chunk_cache import ChunkCache, ChunkRecord
+from rag_grpc.store.database import connect, interruptible, private_file, storage_error
+from rag_grpc.store.filter_sql import compile_filter, metadata_columns
+from rag_grpc.store.schema import SCHEMA
 
-# Chunk records kept in memory for hydrating hits: at most this many, and
-# about this many bytes of their text and metadata.
-CHUNK_CACHE_SIZE = 65_536
-CHUNK_CACHE_BYTES = 64 * 1024 * 1024
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY,
-    at REAL NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    namespace TEXT NOT NULL,
-    doc_ids TEXT NOT NULL
-);
--- How far this store has applied each write log it follows (NATS JetStream
--- stream sequence), committed with the writes themselves.
-CREATE TABLE IF NOT EXISTS log_positions (
-    log TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL
-);
--- Which write-log entries carry each document's content (text and vectors),
--- so forgetting a document can erase every entry that holds a version of it.
--- A fact about the log, recorded before the entry is applied: rows go with
--- the entries (pruned below the log's first sequence, dropped once erased).
-CREATE TABLE IF NOT EXISTS log_documents (
-    namespace TEXT NOT NULL,
-    doc_id TEXT NOT NULL,
-    log TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    PRIMARY KEY (namespace, doc_id, log, seq)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS log_documents_by_seq ON log_documents (log, seq);
-CREATE TABLE IF NOT EXISTS namespaces (
-    name TEXT PRIMARY KEY,
-    generation INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS documents (
-    namespace TEXT NOT NULL,
-    doc_id TEXT NOT NULL,
-    text TEXT NOT NULL,
-    metadata TEXT NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (namespace, doc_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS chunks (
-    label INTEGER PRIMARY KEY AUTOINCREMENT,
-    namespace TEXT NOT NULL,
-    doc_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    text TEXT NOT NULL,
-    vector BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS chunks_by_doc ON chunks (namespace, doc_id);
--- One row per (document, key): the filter index. kind: s string, n number, b bool.
-CREATE TABLE IF NOT EXISTS metadata (
-    namespace TEXT NOT NULL,
-    doc_id TEXT NOT NULL,
-    key TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    s TEXT,
-    n REAL
-);
-CREATE INDEX IF NOT EXISTS metadata_by_doc ON metadata (namespace, doc_id);
-CREATE INDEX IF NOT EXISTS metadata_by_s ON metadata (namespace, key, kind, s);
-CREATE INDEX IF NOT EXISTS metadata_by_n ON metadata (namespace, key, kind, n);
-"""
+# Imported from here by callers that predate database.py (security/, services/).
+__all__ = [
+    "ChunkRecord",
+    "DocumentStore",
+    "NamespaceCounts",
+    "NewChunk",
+    "ReplaceOutcome",
+    "connect",
+    "private_file",
+    "storage_error",
+    "stored_bytes",
+]
 
 
 def stored_bytes(document: Document) -> int:
@@ -110,17 +65,6 @@ class NewChunk:
     seq: int
     text: str
     vector: np.ndarray
-
-
-@dataclass(frozen=True)
-class ChunkRecord:
-    """A stored chunk joined with its document's metadata."""
-
-    label: int
-    doc_id: str
-    seq: int
-    text: str
-    metadata: Metadata
 
 
 @dataclass(frozen=True)
@@ -153,9 +97,7 @@ class DocumentStore:
         self.path = path
         private_file(path)
         self._write_lock = threading.Lock()
-        self._cache_lock = threading.Lock()
-        self._chunk_cache: dict[int, ChunkRecord] = {}
-        self._chunk_cache_bytes = 0
+        self._chunks = ChunkCache()
         self._local = threading.local()
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
@@ -248,7 +190,7 @@ class DocumentStore:
                     "INSERT INTO metadata (namespace, doc_id, key, kind, s, n) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     [
-                        (namespace, d.id, key, *_metadata_columns(value))
+                        (namespace, d.id, key, *metadata_columns(value))
                         for d in documents
                         for key, value in d.metadata.items()
                     ],
@@ -276,7 +218,7 @@ class DocumentStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            self._forget_chunks(removed)
+            self._chunks.forget(removed)
         return ReplaceOutcome(
             np.asarray(removed, dtype=np.uint64), np.asarray(added, dtype=np.uint64), generation
         )
@@ -313,7 +255,7 @@ class DocumentStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            self._forget_chunks(removed)
+            self._chunks.forget(removed)
             if erase:
                 self._erase(conn)
         return present, np.asarray(removed, dtype=np.uint64), generation
@@ -352,7 +294,7 @@ class DocumentStore:
 
     def doc_ids_matching(self, namespace: str, flt: Filter, limit: int | None = None) -> list[str]:
         """Ids of the documents whose metadata matches the filter (at most limit)."""
-        clause, params = _compile(flt, namespace)
+        clause, params = compile_filter(flt, namespace)
         sql = f"SELECT d.doc_id FROM documents d WHERE d.namespace = ? AND {clause}"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
@@ -619,15 +561,7 @@ class DocumentStore:
         A label's chunk never changes (a re-upsert writes new labels), so
         records are cached until their chunk is deleted.
         """
-        found = {}
-        missing = []
-        with self._cache_lock:
-            for label in labels:
-                record = self._chunk_cache.get(label)
-                if record is None:
-                    missing.append(label)
-                else:
-                    found[label] = record
+        found, missing = self._chunks.lookup(labels)
         if not missing:
             return found
         placeholders = ",".join("?" * len(missing))
@@ -641,25 +575,8 @@ class DocumentStore:
             int(label): ChunkRecord(int(label), doc_id, int(seq), text, json.loads(meta))
             for label, doc_id, seq, text, meta in rows
         }
-        with self._cache_lock:
-            for label, record in fetched.items():
-                if label not in self._chunk_cache:
-                    self._chunk_cache[label] = record
-                    self._chunk_cache_bytes += _record_bytes(record)
-            while self._chunk_cache and (
-                len(self._chunk_cache) > CHUNK_CACHE_SIZE
-                or self._chunk_cache_bytes > CHUNK_CACHE_BYTES
-            ):
-                oldest = next(iter(self._chunk_cache))  # oldest first
-                self._chunk_cache_bytes -= _record_bytes(self._chunk_cache.pop(oldest))
+        self._chunks.add(fetched)
         return found | fetched
-
-    def _forget_chunks(self, labels: Sequence[int]) -> None:
-        with self._cache_lock:
-            for label in labels:
-                record = self._chunk_cache.pop(label, None)
-                if record is not None:
-                    self._chunk_cache_bytes -= _record_bytes(record)
 
     def lexical_ranking(
         self, namespace: str, expression: str, allowed: np.ndarray | None = None
@@ -694,7 +611,7 @@ class DocumentStore:
 
     def labels_matching(self, namespace: str, flt: Filter) -> np.ndarray:
         """Chunk labels of the namespace's documents that satisfy the filter."""
-        clause, params = _compile(flt, namespace)
+        clause, params = compile_filter(flt, namespace)
         with interruptible(self._reader()) as conn:
             rows = conn.execute(
                 "SELECT c.label FROM chunks c WHERE c.namespace = ? AND c.doc_id IN "
@@ -747,129 +664,3 @@ class DocumentStore:
             for params in parts
             for label, key, kind, s, n in conn.execute(sql, params)
         ]
-
-
-def _record_bytes(record: ChunkRecord) -> int:
-    return 200 + len(record.text) + len(record.doc_id) + 64 * len(record.metadata)
-
-
-def _metadata_columns(value: MetadataScalar) -> tuple[str, str | None, float | None]:
-    if isinstance(value, bool):
-        return "b", None, float(value)
-    if isinstance(value, int | float):
-        return "n", None, float(value)
-    return "s", value, None
-
-
-def _compile(flt: Filter, namespace: str) -> tuple[str, list[Any]]:
-    """SQL over documents ``d`` for a validated filter; values are bound parameters.
-
-    Each condition is a non-correlated ``d.doc_id IN (SELECT ... FROM metadata)``:
-    SQLite builds the matching set once from the (namespace, key, kind, value)
-    index. (A correlated EXISTS was planned as a scan of every match per
-    document: 7.2 s at 20k documents and 10 % selectivity.)"""
-    if isinstance(flt, And | Or):
-        parts = [_compile(inner, namespace) for inner in flt.filters]
-        joiner = " AND " if isinstance(flt, And) else " OR "
-        return (
-            "(" + joiner.join(sql for sql, _ in parts) + ")",
-            [p for _, params in parts for p in params],
-        )
-    matches = (
-        "d.doc_id IN (SELECT m.doc_id FROM metadata m WHERE m.namespace = ? AND m.key = ? AND ({}))"
-    )
-    if isinstance(flt, Equals | AnyOf):
-        values = (flt.value,) if isinstance(flt, Equals) else flt.values
-        ors: list[str] = []
-        params: list[Any] = [namespace, flt.key]
-        for kind in ("s", "n", "b"):
-            same_kind = [c for c in (_metadata_columns(v) for v in values) if c[0] == kind]
-            if not same_kind:
-                continue
-            column = "s" if kind == "s" else "n"
-            # Values go in a JSON array (one bound parameter), so no filter can
-            # exceed SQLite's variable limit, whatever the build's.
-            ors.append(f"(m.kind = '{kind}' AND m.{column} IN (SELECT value FROM json_each(?)))")
-            params.append(json.dumps([c[1] if kind == "s" else c[2] for c in same_kind]))
-        return matches.format(" OR ".join(ors)), params
-    assert isinstance(flt, Range)
-    conds = ["m.kind = 'n'"]
-    params = [namespace, flt.key]
-    for op, bound in ((">=", flt.gte), (">", flt.gt), ("<=", flt.lte), ("<", flt.lt)):
-        if bound is not None:
-            conds.append(f"m.n {op} ?")
-            params.append(bound)
-    return matches.format(" AND ".join(conds)), params
-
-
-# How many SQLite virtual-machine steps run between checks of the caller's
-# deadline and cancellation in a filter query.
-PROGRESS_STEPS = 10_000
-
-
-@contextmanager
-def interruptible(
-    conn: sqlite3.Connection, stage: str = "matching the filter"
-) -> Iterator[sqlite3.Connection]:
-    """Run queries on conn that stop (sqlite3.OperationalError 'interrupted',
-    raised as DeadlineExceeded/Cancelled) when the call's deadline passes or it
-    is cancelled."""
-    from rag_grpc import deadlines
-
-    stopped: list[BaseException] = []
-
-    def progress() -> int:
-        try:
-            deadlines.check(stage)
-        except Exception as exc:  # raised again below, once SQLite has stopped
-            stopped.append(exc)
-            return 1
-        return 0
-
-    conn.set_progress_handler(progress, PROGRESS_STEPS)
-    try:
-        yield conn
-    except sqlite3.OperationalError:
-        if stopped:
-            raise stopped[0] from None
-        raise
-    finally:
-        conn.set_progress_handler(None, 0)
-
-
-def storage_error(exc: BaseException) -> RagError | None:
-    """The caller-facing error for a database that is busy or full (retry
-    later), or None when exc is not one of those."""
-    if not isinstance(exc, sqlite3.OperationalError):
-        return None
-    text = str(exc).lower()
-    if "locked" in text or "busy" in text:
-        return Unavailable("the database is busy with another writer; retry shortly")
-    if "full" in text:
-        return ResourceExhausted(
-            "the server's disk is full; nothing was written (free space, then retry)"
-        )
-    return None
-
-
-def private_file(path: Path) -> None:
-    """Create the database file (and its directory) readable by this user
-    only; SQLite gives its -wal and -shm files the same mode."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    os.close(fd)
-    os.chmod(path, 0o600)
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    """A connection as every part of rag-grpc opens one: WAL, durable commits,
-    a busy timeout, and secure_delete on (freed pages are zeroed, whatever
-    this SQLite build's default)."""
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    # NORMAL in WAL mode can lose the last transactions on power loss but
-    # never corrupts; FULL makes each acknowledged write durable.
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=5000")
-    conn.execute("PRAGMA secure_delete=ON")
-    return conn
