@@ -25,7 +25,7 @@ from rag_grpc.client import RagClient
 from rag_grpc.documents import Document
 from rag_grpc.errors import FailedPrecondition, Unavailable
 from rag_grpc.filters import And, AnyOf, Equals, Or, Range
-from rag_grpc.index.milvus_index import filter_expression
+from rag_grpc.index.milvus_filter import filter_expression
 from tests.conftest import CORPUS, ROOT, ServerThread, free_port, make_settings
 
 MILVUS_VENV = ROOT / "build" / "milvus-venv"

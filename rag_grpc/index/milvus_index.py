@@ -13,10 +13,7 @@ partition that name hashes to. Rows: `label` (the chunk's SQLite row id,
 primary key), `namespace`, `vector` (unit length, inner product) and `meta`,
 the document's metadata as JSON with each key prefixed by its kind
 (`s:`, `n:`, `b:`), so a filter runs inside Milvus as an expression on it
-with the payload index's semantics: a string never equals a number, booleans
-are their own kind, int 3 equals float 3.0 (numbers are stored as floats),
-ranges see numbers only, and a chunk whose document lacks the key never
-matches.
+with the payload index's semantics (milvus_filter.py).
 
 `MilvusIndex` is one namespace's view, with the parts of the native
 `VectorIndex` interface that `NamespaceIndexes`, `WritePath` and `Searcher`
@@ -28,12 +25,10 @@ only searches Milvus (docs/milvus.md).
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from os import PathLike
 from typing import Any
 
@@ -43,7 +38,8 @@ import numpy.typing as npt
 from rag_grpc import deadlines
 from rag_grpc.config import IndexConfig, MilvusConfig, redact_url
 from rag_grpc.errors import FailedPrecondition, Unavailable
-from rag_grpc.filters import And, AnyOf, Equals, Filter, Or, Range
+from rag_grpc.filters import Filter
+from rag_grpc.index.milvus_filter import filter_expression, literal, metadata_by_label
 from rag_grpc.index.payload import PayloadRow
 from rag_grpc.native import MISSING_LABEL
 from rag_grpc.store.sqlite import DocumentStore
@@ -56,7 +52,6 @@ INSERT_BATCH = 2048
 DELETE_BATCH = 8192
 # Stored namespace names are at most 64 characters plus a tenant's prefix.
 NAMESPACE_CHARS = 256
-_FLOAT_MAX = 1.7976931348623157e308
 
 
 class MilvusCollection:
@@ -227,7 +222,7 @@ class MilvusIndex:
         self.namespace = namespace
         self.dim = collection.dimension
         self.count = count
-        self._base = expression or f"namespace == {_literal(namespace)}"
+        self._base = expression or f"namespace == {literal(namespace)}"
         self._lock = threading.Lock()
         # A write stored in SQLite failed to reach Milvus: the next save
         # (index.save_interval_s, or shutdown) reconciles the namespace.
@@ -376,82 +371,6 @@ class MilvusIndex:
         holds the namespace's write lock)."""
         if self.stale and self.collection.config.writer:
             self.collection.reconcile(self)
-
-
-def metadata_by_label(rows: Iterable[PayloadRow]) -> dict[int, dict[str, Any]]:
-    """Each chunk's metadata as the collection's `meta` JSON: keys prefixed
-    with their value's kind, numbers as floats."""
-    meta: dict[int, dict[str, Any]] = {}
-    for label, key, value in rows:
-        meta.setdefault(int(label), {})[_field(key, value)] = _stored(value)
-    return meta
-
-
-def _field(key: str, value: object) -> str:
-    if isinstance(value, bool):
-        return f"b:{key}"
-    if isinstance(value, int | float):
-        return f"n:{key}"
-    return f"s:{key}"
-
-
-def _stored(value: object) -> object:
-    if isinstance(value, bool | str):
-        return value
-    return float(value)  # type: ignore[arg-type]
-
-
-def filter_expression(flt: Filter) -> str:
-    """A validated filter as a Milvus boolean expression over `meta`."""
-    if isinstance(flt, And | Or):
-        joiner = " and " if isinstance(flt, And) else " or "
-        return joiner.join(f"({filter_expression(inner)})" for inner in flt.filters)
-    if isinstance(flt, Equals):
-        return _equals(flt.key, [flt.value])
-    if isinstance(flt, AnyOf):
-        return _equals(flt.key, list(flt.values))
-    return _range(flt)
-
-
-def _equals(key: str, values: Sequence[object]) -> str:
-    """The field equals one of the values, each compared within its kind."""
-    parts = []
-    kinds: dict[str, list[str]] = {}
-    for value in values:
-        if isinstance(value, bool):
-            kinds.setdefault("b", []).append("true" if value else "false")
-        elif isinstance(value, int | float):
-            kinds.setdefault("n", []).append(_number(float(value)))
-        else:
-            kinds.setdefault("s", []).append(_literal(str(value)))
-    for kind, literals in kinds.items():
-        field = f"meta[{_literal(f'{kind}:{key}')}]"
-        unique = list(dict.fromkeys(literals))
-        if len(unique) == 1:
-            parts.append(f"{field} == {unique[0]}")
-        else:
-            parts.append(f"{field} in [{', '.join(unique)}]")
-    return " or ".join(f"({p})" for p in parts) if len(parts) > 1 else parts[0]
-
-
-def _range(flt: Range) -> str:
-    field = f"meta[{_literal(f'n:{flt.key}')}]"
-    bounds = [(">=", flt.gte), (">", flt.gt), ("<=", flt.lte), ("<", flt.lt)]
-    return " and ".join(f"{field} {op} {_number(v)}" for op, v in bounds if v is not None)
-
-
-def _number(value: float) -> str:
-    # Milvus's parser has no infinity: the largest finite float stands in
-    # (stored values are finite, so the comparison's answer is the same).
-    if math.isinf(value):
-        value = math.copysign(_FLOAT_MAX, value)
-    return repr(float(value))
-
-
-def _literal(text: str) -> str:
-    """A string literal of Milvus's expression language (Go's quoted string:
-    JSON's escapes, non-ASCII left as it is since Go rejects \\u surrogates)."""
-    return json.dumps(text, ensure_ascii=False)
 
 
 def _pymilvus() -> Any:
