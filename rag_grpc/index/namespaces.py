@@ -7,6 +7,11 @@ file is missing, damaged, or deletes ran since it was saved).
 
 SQLite is the truth; both indexes are derived from its rows and can always
 be rebuilt from them.
+
+Just over 400 lines: opening, catching up, saving and snapshotting are one
+life cycle of the same files under the same write lock; the payload index
+(payload.py, payload_file.py), the sizes (sizes.py) and Milvus
+(milvus_index.py) already live beside it.
 """
 
 from __future__ import annotations

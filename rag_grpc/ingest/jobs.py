@@ -5,6 +5,11 @@ returned; one worker task takes queued jobs in order and upserts their
 documents in batches. Progress is committed after each batch, and a job left
 RUNNING by a crash resumes from its last committed position (upserts are
 idempotent by document id, so a replayed batch does no harm).
+
+A little over 400 lines: the jobs table (JobQueue) and the worker that drains
+it (IngestionManager) are two classes of one idea, the SQLite job backend;
+the validation here is shared with the NATS backend, and a job's status type
+lives in job_status.py.
 """
 
 from __future__ import annotations
