@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
@@ -23,6 +24,7 @@ from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
 from rag_grpc.security import tenancy
 from rag_grpc.security.access import AccessControl
 from rag_grpc.security.audit import AuditLog
+from rag_grpc.services import convert
 from rag_grpc.services.auditing import audit, outcome_of
 from rag_grpc.services.interceptors import current_caller
 
@@ -85,13 +87,11 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
                 if not tenancy.owns(tenant, ns.name):
                     continue
                 owner, own_name = tenancy.split(ns.name)
-                response.namespaces.add(
-                    name=own_name,
-                    tenant=owner if tenant is None and owner else "",
-                    documents=ns.documents,
-                    chunks=ns.chunks,
-                    vectors=ns.vectors,
-                    index_generation=ns.generation,
+                response.namespaces.append(
+                    convert.namespace_stats_to_pb(
+                        dataclasses.replace(ns, name=own_name),
+                        tenant=owner if tenant is None and owner else "",
+                    )
                 )
             cfg = self.index_config
             response.index.CopyFrom(

@@ -1,7 +1,9 @@
-"""Conversions between protobuf messages and the core's dataclasses.
+"""Conversions between protobuf messages and the core's dataclasses, both
+directions, for every message that carries a core value.
 
 Used by the servicers, the remote backends and the Python client, so each
-message has one mapping.
+message has one mapping. Imports no more than the value types, so the client
+stays light (no ONNX Runtime, no native extension).
 """
 
 from __future__ import annotations
@@ -19,14 +21,26 @@ from rag_grpc.documents import (
     MetadataScalar,
     SearchResult,
     SearchTimings,
+    WriteResult,
     printable,
 )
 from rag_grpc.errors import InvalidArgument
 from rag_grpc.filters import And, AnyOf, Equals, Filter, Or, Range
-from rag_grpc.generate.base import GenerationParams, Passage, Usage
-from rag_grpc.index.retriever import SearchQuery
-from rag_grpc.ingest.jobs import JobState, JobStatus
-from rag_grpc.pb import common_pb2, generation_pb2, ingestion_pb2, retrieval_pb2
+from rag_grpc.generate.base import (
+    AskEvent,
+    AskFinished,
+    AskTimings,
+    Citations,
+    Delta,
+    Finished,
+    GenerationEvent,
+    GenerationParams,
+    Passage,
+    Usage,
+)
+from rag_grpc.index.query import NamespaceStats, SearchQuery
+from rag_grpc.ingest.job_status import JobState, JobStatus
+from rag_grpc.pb import admin_pb2, common_pb2, generation_pb2, ingestion_pb2, rag_pb2, retrieval_pb2
 
 # -- metadata ----------------------------------------------------------------
 
@@ -288,6 +302,42 @@ def result_from_pb(response: retrieval_pb2.SearchResponse) -> SearchResult:
     )
 
 
+def upsert_result_to_pb(result: WriteResult) -> retrieval_pb2.UpsertResponse:
+    """An UpsertResponse."""
+    return retrieval_pb2.UpsertResponse(
+        upserted=result.documents,
+        chunks=result.chunks,
+        index_generation=result.index_generation,
+        unchanged=result.unchanged,
+    )
+
+
+def upsert_result_from_pb(response: retrieval_pb2.UpsertResponse) -> WriteResult:
+    """The WriteResult of an Upsert."""
+    return WriteResult(
+        response.upserted,
+        response.chunks,
+        response.index_generation,
+        unchanged=response.unchanged,
+    )
+
+
+def delete_result_to_pb(result: WriteResult) -> retrieval_pb2.DeleteResponse:
+    """A DeleteResponse."""
+    return retrieval_pb2.DeleteResponse(
+        deleted=result.documents,
+        index_generation=result.index_generation,
+        not_found_ids=list(result.not_found_ids),
+    )
+
+
+def delete_result_from_pb(response: retrieval_pb2.DeleteResponse) -> WriteResult:
+    """The WriteResult of a Delete."""
+    return WriteResult(
+        response.deleted, 0, response.index_generation, tuple(response.not_found_ids)
+    )
+
+
 # -- generation --------------------------------------------------------------
 
 
@@ -332,6 +382,11 @@ def usage_to_pb(usage: Usage) -> common_pb2.Usage:
     )
 
 
+def usage_from_pb(usage: common_pb2.Usage) -> Usage:
+    """Core token counts (the total is derived, not read)."""
+    return Usage(usage.prompt_tokens, usage.completion_tokens)
+
+
 def summary_to_pb(
     generator: str, finish_reason: str, usage: Usage, cited: tuple[int, ...]
 ) -> generation_pb2.GenerationSummary:
@@ -342,6 +397,102 @@ def summary_to_pb(
         finish_reason=finish_reason,
         cited_passages=list(cited),
     )
+
+
+def finished_from_pb(summary: generation_pb2.GenerationSummary) -> Finished:
+    """The Finished event of a generation from its summary message."""
+    return Finished(
+        usage_from_pb(summary.usage),
+        summary.generator,
+        summary.finish_reason,
+        tuple(summary.cited_passages),
+    )
+
+
+def generation_event_from_pb(response: generation_pb2.GenerateResponse) -> GenerationEvent:
+    """One event of a Generate stream: a Delta, or the closing Finished."""
+    if response.WhichOneof("event") == "delta":
+        return Delta(response.delta)
+    return finished_from_pb(response.summary)
+
+
+# -- ask ---------------------------------------------------------------------
+
+
+def citations_to_pb(event: Citations) -> rag_pb2.Citations:
+    """The Citations message: each hit numbered by its position, from 1."""
+    citations = []
+    for index, hit in enumerate(event.hits, start=1):
+        citation = rag_pb2.Citation(
+            index=index,
+            document_id=hit.document_id,
+            chunk_id=hit.chunk_id,
+            score=hit.score,
+            text=hit.text,
+        )
+        fill_metadata(citation.metadata, hit.metadata)
+        citations.append(citation)
+    return rag_pb2.Citations(citations=citations)
+
+
+def citations_from_pb(message: rag_pb2.Citations) -> Citations:
+    """Core Citations, in the order sent (which numbers them 1, 2, ...)."""
+    return Citations(
+        [
+            Hit(c.document_id, c.chunk_id, c.score, c.text, metadata_from_pb(c.metadata))
+            for c in message.citations
+        ]
+    )
+
+
+def ask_summary_to_pb(event: AskFinished) -> rag_pb2.AskSummary:
+    """The AskSummary message that ends an Ask stream."""
+    t = event.timings
+    return rag_pb2.AskSummary(
+        usage=usage_to_pb(event.finished.usage),
+        timings=rag_pb2.AskTimings(
+            embed_ms=t.embed_ms,
+            retrieve_ms=t.retrieve_ms,
+            generate_ms=t.generate_ms,
+            first_token_ms=t.first_token_ms,
+            total_ms=t.total_ms,
+        ),
+        generator=event.finished.generator,
+        finish_reason=event.finished.finish_reason,
+        cited=list(event.cited),
+        cached=event.cached,
+    )
+
+
+def ask_summary_from_pb(summary: rag_pb2.AskSummary) -> AskFinished:
+    """The core AskFinished of an AskSummary message."""
+    t = summary.timings
+    cited = tuple(summary.cited)
+    return AskFinished(
+        Finished(usage_from_pb(summary.usage), summary.generator, summary.finish_reason, cited),
+        AskTimings(t.embed_ms, t.retrieve_ms, t.generate_ms, t.first_token_ms, t.total_ms),
+        cited,
+        summary.cached,
+    )
+
+
+def ask_event_to_pb(event: AskEvent) -> rag_pb2.AskResponse:
+    """One AskResponse of the stream."""
+    if isinstance(event, Citations):
+        return rag_pb2.AskResponse(citations=citations_to_pb(event))
+    if isinstance(event, Delta):
+        return rag_pb2.AskResponse(delta=event.text)
+    return rag_pb2.AskResponse(summary=ask_summary_to_pb(event))
+
+
+def ask_event_from_pb(response: rag_pb2.AskResponse) -> AskEvent:
+    """The core event of one AskResponse."""
+    kind = response.WhichOneof("event")
+    if kind == "citations":
+        return citations_from_pb(response.citations)
+    if kind == "delta":
+        return Delta(response.delta)
+    return ask_summary_from_pb(response.summary)
 
 
 # -- jobs --------------------------------------------------------------------
@@ -374,4 +525,46 @@ def job_to_pb(job: JobStatus) -> ingestion_pb2.Job:
         errors=[ingestion_pb2.DocumentError(document_id=d, message=m) for d, m in job.errors],
         created_at=_timestamp(job.created_at),
         updated_at=_timestamp(job.updated_at),
+    )
+
+
+_JOB_STATE_OF = {wire: state for state, wire in _JOB_STATES.items()}
+
+
+def job_from_pb(job: ingestion_pb2.Job) -> JobStatus:
+    """The core JobStatus of a Job message."""
+    return JobStatus(
+        job_id=job.job_id,
+        namespace=job.namespace,
+        state=_JOB_STATE_OF[job.state],
+        total=job.total_documents,
+        processed=job.processed_documents,
+        failed=job.failed_documents,
+        chunks=job.chunks,
+        errors=tuple((e.document_id, e.message) for e in job.errors),
+        created_at=job.created_at.ToNanoseconds() / 1e9,
+        updated_at=job.updated_at.ToNanoseconds() / 1e9,
+    )
+
+
+# -- admin -------------------------------------------------------------------
+
+
+def namespace_stats_to_pb(stats: NamespaceStats, tenant: str = "") -> admin_pb2.NamespaceStats:
+    """A NamespaceStats message; `stats.name` as the caller names it, `tenant`
+    the owner shown to operators ("" otherwise)."""
+    return admin_pb2.NamespaceStats(
+        name=stats.name,
+        tenant=tenant,
+        documents=stats.documents,
+        chunks=stats.chunks,
+        vectors=stats.vectors,
+        index_generation=stats.generation,
+    )
+
+
+def namespace_stats_from_pb(message: admin_pb2.NamespaceStats) -> NamespaceStats:
+    """The core NamespaceStats of a message (the tenant is not kept)."""
+    return NamespaceStats(
+        message.name, message.documents, message.chunks, message.vectors, message.index_generation
     )

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from rag_grpc.generate.base import Delta
-from rag_grpc.generate.pipeline import AskFinished, Citations, RagPipeline
+from rag_grpc.generate.base import AskFinished
+from rag_grpc.generate.pipeline import RagPipeline
 from rag_grpc.pb import rag_pb2, rag_service_pb2_grpc
 from rag_grpc.security import tenancy
 from rag_grpc.security.access import AccessControl
@@ -53,45 +53,13 @@ class RagServicer(rag_service_pb2_grpc.RagServiceServicer):
             params=params,
         )
         async for event in events:
-            if isinstance(event, Citations):
-                citations = []
-                for index, hit in enumerate(event.hits, start=1):
-                    citation = rag_pb2.Citation(
-                        index=index,
-                        document_id=hit.document_id,
-                        chunk_id=hit.chunk_id,
-                        score=hit.score,
-                        text=hit.text,
-                    )
-                    convert.fill_metadata(citation.metadata, hit.metadata)
-                    citations.append(citation)
-                yield rag_pb2.AskResponse(citations=rag_pb2.Citations(citations=citations))
-            elif isinstance(event, Delta):
-                yield rag_pb2.AskResponse(delta=event.text)
-            elif isinstance(event, AskFinished):
-                if access is not None:
-                    usage = event.finished.usage
-                    # A cached answer generated nothing this time.
-                    access.count(
-                        tenant,
-                        asks=1,
-                        prompt_tokens=0 if event.cached else usage.prompt_tokens,
-                        completion_tokens=0 if event.cached else usage.completion_tokens,
-                    )
-                t = event.timings
-                yield rag_pb2.AskResponse(
-                    summary=rag_pb2.AskSummary(
-                        usage=convert.usage_to_pb(event.finished.usage),
-                        timings=rag_pb2.AskTimings(
-                            embed_ms=t.embed_ms,
-                            retrieve_ms=t.retrieve_ms,
-                            generate_ms=t.generate_ms,
-                            first_token_ms=t.first_token_ms,
-                            total_ms=t.total_ms,
-                        ),
-                        generator=event.finished.generator,
-                        finish_reason=event.finished.finish_reason,
-                        cited=list(event.cited),
-                        cached=event.cached,
-                    )
+            if isinstance(event, AskFinished) and access is not None:
+                usage = event.finished.usage
+                # A cached answer generated nothing this time.
+                access.count(
+                    tenant,
+                    asks=1,
+                    prompt_tokens=0 if event.cached else usage.prompt_tokens,
+                    completion_tokens=0 if event.cached else usage.completion_tokens,
                 )
+            yield convert.ask_event_to_pb(event)

@@ -13,15 +13,8 @@ import grpc
 from rag_grpc import errors
 from rag_grpc.deadlines import remaining
 from rag_grpc.documents import SearchResult
-from rag_grpc.generate.base import (
-    Delta,
-    Finished,
-    GenerationEvent,
-    GenerationParams,
-    Passage,
-    Usage,
-)
-from rag_grpc.index.retriever import SearchQuery
+from rag_grpc.generate.base import GenerationEvent, GenerationParams, Passage
+from rag_grpc.index.query import SearchQuery
 from rag_grpc.pb import generation_pb2, generation_service_pb2_grpc, retrieval_service_pb2_grpc
 from rag_grpc.security import tenancy
 from rag_grpc.services import convert
@@ -131,16 +124,7 @@ class RemoteGenerator(_Remote):
         )
         try:
             async for response in call:
-                if response.WhichOneof("event") == "delta":
-                    yield Delta(response.delta)
-                else:
-                    s = response.summary
-                    yield Finished(
-                        Usage(s.usage.prompt_tokens, s.usage.completion_tokens),
-                        s.generator,
-                        s.finish_reason,
-                        tuple(s.cited_passages),
-                    )
+                yield convert.generation_event_from_pb(response)
         except grpc.aio.AioRpcError as exc:
             raise _core_error(exc, "GenerationService", self.target) from None
         finally:
