@@ -979,7 +979,19 @@ def _stats(args: argparse.Namespace) -> int:
     if args.json:
         from dataclasses import asdict
 
-        print(_json(asdict(stats)))
+        shown_stats = asdict(stats)
+        # The JSON keeps the wire's name for a namespace's generation.
+        shown_stats["namespaces"] = [
+            {
+                "name": ns.name,
+                "documents": ns.documents,
+                "chunks": ns.chunks,
+                "vectors": ns.vectors,
+                "index_generation": ns.generation,
+            }
+            for ns in stats.namespaces
+        ]
+        print(_json(shown_stats))
         return 0
     models = shown(", ".join(stats.models))
     print(f"rag-grpc {shown(stats.version)}; generator {shown(stats.generator)}; models {models}")

@@ -27,7 +27,8 @@ import numpy as np
 from rag_grpc.documents import Document, Hit, SearchResult, WriteResult
 from rag_grpc.filters import Filter
 from rag_grpc.generate.base import GenerationParams, Usage
-from rag_grpc.index.retriever import SearchQuery
+from rag_grpc.index.query import NamespaceStats, SearchQuery
+from rag_grpc.ingest.job_status import JobStatus
 from rag_grpc.pb import (
     admin_pb2,
     admin_service_pb2_grpc,
@@ -81,23 +82,12 @@ AskEvent = list[AskCitation] | str | AskSummary
 
 
 @dataclass(frozen=True)
-class NamespaceInfo:
-    """Sizes of one namespace."""
-
-    name: str
-    documents: int
-    chunks: int
-    vectors: int
-    index_generation: int
-
-
-@dataclass(frozen=True)
 class Stats:
     """What a server holds and runs."""
 
     version: str
     services: tuple[str, ...]
-    namespaces: tuple[NamespaceInfo, ...]
+    namespaces: tuple[NamespaceStats, ...]
     generator: str
     models: tuple[str, ...]
 
@@ -118,35 +108,6 @@ class TenantUsage:
     stored_bytes: int
     estimated_cost: float
     estimated_cost_today: float
-
-
-@dataclass(frozen=True)
-class JobInfo:
-    """Progress of an ingestion job."""
-
-    job_id: str
-    state: str
-    total: int
-    processed: int
-    failed: int
-    chunks: int
-    errors: tuple[tuple[str, str], ...]
-
-    @property
-    def done(self) -> bool:
-        return self.state in ("SUCCEEDED", "FAILED")
-
-
-def _job(job: ingestion_pb2.Job) -> JobInfo:
-    return JobInfo(
-        job.job_id,
-        ingestion_pb2.Job.State.Name(job.state),
-        job.total_documents,
-        job.processed_documents,
-        job.failed_documents,
-        job.chunks,
-        tuple((e.document_id, e.message) for e in job.errors),
-    )
 
 
 class RagClient:
@@ -227,12 +188,7 @@ class RagClient:
         )
         response = self._call(self._retrieval.Upsert, request)
         assert isinstance(response, retrieval_pb2.UpsertResponse)
-        return WriteResult(
-            response.upserted,
-            response.chunks,
-            response.index_generation,
-            unchanged=response.unchanged,
-        )
+        return convert.upsert_result_from_pb(response)
 
     def delete(
         self,
@@ -248,9 +204,7 @@ class RagClient:
             request.filter.CopyFrom(convert.filter_to_pb(filter))
         response = self._call(self._retrieval.Delete, request)
         assert isinstance(response, retrieval_pb2.DeleteResponse)
-        return WriteResult(
-            response.deleted, 0, response.index_generation, tuple(response.not_found_ids)
-        )
+        return convert.delete_result_from_pb(response)
 
     def get(self, ids: Sequence[str], namespace: str = "") -> tuple[list[Document], list[str]]:
         """Stored documents (in request order) and the ids not found."""
@@ -383,18 +337,18 @@ class RagClient:
         assert isinstance(response, ingestion_pb2.SubmitResponse)
         return response.job_id
 
-    def get_job(self, job_id: str) -> JobInfo:
+    def get_job(self, job_id: str) -> JobStatus:
         """A job's progress."""
         response = self._call(self._ingestion.GetJob, ingestion_pb2.GetJobRequest(job_id=job_id))
         assert isinstance(response, ingestion_pb2.Job)
-        return _job(response)
+        return convert.job_from_pb(response)
 
-    def watch_job(self, job_id: str, timeout: float | None = None) -> Iterator[JobInfo]:
+    def watch_job(self, job_id: str, timeout: float | None = None) -> Iterator[JobStatus]:
         """The job's progress on every change until it ends."""
         request = ingestion_pb2.WatchJobRequest(job_id=job_id)
         try:
             for job in self._ingestion.WatchJob(request, timeout=timeout, metadata=self.metadata):
-                yield _job(job)
+                yield convert.job_from_pb(job)
         except grpc.RpcError as exc:
             raise _rpc_error(exc) from None
 
@@ -459,10 +413,7 @@ class RagClient:
         return Stats(
             response.version,
             tuple(response.services),
-            tuple(
-                NamespaceInfo(n.name, n.documents, n.chunks, n.vectors, n.index_generation)
-                for n in response.namespaces
-            ),
+            tuple(convert.namespace_stats_from_pb(n) for n in response.namespaces),
             response.generator,
             tuple(m.model_id for m in response.models),
         )

@@ -26,9 +26,7 @@ def snapshot(client: RagClient) -> tuple[object, ...]:
     stats = client.stats()
     docs, _ = client.get([d.id for d in CORPUS])
     return (
-        tuple(
-            (n.name, n.documents, n.chunks, n.vectors, n.index_generation) for n in stats.namespaces
-        ),
+        tuple((n.name, n.documents, n.chunks, n.vectors, n.generation) for n in stats.namespaces),
         tuple(docs),
     )
 

@@ -59,7 +59,7 @@ def test_upsert_is_idempotent_and_replaces_chunks(seeded: RagClient) -> None:
         before.chunks,
         before.vectors,
     )
-    assert after.index_generation == before.index_generation
+    assert after.generation == before.generation
 
     replaced = Document(
         "volcano", "Sourdough bread rises because of wild yeast.", {"topic": "food"}
