@@ -33,7 +33,7 @@ from rag_grpc.security.authn import Authenticator
 from rag_grpc.security.authz import Scope, is_open
 from rag_grpc.security.quotas import QuotaExceeded
 from rag_grpc.services.status import status_of
-from rag_grpc.store.sqlite import storage_error as store_storage_error
+from rag_grpc.store.database import storage_error as store_storage_error
 
 # The admitted caller of the call being served (identity and scope), for
 # the servicers. Outside a call: no identity, single-tenant scope.
