@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from rag_grpc.config import ConfigError, Settings, load_settings, read_secret_file
 from rag_grpc.documents import Document, Hit
+from rag_grpc.services.registry import SERVICE_NAMES
 
 if TYPE_CHECKING:
     from rag_grpc.client import SearchOptions
@@ -90,8 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--services",
-        help="comma-separated services to run (default: all): "
-        "retrieval,embedding,generation,rag,ingestion,admin",
+        help="comma-separated services to run (default: all): " + ",".join(SERVICE_NAMES),
     )
     serve.add_argument("--retrieval-target", help="HOST:PORT of a remote RetrievalService")
     serve.add_argument("--generation-target", help="HOST:PORT of a remote GenerationService")
