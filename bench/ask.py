@@ -154,7 +154,7 @@ def main() -> None:
     args = parser.parse_args()
     from pydoc_data.topics import topics
 
-    from tests.test_triton import Triton
+    from tests.triton_server import Triton
 
     work = Path(tempfile.mkdtemp(prefix="rag-ask-bench-"))
     triton = Triton(work / "triton.log", token_delay_ms=args.token_delay_ms).start(timeout=600)

@@ -529,10 +529,14 @@ class GenerationConfig(_Section):
     # generation); a write to the namespace retires them. 0 turns it off.
     answer_cache_entries: int = Field(1024, ge=0)
     # The prompt: {context} is the numbered passages, {question} the question.
+    # The instruction comes after the passages and the question: small chat
+    # models (SmolLM2-135M, Qwen2.5-0.5B) follow it there, where before the
+    # passages they continued the numbered list instead ("[4] ...").
     prompt_template: str = (
-        "Answer the question using only the numbered context passages below. "
-        "Cite the passages you use as [n].\n\nContext:\n{context}\n\n"
-        "Question: {question}\nAnswer:"
+        "Context passages:\n{context}\n\nQuestion: {question}\n\n"
+        "Answer the question in one or two sentences using only the context passages "
+        "above, and cite the passages you used as [1], [2] and so on. If they do not "
+        'contain the answer, say "I don\'t know".'
     )
 
     @field_validator("prompt_template")

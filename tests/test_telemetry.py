@@ -26,7 +26,7 @@ from rag_grpc.client import RagClient, RpcError
 from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
 from tests.conftest import CORPUS, ServerProcess, ServerThread, ask_summary, free_port
 from tests.test_envoy import CERTS_SH, Envoy
-from tests.test_triton import Triton
+from tests.triton_server import Triton
 
 
 class OtlpReceiver(

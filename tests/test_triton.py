@@ -4,13 +4,9 @@ Triton going away and coming back, readiness in health."""
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,68 +29,11 @@ from rag_grpc.pb import (
 from tests.conftest import (
     CORPUS,
     MODEL_DIR,
-    ROOT,
     ServerProcess,
     ServerThread,
     ask_summary,
-    free_port,
 )
-
-SERVE = ROOT / "deploy" / "triton" / "serve.sh"
-TOKEN_DELAY_MS = 20  # per generated word, so a long answer takes seconds
-
-
-class Triton:
-    """deploy/triton/serve.sh as a child process on free ports."""
-
-    def __init__(
-        self, log: Path, grpc_port: int | None = None, token_delay_ms: float = TOKEN_DELAY_MS
-    ) -> None:
-        self.token_delay_ms = token_delay_ms
-        self.grpc_port = grpc_port or free_port()
-        self.http_port = free_port()
-        self.metrics_port = free_port()
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def start(self, timeout: float = 280) -> Triton:
-        env = {**os.environ, "RAG_LLM_TOKEN_DELAY_MS": str(self.token_delay_ms)}
-        ports = ["--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port)]
-        self.proc = subprocess.Popen(
-            [str(SERVE), *ports, "--metrics-port", str(self.metrics_port)],
-            stdout=open(self.log, "ab"),  # noqa: SIM115 - lives as long as the process
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            try:
-                url = f"http://127.0.0.1:{self.http_port}/v2/health/ready"
-                with urllib.request.urlopen(url, timeout=1) as reply:
-                    if reply.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError(f"Triton did not become ready: {self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
-
-    def metric(self, name: str, model: str = "rag_llm") -> float:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            text = reply.read().decode()
-        match = re.search(rf'^{name}\{{model="{model}"[^}}]*\}} (\S+)$', text, re.M)
-        assert match, f"no {name} for {model} in Triton's metrics"
-        return float(match.group(1))
+from tests.triton_server import TOKEN_DELAY_MS, Triton
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,13 @@ from tokenizers import Tokenizer
 
 from rag_grpc import deadlines, telemetry
 from rag_grpc.config import GenerationConfig, TritonConfig
-from rag_grpc.errors import Cancelled, DeadlineExceeded, InvalidArgument, Unavailable
+from rag_grpc.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from rag_grpc.generate.base import (
     Delta,
     Finished,
@@ -268,12 +274,13 @@ class TritonGenerator:
                 yield event
             return
         pieces: list[str] = []
+        report: dict[str, Any] = {}
         attempt = 0
         decided = False
         try:
             while True:
                 try:
-                    async for text in self._call(full_prompt, max_tokens, params):
+                    async for text in self._call(full_prompt, max_tokens, params, report):
                         pieces.append(text)
                         yield Delta(text)
                     decided = True
@@ -299,7 +306,13 @@ class TritonGenerator:
                 self.breaker.abandon_probe()
         self.generations += 1
         completion = "".join(pieces)
-        completion_tokens = self.prompts.count(completion)
+        # A model that counts its own tokens (vLLM's num_input_tokens /
+        # num_output_tokens, our llm model) is believed over our tokenizer,
+        # which is the embedding model's unless generation.tokenizer_path is set.
+        prompt_tokens = int(report.get("num_input_tokens", prompt_tokens))
+        completion_tokens = int(report.get("num_output_tokens", 0)) or self.prompts.count(
+            completion
+        )
         self.usage_totals = Usage(
             self.usage_totals.prompt_tokens + prompt_tokens,
             self.usage_totals.completion_tokens + completion_tokens,
@@ -309,7 +322,9 @@ class TritonGenerator:
             number = int(match.group(1))
             if 1 <= number <= used and number not in cited:
                 cited.append(number)
-        finish = "length" if completion_tokens >= max_tokens else "stop"
+        finish = report.get("finish_reason") or (
+            "length" if completion_tokens >= max_tokens else "stop"
+        )
         yield Finished(Usage(prompt_tokens, completion_tokens), self.name, finish, tuple(cited))
 
     async def _fall_back(
@@ -356,10 +371,11 @@ class TritonGenerator:
         return inputs
 
     async def _call(
-        self, prompt: str, max_tokens: int, params: GenerationParams
+        self, prompt: str, max_tokens: int, params: GenerationParams, report: dict[str, Any]
     ) -> AsyncIterator[str]:
         """Text pieces from Triton in a client span whose context travels in
-        the call's metadata; errors become our error types."""
+        the call's metadata; errors become our error types. What the model
+        reports besides text (token counts, finish reason) goes into `report`."""
         from opentelemetry import trace
 
         rpc = "ModelStreamInfer" if self.triton.streaming else "ModelInfer"
@@ -375,7 +391,7 @@ class TritonGenerator:
             },
         )
         try:
-            async for piece in self._call_in_span(prompt, max_tokens, params, span):
+            async for piece in self._call_in_span(prompt, max_tokens, params, span, report):
                 yield piece
         except BaseException as exc:
             span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
@@ -384,7 +400,12 @@ class TritonGenerator:
             span.end()
 
     async def _call_in_span(
-        self, prompt: str, max_tokens: int, params: GenerationParams, span: Any
+        self,
+        prompt: str,
+        max_tokens: int,
+        params: GenerationParams,
+        span: Any,
+        report: dict[str, Any],
     ) -> AsyncIterator[str]:
         deadlines.check("generation")
         timeout = deadlines.remaining(self.triton.timeout_s)
@@ -404,6 +425,7 @@ class TritonGenerator:
                 )
             except Exception as exc:
                 raise _translate(exc, self.triton) from None
+            _read_report(result, report)
             yield _text(result)
             return
 
@@ -440,6 +462,7 @@ class TritonGenerator:
                 async for result, error in stream:
                     if error is not None:
                         raise _translate(error, self.triton)
+                    _read_report(result, report)
                     text = _text(result)
                     if text:
                         put(text)
@@ -505,6 +528,23 @@ def _text(result: Any) -> str:
     )
 
 
+_REPORTED = ("num_input_tokens", "num_output_tokens", "finish_reason")
+
+
+def _read_report(result: Any, report: dict[str, Any]) -> None:
+    """The optional outputs a model may send besides text_output (vLLM's
+    names): token counts and the finish reason, usually in the last response."""
+    response = result.get_response()
+    present = {output.name for output in response.outputs}
+    for name in _REPORTED:
+        if name not in present:
+            continue
+        values = np.asarray(result.as_numpy(name)).reshape(-1)
+        if values.size:
+            value = values[0]
+            report[name] = value.decode("utf-8") if isinstance(value, bytes) else int(value)
+
+
 def _translate(exc: BaseException, triton: TritonConfig) -> Exception:
     """tritonclient / grpc errors as our error types."""
     status = ""
@@ -516,6 +556,12 @@ def _translate(exc: BaseException, triton: TritonConfig) -> Exception:
         status = str(code())
     message = getattr(exc, "message", None)
     text = message() if callable(message) else str(exc)
+    if "RESOURCE_EXHAUSTED:" in str(text) or "Exceeds maximum queue size" in str(text):
+        # Overloaded, not down: the caller should back off and retry; it is
+        # no failure for the circuit breaker and no reason to fall back.
+        return ResourceExhausted(f"Triton's model {triton.model} is busy: {text}")
+    if "INVALID_ARG" in status:
+        return InvalidArgument(f"Triton's model {triton.model} refused the request: {text}")
     if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in str(text):
         return DeadlineExceeded(f"generation did not finish before the deadline: {text}")
     if "CANCELLED" in status:
