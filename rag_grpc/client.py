@@ -389,20 +389,7 @@ class RagClient:
         request = admin_pb2.AuditExportRequest(since=stamp)
         try:
             for r in self._admin.AuditExport(request, timeout=self.timeout, metadata=self.metadata):
-                yield {
-                    "seq": r.seq,
-                    "at": r.at,
-                    "principal": r.principal,
-                    "tenant": r.tenant or None,
-                    "action": r.action,
-                    "outcome": r.outcome,
-                    "namespace": r.namespace or None,
-                    "ids": list(r.ids),
-                    "ids_total": r.ids_total,
-                    "detail": r.detail,
-                    "prev_hash": r.prev_hash,
-                    "hash": r.hash,
-                }
+                yield convert.audit_record_from_pb(r)
         except grpc.RpcError as exc:
             raise _rpc_error(exc) from None
 

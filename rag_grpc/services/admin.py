@@ -222,23 +222,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         if caller.tenant is None:
             # Another tenant's figures (or all of them): an operator's act.
             await audit(access, caller, context, "Usage", "ok", detail=wanted or "all tenants")
-        response = admin_pb2.UsageResponse()
-        for report in reports:
-            usage = report.usage
-            response.tenants.add(
-                tenant=report.tenant,
-                embedding_tokens=usage.embedding_tokens,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                searches=usage.searches,
-                asks=usage.asks,
-                documents=usage.documents,
-                vectors=usage.vectors,
-                stored_bytes=usage.stored_bytes,
-                estimated_cost=report.estimated_cost,
-                estimated_cost_today=report.estimated_cost_today,
-            )
-        return response
+        return admin_pb2.UsageResponse(tenants=[convert.usage_report_to_pb(r) for r in reports])
 
     async def AuditExport(
         self, request: admin_pb2.AuditExportRequest, context: grpc.aio.ServicerContext
@@ -255,20 +239,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         while True:
             page = await loop.run_in_executor(None, _audit_page, log, since, after)
             for row in page:
-                yield admin_pb2.AuditRecord(
-                    seq=row["seq"],
-                    at=row["at"],
-                    principal=row["principal"],
-                    tenant=row.get("tenant") or "",
-                    action=row["action"],
-                    outcome=row["outcome"],
-                    namespace=row.get("namespace") or "",
-                    ids=row.get("ids", []),
-                    ids_total=row.get("ids_total", 0),
-                    detail=row.get("detail", ""),
-                    prev_hash=row["prev_hash"],
-                    hash=row["hash"],
-                )
+                yield convert.audit_record_to_pb(row)
             if len(page) < _AUDIT_PAGE:
                 return
             after = page[-1]["seq"]

@@ -9,7 +9,7 @@ stays light (no ONNX Runtime, no native extension).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -41,6 +41,10 @@ from rag_grpc.generate.base import (
 from rag_grpc.index.query import NamespaceStats, SearchQuery
 from rag_grpc.ingest.job_status import JobState, JobStatus
 from rag_grpc.pb import admin_pb2, common_pb2, generation_pb2, ingestion_pb2, rag_pb2, retrieval_pb2
+
+if TYPE_CHECKING:
+    # Typing only: the security package reads SQLite, which the client does not need.
+    from rag_grpc.security.access import UsageReport
 
 # -- metadata ----------------------------------------------------------------
 
@@ -568,3 +572,58 @@ def namespace_stats_from_pb(message: admin_pb2.NamespaceStats) -> NamespaceStats
     return NamespaceStats(
         message.name, message.documents, message.chunks, message.vectors, message.index_generation
     )
+
+
+def usage_report_to_pb(report: UsageReport) -> admin_pb2.TenantUsage:
+    """A TenantUsage message: a tenant's counts and estimated costs."""
+    usage = report.usage
+    return admin_pb2.TenantUsage(
+        tenant=report.tenant,
+        embedding_tokens=usage.embedding_tokens,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        searches=usage.searches,
+        asks=usage.asks,
+        documents=usage.documents,
+        vectors=usage.vectors,
+        stored_bytes=usage.stored_bytes,
+        estimated_cost=report.estimated_cost,
+        estimated_cost_today=report.estimated_cost_today,
+    )
+
+
+def audit_record_to_pb(row: Mapping[str, Any]) -> admin_pb2.AuditRecord:
+    """An AuditRecord message from a record as `AuditLog.export` gives it."""
+    return admin_pb2.AuditRecord(
+        seq=row["seq"],
+        at=row["at"],
+        principal=row["principal"],
+        tenant=row.get("tenant") or "",
+        action=row["action"],
+        outcome=row["outcome"],
+        namespace=row.get("namespace") or "",
+        ids=row.get("ids", []),
+        ids_total=row.get("ids_total", 0),
+        detail=row.get("detail", ""),
+        prev_hash=row["prev_hash"],
+        hash=row["hash"],
+    )
+
+
+def audit_record_from_pb(r: admin_pb2.AuditRecord) -> dict[str, object]:
+    """A record as `AuditLog.export` gives it for the file itself ("" -> None
+    for tenant and namespace)."""
+    return {
+        "seq": r.seq,
+        "at": r.at,
+        "principal": r.principal,
+        "tenant": r.tenant or None,
+        "action": r.action,
+        "outcome": r.outcome,
+        "namespace": r.namespace or None,
+        "ids": list(r.ids),
+        "ids_total": r.ids_total,
+        "detail": r.detail,
+        "prev_hash": r.prev_hash,
+        "hash": r.hash,
+    }
