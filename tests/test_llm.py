@@ -11,7 +11,6 @@ never load, and Triton dying mid-answer trips the breaker and the fallback.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,26 +20,18 @@ import grpc
 import pytest
 
 from rag_grpc.pb import rag_pb2, rag_service_pb2_grpc
-from tests.conftest import CORPUS, ROOT, ServerThread
+from tests.conftest import CORPUS, ServerThread
+from tests.test_llm_weights import load_weights
 from tests.triton_server import Triton
 
 MODEL = "smollm2-135m-instruct-q4_1"
 QUESTION = "What comes out of a volcano when it erupts?"
 
 
-def _weights_module() -> Any:
-    path = ROOT / "deploy" / "triton" / "weights.py"
-    spec = importlib.util.spec_from_file_location("rag_llm_weights", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def weights() -> tuple[Path, str]:
     """The SmolLM2 GGUF, fetched once per machine and checked against its pin."""
-    module = _weights_module()
+    module = load_weights()
     path = module.fetch(MODEL)
     return Path(path), module.CATALOG[MODEL].sha256
 

@@ -311,7 +311,9 @@ class TritonPythonModel:
                 stops.extend(chat.stop)
 
             def keep_going(input_ids, logits):
-                generated[0] = len(input_ids) - prompt_tokens
+                # Called for each sampled token before it joins input_ids:
+                # it counts (an end-of-turn token included: it was computed).
+                generated[0] = len(input_ids) - prompt_tokens + 1
                 if sender.is_cancelled():
                     raise _Stopped
                 return False
