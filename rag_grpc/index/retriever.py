@@ -68,7 +68,7 @@ class Retriever:
 
     def validate_document(self, doc: Document) -> None:
         """Raise InvalidArgument if the document cannot be stored."""
-        self.writes.validate_document(doc)
+        self.writes.checks.validate_document(doc)
 
     def upsert(self, namespace: str, documents: Sequence[Document]) -> WriteResult:
         """Store documents, replacing any with the same id; all or nothing."""
@@ -125,7 +125,7 @@ class Retriever:
     def get(self, namespace: str, doc_ids: Sequence[str]) -> tuple[list[Document], list[str]]:
         """Stored documents in request order, and the ids not found."""
         namespace = self.indexes.existing(namespace)
-        self.writes.check_ids(doc_ids)
+        self.writes.checks.check_ids(doc_ids)
         found = self.store.get_documents(namespace, doc_ids)
         ordered = list(dict.fromkeys(doc_ids))
         return [found[i] for i in ordered if i in found], [i for i in ordered if i not in found]

@@ -2,7 +2,7 @@
 
 Decoding trusts nothing: any entry that is not a well-formed prepared write
 or usage batch raises InvalidArgument, and what decodes as a write is
-checked again when applied (`WritePath.check_upsert` / `check_delete`)."""
+checked again when applied (`WriteChecks.check_upsert` / `check_delete`)."""
 
 from __future__ import annotations
 

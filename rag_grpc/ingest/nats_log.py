@@ -36,6 +36,13 @@ This module connects, follows the log (replicas) and publishes to it
 messages and its status in the bucket), `nats_worker` (the worker),
 `log_erasure` (erasing forgotten documents from the log), `nats_client`
 (the errors NATS raises, message room).
+
+Long (about 670 lines) on purpose: what is left is one object around one
+connection and one log position. Following the log, the writers waiting on
+their entry, the stall that refuses writes and the usage batches all read and
+change the same state (applied sequence, log head, results by sequence, the
+stall reason) under one asyncio loop; split further, each part would reach
+back into the others' state, as the helpers above already do for theirs.
 """
 
 from __future__ import annotations
@@ -572,7 +579,7 @@ class NatsIngestion:
         if not prepared.documents:
             generation = self.retriever.store.generation(prepared.namespace)
             return WriteResult(0, 0, generation, unchanged=len(prepared.unchanged))
-        self.retriever.writes.check_upsert(prepared)
+        self.retriever.writes.checks.check_upsert(prepared)
         result, _ = await self._write(encode_prepared_upsert(prepared))
         return WriteResult(
             len(prepared.documents),
@@ -605,7 +612,7 @@ class NatsIngestion:
     async def apply_delete(self, prepared: PreparedDelete) -> WriteResult:
         """Publish a prepared deletion (checked as the appliers will check it);
         a forget then erases the forgotten documents from the log."""
-        self.retriever.writes.check_delete(prepared)
+        self.retriever.writes.checks.check_delete(prepared)
         if prepared.forget and not self.config.apply:
             raise FailedPrecondition(
                 "this process does not apply the write log (ingestion.apply = false), so it "

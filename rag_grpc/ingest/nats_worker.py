@@ -223,7 +223,7 @@ class QueueWorker:
         ingestion = self.ingestion
         # Checked as the appliers will check it: nothing that would fail
         # there is published.
-        ingestion.retriever.writes.check_upsert(prepared)
+        ingestion.retriever.writes.checks.check_upsert(prepared)
         payload = json.dumps(encode_prepared_upsert(prepared)).encode()
         # The same prepared write published twice (a redelivery within the
         # window) is stored once.
