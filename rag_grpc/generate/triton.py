@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 from tokenizers import Tokenizer
 
@@ -545,29 +546,48 @@ def _read_report(result: Any, report: dict[str, Any]) -> None:
             report[name] = value.decode("utf-8") if isinstance(value, bytes) else int(value)
 
 
+def _status_name(exc: BaseException) -> str:
+    """The gRPC status code's name of a failed call ("UNAVAILABLE"), or ""
+    for an error Triton sent inside a stream, which carries only a message."""
+    status_fn = getattr(exc, "status", None)  # tritonclient's InferenceServerException
+    status = status_fn() if callable(status_fn) else None
+    if status is None:
+        code_fn = getattr(exc, "code", None)  # a grpc.RpcError
+        status = code_fn() if callable(code_fn) else None
+    if isinstance(status, grpc.StatusCode):
+        return status.name
+    return str(status or "").rpartition(".")[2]  # "StatusCode.UNAVAILABLE"
+
+
 def _translate(exc: BaseException, triton: TritonConfig) -> Exception:
-    """tritonclient / grpc errors as our error types."""
-    status = ""
-    status_fn = getattr(exc, "status", None)
-    if callable(status_fn):
-        status = str(status_fn() or "")
-    code = getattr(exc, "code", None)
-    if not status and callable(code):
-        status = str(code())
-    message = getattr(exc, "message", None)
-    text = message() if callable(message) else str(exc)
-    if "RESOURCE_EXHAUSTED:" in str(text) or "Exceeds maximum queue size" in str(text):
-        # Overloaded, not down: the caller should back off and retry; it is
-        # no failure for the circuit breaker and no reason to fall back.
+    """tritonclient / grpc errors as our error types, by the call's status
+    code. Triton's retryable failures (unreachable, model not ready) become
+    `_TritonUnavailable`, which generate() retries, falls back from and
+    counts against the breaker; overload and refusals are the caller's to
+    handle and never trip the breaker.
+
+    An error inside a ModelStreamInfer stream has no status code (the
+    response carries only `error_message`), so there the model's words are
+    all there is: the llm model starts an overload message with
+    "RESOURCE_EXHAUSTED:", and Triton's own queue says "Exceeds maximum
+    queue size"; anything else in a stream is a failed generation."""
+    message_fn = getattr(exc, "message", None)
+    text = str(message_fn() if callable(message_fn) else exc)
+    name = _status_name(exc)
+    if name == "RESOURCE_EXHAUSTED" or (
+        not name and ("RESOURCE_EXHAUSTED:" in text or "Exceeds maximum queue size" in text)
+    ):
         return ResourceExhausted(f"Triton's model {triton.model} is busy: {text}")
-    if "INVALID_ARG" in status:
+    if name == "INVALID_ARGUMENT":
         return InvalidArgument(f"Triton's model {triton.model} refused the request: {text}")
-    if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in str(text):
+    if name == "DEADLINE_EXCEEDED":
         return DeadlineExceeded(f"generation did not finish before the deadline: {text}")
-    if "CANCELLED" in status:
+    if name == "CANCELLED":
         return Cancelled(f"the generation was cancelled: {text}")
-    if "UNAVAILABLE" in status or "failed to connect" in str(text).lower():
+    if name == "UNAVAILABLE":
         return _TritonUnavailable(f"Triton at {triton.url} is unreachable: {text}")
-    if "not ready" in str(text).lower() or "unknown model" in str(text).lower():
+    if name in ("NOT_FOUND", "FAILED_PRECONDITION") or (
+        not name and ("not ready" in text or "unknown model" in text.lower())
+    ):
         return _TritonUnavailable(f"model {triton.model} is not ready on Triton: {text}")
     return Unavailable(f"Triton failed the generation: {text}")
