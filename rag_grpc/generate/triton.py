@@ -20,7 +20,6 @@ import logging
 import re
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from rag_grpc.generate.base import (
     Usage,
     validate_generation,
 )
+from rag_grpc.lru import BoundedLRU
 
 log = logging.getLogger(__name__)
 
@@ -118,28 +118,28 @@ class PromptBuilder:
         self.tokenizer.no_truncation()
         self.template = template
         self.budget = budget
-        self._cache: OrderedDict[str, Any] = OrderedDict()
-        self._cache_entries = cache_entries
+        # Keyed by the passage text; an encoding costs about 40 bytes a token.
+        self._cache: BoundedLRU[str, Any] = BoundedLRU(
+            cache_entries,
+            cache_entries * 4096,
+            lambda text, encoding: len(text) + 40 * len(encoding.ids),
+        )
 
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def _encodings(self, texts: list[str]) -> list[Any]:
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        found = {text: self._cache.get(text) for text in dict.fromkeys(texts)}
+        missing = [text for text, encoding in found.items() if encoding is None]
         if missing:
             for text, encoding in zip(
                 missing,
                 self.tokenizer.encode_batch(missing, add_special_tokens=False),
                 strict=True,
             ):
-                self._cache[text] = encoding
-            while len(self._cache) > self._cache_entries:
-                self._cache.popitem(last=False)
-        out = []
-        for text in texts:
-            self._cache.move_to_end(text)
-            out.append(self._cache[text])
-        return out
+                found[text] = encoding
+                self._cache.put(text, encoding)
+        return [found[text] for text in texts]
 
     def build(self, question: str, passages: Sequence[Passage]) -> tuple[str, int, int]:
         """(prompt, passages included, prompt tokens): whole passages while
