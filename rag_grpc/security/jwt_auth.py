@@ -7,7 +7,6 @@ public-key confusion can get a forged token through (RFC 8725 §2.1, §3.1)."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -19,21 +18,22 @@ import jwt
 
 from rag_grpc.errors import Unauthenticated
 from rag_grpc.security.identity import Identity
+from rag_grpc.security.jwt_keys import (
+    PUBLIC_KEY_ALGORITHMS,
+    JwtConfigError,
+    VerificationKey,
+    listed,
+    load_key_set,
+)
 from rag_grpc.security.policy import TENANT_NAME
 
-# The signature algorithms each public key type can verify. A key is usable only
-# with these, whatever a token's header claims: that is what stops a token from
-# choosing how its own signature is checked.
-_ALGORITHMS_BY_KEY: dict[tuple[str, str | None], frozenset[str]] = {
-    ("RSA", None): frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
-    ("EC", "P-256"): frozenset({"ES256"}),
-    ("EC", "P-384"): frozenset({"ES384"}),
-    ("EC", "P-521"): frozenset({"ES512"}),
-    ("EC", "secp256k1"): frozenset({"ES256K"}),
-    ("OKP", "Ed25519"): frozenset({"EdDSA"}),
-    ("OKP", "Ed448"): frozenset({"EdDSA"}),
-}
-PUBLIC_KEY_ALGORITHMS: frozenset[str] = frozenset().union(*_ALGORITHMS_BY_KEY.values())
+__all__ = [
+    "PUBLIC_KEY_ALGORITHMS",
+    "JwtConfigError",
+    "JwtSettings",
+    "JwtVerifier",
+    "looks_like_jwt",
+]
 
 # More skew than this is a broken clock, not skew; a larger leeway would quietly
 # extend the life of every token.
@@ -51,10 +51,6 @@ _JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 # Principals of this form are minted by api_keys.py only; a token whose subject
 # claims one would impersonate an API key's grants.
 _API_KEY_PRINCIPAL_PREFIX = "apikey:"
-
-
-class JwtConfigError(ValueError):
-    """The JWT settings or the JWKS file cannot be used; the message says what to fix."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +75,7 @@ class JwtSettings:
             raise JwtConfigError("jwt audience must be set (the 'aud' tokens are issued for)")
         if not self.algorithms:
             raise JwtConfigError(
-                f"jwt algorithms must name at least one of {_listed(PUBLIC_KEY_ALGORITHMS)}"
+                f"jwt algorithms must name at least one of {listed(PUBLIC_KEY_ALGORITHMS)}"
             )
         for algorithm in self.algorithms:
             if algorithm.lower() == "none":
@@ -87,12 +83,12 @@ class JwtSettings:
             if algorithm.upper().startswith("HS"):
                 raise JwtConfigError(
                     f"jwt algorithm {algorithm} is a shared-secret algorithm; only public-key "
-                    f"algorithms are accepted: {_listed(PUBLIC_KEY_ALGORITHMS)}"
+                    f"algorithms are accepted: {listed(PUBLIC_KEY_ALGORITHMS)}"
                 )
             if algorithm not in PUBLIC_KEY_ALGORITHMS:
                 raise JwtConfigError(
                     f"jwt algorithm {algorithm!r} is not supported; "
-                    f"use {_listed(PUBLIC_KEY_ALGORITHMS)}"
+                    f"use {listed(PUBLIC_KEY_ALGORITHMS)}"
                 )
         if not (math.isfinite(self.leeway_s) and 0 <= self.leeway_s <= _MAX_LEEWAY_S):
             raise JwtConfigError(
@@ -104,30 +100,13 @@ class JwtSettings:
             raise JwtConfigError("jwt tenant_claim must name a claim, or be unset")
 
 
-@dataclass(frozen=True)
-class _VerificationKey:
-    """One public key of the set, parsed once per algorithm it may verify."""
-
-    kid: str | None
-    kind: str  # "RSA", "EC P-256", "OKP Ed25519": for messages
-    by_algorithm: dict[str, jwt.PyJWK]
-
-
-@dataclass(frozen=True)
-class _KeySet:
-    """The keys of one read of the JWKS file; replaced whole on reload."""
-
-    keys: tuple[_VerificationKey, ...]
-    by_kid: dict[str, _VerificationKey]
-
-
 class JwtVerifier:
     """Verifies bearer JWTs against the keys of settings.jwks_file. The file is
     read at construction (a bad one raises JwtConfigError) and again on reload()."""
 
     def __init__(self, settings: JwtSettings) -> None:
         self.settings = settings
-        self._key_set = _load_key_set(settings.jwks_file, settings.algorithms)
+        self._key_set = load_key_set(settings.jwks_file, settings.algorithms)
 
     @property
     def key_ids(self) -> tuple[str | None, ...]:
@@ -140,7 +119,7 @@ class JwtVerifier:
         returned for the caller to log: a half-written file must not lock
         everyone out."""
         try:
-            key_set = _load_key_set(self.settings.jwks_file, self.settings.algorithms)
+            key_set = load_key_set(self.settings.jwks_file, self.settings.algorithms)
         except JwtConfigError as error:
             return error
         # One reference swap: a verify() running on another thread sees either
@@ -165,7 +144,7 @@ class JwtVerifier:
         if verification_key is None:
             raise Unauthenticated(
                 f"token algorithm {algorithm} does not fit key {_key_name(key)} "
-                f"({key.kind}, which verifies {_listed(key.by_algorithm)})"
+                f"({key.kind}, which verifies {listed(key.by_algorithm)})"
             )
         claims = self._verified_claims(token, verification_key, key)
         return self._identity(claims)
@@ -173,7 +152,7 @@ class JwtVerifier:
     def _allowed_algorithm(self, algorithm: Any) -> str:
         """The token's alg if this server accepts it; checked before any key is
         touched, so a token cannot pick an algorithm its key was not meant for."""
-        allowed = _listed(self.settings.algorithms)
+        allowed = listed(self.settings.algorithms)
         if not isinstance(algorithm, str) or not algorithm:
             raise Unauthenticated(f"token header has no algorithm (alg); expected one of {allowed}")
         if algorithm.lower() == "none":
@@ -191,7 +170,7 @@ class JwtVerifier:
             )
         return algorithm
 
-    def _key_for(self, kid: Any) -> _VerificationKey:
+    def _key_for(self, kid: Any) -> VerificationKey:
         """The key a token names by kid; a token without one only when the set
         holds a single key, so there is no guessing among keys."""
         key_set = self._key_set  # one read, in case reload() swaps it meanwhile
@@ -204,7 +183,7 @@ class JwtVerifier:
             )
         key = key_set.by_kid.get(kid)
         if key is None:
-            known = _listed(k.kid for k in key_set.keys if k.kid is not None)
+            known = listed(k.kid for k in key_set.keys if k.kid is not None)
             raise Unauthenticated(
                 f"unknown key id {_shown(kid)} (known: {known}); if the issuer rotated its "
                 "keys, update the JWKS file and reload it"
@@ -212,7 +191,7 @@ class JwtVerifier:
         return key
 
     def _verified_claims(
-        self, token: str, verification_key: jwt.PyJWK, key: _VerificationKey
+        self, token: str, verification_key: jwt.PyJWK, key: VerificationKey
     ) -> dict[str, Any]:
         """The claims of a token whose signature, times, issuer and audience check
         out. PyJWT does the checks; this turns its errors into messages a person
@@ -306,114 +285,6 @@ def looks_like_jwt(token: str) -> bool:
     return _JWT_SHAPE.fullmatch(token) is not None
 
 
-def _load_key_set(path: Path, algorithms: tuple[str, ...]) -> _KeySet:
-    """Read and check a JWKS file; raise JwtConfigError naming the first problem.
-
-    Each key is parsed here with PyJWK rather than with PyJWKSet, which skips keys
-    it cannot parse: one mistyped key would then vanish silently and every token
-    it signed would fail later as an 'unknown key id'."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise JwtConfigError(f"JWKS file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise JwtConfigError(f"cannot read JWKS file {path}: {error}") from None
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise JwtConfigError(
-            f"JWKS file {path} is not JSON: {error.msg} at line {error.lineno} column {error.colno}"
-        ) from None
-    entries = document.get("keys") if isinstance(document, dict) else None
-    if not isinstance(entries, list):
-        raise JwtConfigError(f'JWKS file {path} must be a JSON object {{"keys": [...]}}')
-
-    keys: list[_VerificationKey] = []
-    for position, entry in enumerate(entries, start=1):
-        if not isinstance(entry, dict):
-            raise JwtConfigError(f"JWKS file {path}: key #{position} is not a JSON object")
-        # Encryption keys may sit in an issuer's published set; they sign nothing.
-        if entry.get("use") == "enc":
-            continue
-        keys.append(_parse_key(entry, f"JWKS file {path}: key #{position}", algorithms))
-    if not keys:
-        raise JwtConfigError(f"JWKS file {path} holds no signing keys")
-
-    by_kid: dict[str, _VerificationKey] = {}
-    for key in keys:
-        if key.kid is None:
-            if len(keys) > 1:
-                raise JwtConfigError(
-                    f"JWKS file {path}: the {key.kind} key has no kid; with more than one "
-                    "key each needs a kid so tokens can name theirs"
-                )
-            continue
-        if key.kid in by_kid:
-            raise JwtConfigError(f"JWKS file {path}: kid {key.kid!r} is used by two keys")
-        by_kid[key.kid] = key
-    return _KeySet(keys=tuple(keys), by_kid=by_kid)
-
-
-def _parse_key(entry: dict[str, Any], where: str, allowed: tuple[str, ...]) -> _VerificationKey:
-    """One JWK as a verification key for each allowed algorithm its type fits."""
-    kid = entry.get("kid")
-    if kid is not None and not isinstance(kid, str):
-        raise JwtConfigError(f"{where}: kid must be a string")
-    if kid is not None:
-        where = f"{where} (kid {kid!r})"
-    # Any: these come from the file and are compared, never trusted to be strings.
-    kty: Any = entry.get("kty")
-    crv: Any = entry.get("crv")
-    if kty == "oct":
-        raise JwtConfigError(f"{where} is a shared secret (kty oct); only public keys are accepted")
-    # A verifier needs only the public half; a private key here means a file meant
-    # for the issuer was copied, and its secret now sits on this server.
-    if "d" in entry:
-        raise JwtConfigError(f"{where} holds a private key ('d'); publish only the public key")
-    if not isinstance(kty, str) or not isinstance(crv, str | None):
-        raise JwtConfigError(f"{where}: kty and crv must be strings")
-    fitting = _ALGORITHMS_BY_KEY.get((kty, None) if kty == "RSA" else (kty, crv))
-    if fitting is None:
-        raise JwtConfigError(f"{where}: unsupported key type kty={kty!r} crv={crv!r}")
-    kind = str(kty) if kty == "RSA" else f"{kty} {crv}"
-
-    declared = entry.get("alg")
-    if declared is not None:
-        if not isinstance(declared, str):
-            raise JwtConfigError(f"{where}: alg must be a string")
-        if declared not in fitting:
-            raise JwtConfigError(
-                f"{where}: alg {declared!r} does not fit its {kind} key ({_listed(fitting)})"
-            )
-        if declared not in allowed:
-            raise JwtConfigError(
-                f"{where}: its alg {declared} is not among the allowed algorithms "
-                f"{_listed(allowed)}"
-            )
-        usable = [declared]
-    else:
-        usable = [algorithm for algorithm in allowed if algorithm in fitting]
-        if not usable:
-            raise JwtConfigError(
-                f"{where}: its {kind} key verifies {_listed(fitting)}, none of which is "
-                f"among the allowed algorithms {_listed(allowed)}"
-            )
-
-    by_algorithm: dict[str, jwt.PyJWK] = {}
-    for algorithm in usable:
-        try:
-            by_algorithm[algorithm] = jwt.PyJWK(entry, algorithm)
-        # PyJWT wraps most bad key material in InvalidKeyError; the rest must still
-        # surface as a config error naming the key, not as a crash at startup.
-        except (jwt.PyJWTError, ValueError, TypeError, LookupError) as error:
-            raise JwtConfigError(f"{where} is not a usable {kind} key: {error}") from None
-    first = next(iter(by_algorithm.values()))
-    too_short = first.Algorithm.check_key_length(first.key)
-    if too_short:
-        raise JwtConfigError(f"{where}: {too_short}")
-    return _VerificationKey(kid=kid, kind=kind, by_algorithm=by_algorithm)
-
-
 def _unverified_claims(token: str) -> dict[str, Any]:
     """The payload without checks, to quote a claim in an error message."""
     try:
@@ -443,9 +314,5 @@ def _shown(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _key_name(key: _VerificationKey) -> str:
+def _key_name(key: VerificationKey) -> str:
     return repr(key.kid) if key.kid is not None else "(the only key, no kid)"
-
-
-def _listed(items: Any) -> str:
-    return ", ".join(sorted(str(item) for item in items)) or "none"

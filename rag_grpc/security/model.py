@@ -1,12 +1,19 @@
 """The values the policy is made of and the other security modules share:
-roles, a tenant's quota and budget, prices, API key entries and the grant
-an identity receives."""
+roles, a tenant's quota and budget, prices, API key entries, the grant
+an identity receives, and the Policy itself (policy.py reads it from its file)."""
 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
+
+from rag_grpc.security.identity import Identity
+
+# The one definition of a tenant name (used with fullmatch: "acme\n" is not
+# one). Tenant names become part of stored namespace names ("<tenant>~<ns>").
+TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 
 class Role(enum.IntEnum):
@@ -78,3 +85,51 @@ class Grant:
     tenant: str | None
     role: Role | None
     operator: bool = False
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Who may do what: tenants by name, operator principals, API keys and prices."""
+
+    tenants: dict[str, Tenant] = field(default_factory=dict)
+    operators: frozenset[str] = frozenset()
+    api_keys: tuple[ApiKeyEntry, ...] = ()
+    prices: Prices = field(default_factory=Prices)
+    # principal -> (tenant, role), built once so grant() is one dict lookup per call.
+    _members: dict[str, tuple[str, Role]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        for tenant in self.tenants.values():
+            for principal, role in tenant.members.items():
+                if principal in self._members:
+                    # load_policy reports this with the file's context; this guards
+                    # policies built in code, where a silent pick would grant at random.
+                    raise ValueError(
+                        f"{principal!r} is a member of tenants "
+                        f"{self._members[principal][0]!r} and {tenant.name!r}"
+                    )
+                self._members[principal] = (tenant.name, role)
+
+    def grant(self, identity: Identity) -> Grant:
+        """The identity's tenant and role, and whether it is an operator.
+
+        Membership is looked up by principal. When the credential names a
+        tenant (a JWT claim) it must be the member's tenant, otherwise the
+        identity gets no role anywhere: a token cannot move its holder into
+        another tenant. Identities not listed as members get no role; tenants
+        are never created on the fly.
+        """
+        operator = identity.principal in self.operators
+        membership = self._members.get(identity.principal)
+        if membership is None:
+            return Grant(tenant=None, role=None, operator=operator)
+        tenant, role = membership
+        if identity.tenant is not None and identity.tenant != tenant:
+            return Grant(tenant=None, role=None, operator=operator)
+        return Grant(tenant=tenant, role=role, operator=operator)
+
+    def tenant(self, name: str) -> Tenant | None:
+        """The tenant called name, or None."""
+        return self.tenants.get(name)

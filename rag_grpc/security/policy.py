@@ -1,5 +1,7 @@
-"""The access policy: tenants and their members, operators, API keys and
-prices, loaded strictly from a TOML file and swapped atomically on reload."""
+"""The policy file: tenants and their members, operators, API keys and
+prices, loaded strictly from TOML (a typo neither grants nor drops a
+permission) and swapped atomically on reload. The `Policy` value it yields
+lives in model.py."""
 
 from __future__ import annotations
 
@@ -11,19 +13,36 @@ import signal
 import threading
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from rag_grpc.security.identity import Identity
-from rag_grpc.security.model import ApiKeyEntry, Budget, Grant, Prices, Quota, Role, Tenant
+from rag_grpc.security.model import (
+    TENANT_NAME,
+    ApiKeyEntry,
+    Budget,
+    Policy,
+    Prices,
+    Quota,
+    Role,
+    Tenant,
+)
+
+# Policy and TENANT_NAME are imported from here by older code.
+__all__ = [
+    "KEY_HASH",
+    "ROLES",
+    "TENANT_NAME",
+    "Policy",
+    "PolicyError",
+    "PolicyHolder",
+    "install_sighup",
+    "load_policy",
+]
 
 log = logging.getLogger(__name__)
 
-# The one definition of a tenant name (used with fullmatch: "acme\n" is not
-# one). Tenant names become part of stored namespace names ("<tenant>~<ns>").
-TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 ROLES = {role.name.lower(): role for role in Role}
 
@@ -36,54 +55,6 @@ _INT_QUOTA_FIELDS = frozenset(
 class PolicyError(ValueError):
     """The policy file cannot be used; the message names the file, the entry
     and what is wrong with it."""
-
-
-@dataclass(frozen=True)
-class Policy:
-    """Who may do what: tenants by name, operator principals, API keys and prices."""
-
-    tenants: dict[str, Tenant] = field(default_factory=dict)
-    operators: frozenset[str] = frozenset()
-    api_keys: tuple[ApiKeyEntry, ...] = ()
-    prices: Prices = field(default_factory=Prices)
-    # principal -> (tenant, role), built once so grant() is one dict lookup per call.
-    _members: dict[str, tuple[str, Role]] = field(
-        init=False, repr=False, compare=False, default_factory=dict
-    )
-
-    def __post_init__(self) -> None:
-        for tenant in self.tenants.values():
-            for principal, role in tenant.members.items():
-                if principal in self._members:
-                    # load_policy reports this with the file's context; this guards
-                    # policies built in code, where a silent pick would grant at random.
-                    raise ValueError(
-                        f"{principal!r} is a member of tenants "
-                        f"{self._members[principal][0]!r} and {tenant.name!r}"
-                    )
-                self._members[principal] = (tenant.name, role)
-
-    def grant(self, identity: Identity) -> Grant:
-        """The identity's tenant and role, and whether it is an operator.
-
-        Membership is looked up by principal. When the credential names a
-        tenant (a JWT claim) it must be the member's tenant, otherwise the
-        identity gets no role anywhere: a token cannot move its holder into
-        another tenant. Identities not listed as members get no role; tenants
-        are never created on the fly.
-        """
-        operator = identity.principal in self.operators
-        membership = self._members.get(identity.principal)
-        if membership is None:
-            return Grant(tenant=None, role=None, operator=operator)
-        tenant, role = membership
-        if identity.tenant is not None and identity.tenant != tenant:
-            return Grant(tenant=None, role=None, operator=operator)
-        return Grant(tenant=tenant, role=role, operator=operator)
-
-    def tenant(self, name: str) -> Tenant | None:
-        """The tenant called name, or None."""
-        return self.tenants.get(name)
 
 
 def load_policy(path: Path) -> Policy:

@@ -22,6 +22,11 @@ with `apply_batch`, in one transaction with the log sequence it applied
 entry applied twice (the store's own position is set after this commit, so
 a crash between the two replays it) is skipped by that sequence; a crash
 loses at most the counts of the last interval, as above.
+
+Why one file of ~500 lines: it is one idea, the ledger. Its adds, flushes,
+outbox, log application and reads all share one lock, one schema and one
+invariant (a count is in memory, in the outbox or in the totals, never in
+two); split apart, each half would need the other's internals.
 """
 
 from __future__ import annotations
