@@ -2,9 +2,13 @@
 exported over OTLP), metrics (OTLP and a Prometheus scrape endpoint) and the
 trace context handed on to Triton.
 
-One `Telemetry` object per server, made from the config; the core reaches the
-tracer and instruments through module functions, which do nothing until a
-server installs its Telemetry.
+One `Telemetry` object per server, made from the config. A core component
+(embedder, retriever, pipeline, ...) records through the `Recorder` it was
+given at construction: the server's Telemetry, or `OFF` in tests and tools.
+The module functions (`span`, `record`, ...) record into the Telemetry a
+server installed; they are for the servicers and interceptors at the edge,
+and `INSTALLED` is the transitional default of components whose assembly
+does not pass its Telemetry yet.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import base64
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -65,7 +69,44 @@ class Instruments:
     ask_first_token: Any
 
 
-class Telemetry:
+class Recorder:
+    """Where a core component records its metrics and spans. This one
+    records nothing (telemetry off); `Telemetry` records for real."""
+
+    def record(self, what: str, value: float, **attributes: Any) -> None:
+        """Add to a counter or histogram by its field name in Instruments."""
+
+    def tracing(self) -> trace.Tracer:
+        """The tracer spans start from."""
+        return _NOOP_TRACER
+
+    @contextmanager
+    def span(self, name: str, **attributes: Any) -> Iterator[trace.Span]:
+        """A child span of the current one (a no-op without telemetry)."""
+        with self.tracing().start_as_current_span(name, attributes=attributes) as current_span:
+            yield current_span
+
+    def start_current(self, name: str, kind: Any = None, **attributes: Any) -> trace.Span:
+        """Start a child span and make it current for the rest of this task (no
+        reset: each RPC runs in its own task). End it with span.end()."""
+        from opentelemetry import context as otel_context
+
+        started = self.tracing().start_span(
+            name, kind=kind or trace.SpanKind.INTERNAL, attributes=attributes
+        )
+        otel_context.attach(trace.set_span_in_context(started))
+        return started
+
+    def usage(self, prompt_tokens: int, completion_tokens: int, generator: str) -> None:
+        """Token counts of one generation, into the metrics."""
+        self.record("tokens", prompt_tokens, direction="in", generator=generator)
+        self.record("tokens", completion_tokens, direction="out", generator=generator)
+
+
+OFF = Recorder()
+
+
+class Telemetry(Recorder):
     """Tracer and meter providers, exporters and the instruments."""
 
     def __init__(self, config: TelemetryConfig, service_name: str = "rag-grpc") -> None:
@@ -181,6 +222,16 @@ class Telemetry:
         self._log_counter = LogCounter(self.instruments.log_messages)
         logging.getLogger().addHandler(self._log_counter)
 
+    def record(self, what: str, value: float, **attributes: Any) -> None:
+        instrument = getattr(self.instruments, what)
+        if hasattr(instrument, "record"):
+            instrument.record(value, attributes)
+        else:
+            instrument.add(value, attributes)
+
+    def tracing(self) -> trace.Tracer:
+        return self.tracer
+
     def observe(
         self, name: str, description: str, read: Callable[[], Sequence[Observation]]
     ) -> None:
@@ -258,8 +309,22 @@ class JsonFormatter(logging.Formatter):
 _current: Telemetry | None = None
 
 
+class _Installed(Recorder):
+    """Records into whichever Telemetry is installed at the time of each call."""
+
+    def record(self, what: str, value: float, **attributes: Any) -> None:
+        if _current is not None:
+            _current.record(what, value, **attributes)
+
+    def tracing(self) -> trace.Tracer:
+        return _current.tracer if _current is not None else _NOOP_TRACER
+
+
+INSTALLED: Recorder = _Installed()
+
+
 def install(telemetry: Telemetry | None) -> None:
-    """Make `telemetry` the one the core records into (None: off)."""
+    """Make `telemetry` the one the module functions record into (None: off)."""
     global _current
     _current = telemetry
 
@@ -269,41 +334,28 @@ def current() -> Telemetry | None:
 
 
 def tracer() -> trace.Tracer:
-    return _current.tracer if _current is not None else _NOOP_TRACER
+    return INSTALLED.tracing()
 
 
-@contextmanager
-def span(name: str, **attributes: Any) -> Iterator[trace.Span]:
+def span(name: str, **attributes: Any) -> AbstractContextManager[trace.Span]:
     """A child span of the current one (a no-op without telemetry)."""
-    with tracer().start_as_current_span(name, attributes=attributes) as current_span:
-        yield current_span
+    return INSTALLED.span(name, **attributes)
 
 
 def start_current(name: str, kind: Any = None, **attributes: Any) -> trace.Span:
     """Start a child span and make it current for the rest of this task (no
     reset: each RPC runs in its own task). End it with span.end()."""
-    from opentelemetry import context as otel_context
-
-    started = tracer().start_span(name, kind=kind or trace.SpanKind.INTERNAL, attributes=attributes)
-    otel_context.attach(trace.set_span_in_context(started))
-    return started
+    return INSTALLED.start_current(name, kind, **attributes)
 
 
 def usage(prompt_tokens: int, completion_tokens: int, generator: str) -> None:
     """Token counts of one generation, into the metrics."""
-    record("tokens", prompt_tokens, direction="in", generator=generator)
-    record("tokens", completion_tokens, direction="out", generator=generator)
+    INSTALLED.usage(prompt_tokens, completion_tokens, generator)
 
 
 def record(what: str, value: float, **attributes: Any) -> None:
     """Add to a counter or histogram by its field name in Instruments."""
-    if _current is None:
-        return
-    instrument = getattr(_current.instruments, what)
-    if hasattr(instrument, "record"):
-        instrument.record(value, attributes)
-    else:
-        instrument.add(value, attributes)
+    INSTALLED.record(what, value, **attributes)
 
 
 def extract(metadata: Mapping[str, str]) -> Any:

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rag_grpc import telemetry
 from rag_grpc.embed.cache import CacheStats, EmbeddingCache, text_key
 from rag_grpc.embed.encoder import EmbedOutput, OnnxEncoder
 from rag_grpc.errors import ResourceExhausted
+from rag_grpc.telemetry import INSTALLED, Recorder
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,12 @@ class BatchingEmbedder:
         max_delay_s: float = 0.0,
         max_queue_texts: int = 8192,
         cache: EmbeddingCache | None = None,
+        telemetry: Recorder = INSTALLED,
     ) -> None:
         self.encoder = encoder
+        # Where batch sizes go: the server's Telemetry (the default, the one
+        # installed, stays until assembly passes it), or telemetry.OFF.
+        self.telemetry = telemetry
         self.model_id = encoder.model_id
         self.dimension = encoder.dimension
         self.max_batch_size = max_batch_size
@@ -146,7 +150,7 @@ class BatchingEmbedder:
 
     def _embed_batch(self, batch: list[_Request], size: int) -> None:
         texts = [t for request in batch for t in request.texts]
-        telemetry.record("batch_size", size)
+        self.telemetry.record("batch_size", size)
         try:
             out = self.encoder.embed(texts)
         except Exception as exc:  # every waiting caller gets the error
