@@ -59,6 +59,7 @@ import re
 import shutil
 import signal
 import string
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -70,9 +71,10 @@ import numpy as np
 
 from bench.common import BENCH_DIR, command_line, free_port, record, table
 from bench.load import start_server
-from rag_grpc.client import AskCitation, AskSummary, RagClient
+from rag_grpc.client import RagClient
 from rag_grpc.demo import pydoc_topics
-from rag_grpc.generate.base import GenerationParams
+from rag_grpc.documents import Hit
+from rag_grpc.generate.base import AskFinished, Citations, Delta, GenerationParams
 
 ROOT = BENCH_DIR.parent
 QUESTIONS = BENCH_DIR / "answers_questions.json"
@@ -257,22 +259,22 @@ def ask(client: RagClient, q: Question, k: int, params: GenerationParams) -> Out
     """One streaming Ask, timed and scored."""
     started = time.perf_counter()
     first: float | None = None
-    citations: list[AskCitation] = []
+    citations: list[Hit] = []
     pieces: list[str] = []
-    summary: AskSummary | None = None
+    summary: AskFinished | None = None
     for event in client.ask(q.question, k=k, params=params):
-        if isinstance(event, list):
-            citations = event
-        elif isinstance(event, str):
-            if first is None and event.strip():
+        if isinstance(event, Citations):
+            citations = event.hits
+        elif isinstance(event, Delta):
+            if first is None and event.text.strip():
                 first = time.perf_counter()
-            pieces.append(event)
+            pieces.append(event.text)
         else:
             summary = event
     done = time.perf_counter()
     assert summary is not None, "Ask ended without a summary"
     answer = "".join(pieces).strip()
-    passages = {c.index: c.hit.text for c in citations}
+    passages = {n: h.text for n, h in enumerate(citations, start=1)}
     cited = cited_numbers(answer)
     supporting: tuple[int, ...] = ()
     correct, f1, retrieved = False, 0.0, False
@@ -297,10 +299,10 @@ def ask(client: RagClient, q: Question, k: int, params: GenerationParams) -> Out
         supporting,
         retrieved,
         abstains(answer, summary.finish_reason),
-        tuple(f"{c.index} {c.hit.document_id} {c.hit.chunk_id}" for c in citations),
+        tuple(f"{n} {h.document_id} {h.chunk_id}" for n, h in enumerate(citations, start=1)),
         (first if first is not None else done) - started,
         done - started,
-        summary.timings["generate_ms"] / 1000,
+        summary.timings.generate_ms / 1000,
         summary.usage.completion_tokens,
         summary.usage.prompt_tokens,
     )
@@ -312,6 +314,8 @@ def load_weights_module() -> ModuleType:
     if spec is None or spec.loader is None or not WEIGHTS.exists():
         raise SystemExit(f"{WEIGHTS} is missing: the llm arm needs it to fetch the weights")
     module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while the module executes.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
