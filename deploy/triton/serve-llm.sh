@@ -32,6 +32,7 @@ else
 import importlib.util, sys
 spec = importlib.util.spec_from_file_location("weights", sys.argv[1])
 weights = importlib.util.module_from_spec(spec)
+sys.modules["weights"] = weights  # its dataclasses look the module up while being made
 spec.loader.exec_module(weights)
 print(weights.CATALOG[sys.argv[2]].sha256)
 PY
