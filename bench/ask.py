@@ -31,9 +31,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.common import BENCH_DIR, command_line, free_port, record, table
 from bench.load import start_server
-from rag_grpc.client import AskSummary, RagClient
+from rag_grpc.client import RagClient
 from rag_grpc.documents import Document
-from rag_grpc.generate.base import GenerationParams, Passage
+from rag_grpc.generate.base import AskFinished, Citations, Delta, GenerationParams, Passage
 from rag_grpc.generate.triton import PromptBuilder
 from rag_grpc.pb import common_pb2, generation_pb2, generation_service_pb2_grpc
 
@@ -202,17 +202,15 @@ def main() -> None:
                 summary = None
                 passages: list[Passage] = []
                 for event in client.ask(question, k=3, params=params):
-                    if isinstance(event, list):
-                        passages = [
-                            Passage(c.hit.document_id, c.hit.chunk_id, c.hit.text) for c in event
-                        ]
-                    elif isinstance(event, str) and first is None:
+                    if isinstance(event, Citations):
+                        passages = [Passage(h.document_id, h.chunk_id, h.text) for h in event.hits]
+                    elif isinstance(event, Delta) and first is None:
                         first = time.perf_counter()
-                    elif isinstance(event, AskSummary):
+                    elif isinstance(event, AskFinished):
                         summary = event
                 done = time.perf_counter()
                 assert summary is not None and first is not None
-                retrieval = summary.timings["retrieve_ms"] / 1000
+                retrieval = summary.timings.retrieve_ms / 1000
                 ask = (done - started, first - started, retrieval, triton_time.take())
 
                 request = generate_request(question, passages, args.max_tokens)

@@ -879,10 +879,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    from rag_grpc.client import AskSummary
-    from rag_grpc.generate.base import GenerationParams
+    from dataclasses import asdict
 
-    citations: list[Any] = []
+    from rag_grpc.generate.base import AskFinished, Citations, Delta, GenerationParams
+
+    hits: list[Hit] = []
     with _client(args) as client:
         events = client.ask(
             args.question,
@@ -892,28 +893,32 @@ def _ask(args: argparse.Namespace) -> int:
             params=GenerationParams(max_tokens=args.max_tokens),
         )
         for event in events:
-            if isinstance(event, list):
-                citations = event
+            if isinstance(event, Citations):
+                hits = event.hits
                 if args.json:
-                    cites = [{"index": c.index, **_hit_json(c.hit)} for c in event]
+                    cites = [
+                        {"index": index, **_hit_json(hit)}
+                        for index, hit in enumerate(hits, start=1)
+                    ]
                     print(_json({"citations": cites}), flush=True)
-            elif isinstance(event, str):
+            elif isinstance(event, Delta):
                 if args.json:
-                    print(_json({"delta": event}), flush=True)
+                    print(_json({"delta": event.text}), flush=True)
                 else:
-                    print(shown(event, keep_lines=True), end="", flush=True)
-            elif isinstance(event, AskSummary):
+                    print(shown(event.text, keep_lines=True), end="", flush=True)
+            elif isinstance(event, AskFinished):
                 if args.json:
-                    usage = {
-                        "prompt_tokens": event.usage.prompt_tokens,
-                        "completion_tokens": event.usage.completion_tokens,
-                        "total_tokens": event.usage.total_tokens,
+                    usage = event.usage
+                    counts = {
+                        "prompt_tokens": usage.prompt_tokens,
+                        "completion_tokens": usage.completion_tokens,
+                        "total_tokens": usage.total_tokens,
                     }
                     print(
                         _json(
                             {
-                                "usage": usage,
-                                "timings": event.timings,
+                                "usage": counts,
+                                "timings": asdict(event.timings),
                                 "generator": event.generator,
                                 "finish_reason": event.finish_reason,
                                 "cited": list(event.cited),
@@ -922,9 +927,9 @@ def _ask(args: argparse.Namespace) -> int:
                     )
                 else:
                     print(f"\n\n(answer by the {shown(event.generator)} generator)")
-                    for c in citations:
-                        if c.index in event.cited or not event.cited:
-                            print(f"[{c.index}] {shown(c.hit.chunk_id)} (score {c.hit.score:.3f})")
+                    for index, hit in enumerate(hits, start=1):
+                        if index in event.cited or not event.cited:
+                            print(f"[{index}] {shown(hit.chunk_id)} (score {hit.score:.3f})")
     return 0
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from rag_grpc.documents import Document, Hit, SearchResult, WriteResult
 from rag_grpc.filters import Filter
-from rag_grpc.generate.base import GenerationParams, Usage
+from rag_grpc.generate.base import AskEvent, GenerationParams
 from rag_grpc.index.query import NamespaceStats, SearchQuery
 from rag_grpc.ingest.job_status import JobStatus
 from rag_grpc.pb import (
@@ -55,30 +55,6 @@ class RpcError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
-
-
-@dataclass(frozen=True)
-class AskCitation:
-    """A passage the answer may cite as [index]."""
-
-    index: int
-    hit: Hit
-
-
-@dataclass(frozen=True)
-class AskSummary:
-    """The last event of an Ask: usage, generator, timings in ms."""
-
-    usage: Usage
-    generator: str
-    finish_reason: str
-    cited: tuple[int, ...]
-    timings: dict[str, float]
-    # Replayed from the server's answer cache.
-    cached: bool = False
-
-
-AskEvent = list[AskCitation] | str | AskSummary
 
 
 @dataclass(frozen=True)
@@ -278,7 +254,7 @@ class RagClient:
         filter: Filter | None = None,
         params: GenerationParams | None = None,
     ) -> Iterator[AskEvent]:
-        """Yields the citations (a list), then answer text pieces (str), then an AskSummary."""
+        """Yields the Citations, then the answer's text in Delta pieces, then AskFinished."""
         request = rag_pb2.AskRequest(
             question=question,
             namespace=namespace,
@@ -289,40 +265,7 @@ class RagClient:
             request.filter.CopyFrom(convert.filter_to_pb(filter))
         try:
             for response in self._rag.Ask(request, timeout=self.timeout, metadata=self.metadata):
-                kind = response.WhichOneof("event")
-                if kind == "citations":
-                    yield [
-                        AskCitation(
-                            c.index,
-                            Hit(
-                                c.document_id,
-                                c.chunk_id,
-                                c.score,
-                                c.text,
-                                convert.metadata_from_pb(c.metadata),
-                            ),
-                        )
-                        for c in response.citations.citations
-                    ]
-                elif kind == "delta":
-                    yield response.delta
-                else:
-                    s = response.summary
-                    t = s.timings
-                    yield AskSummary(
-                        Usage(s.usage.prompt_tokens, s.usage.completion_tokens),
-                        s.generator,
-                        s.finish_reason,
-                        tuple(s.cited),
-                        {
-                            "embed_ms": t.embed_ms,
-                            "retrieve_ms": t.retrieve_ms,
-                            "generate_ms": t.generate_ms,
-                            "first_token_ms": t.first_token_ms,
-                            "total_ms": t.total_ms,
-                        },
-                        s.cached,
-                    )
+                yield convert.ask_event_from_pb(response)
         except grpc.RpcError as exc:
             raise _rpc_error(exc) from None
 

@@ -17,9 +17,10 @@ from typing import Any
 import grpc
 import pytest
 
-from rag_grpc.client import AskCitation, AskEvent, AskSummary, RagClient
+from rag_grpc.client import RagClient
 from rag_grpc.config import Settings, load_settings
-from rag_grpc.documents import Document
+from rag_grpc.documents import Document, Hit
+from rag_grpc.generate.base import AskEvent, AskFinished, Citations, Delta
 from rag_grpc.server import RagServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,18 +150,24 @@ def seeded(client: RagClient) -> RagClient:
     return client
 
 
-def ask_summary(events: Iterable[AskEvent]) -> AskSummary:
+def ask_summary(events: Iterable[AskEvent]) -> AskFinished:
     """The summary an Ask stream ends with; fails if it ended with anything else."""
     *_, last = events
-    assert isinstance(last, AskSummary), f"the Ask stream ended with {last!r}, not its summary"
+    assert isinstance(last, AskFinished), f"the Ask stream ended with {last!r}, not its summary"
     return last
 
 
-def ask_citations(events: Sequence[AskEvent]) -> list[AskCitation]:
-    """The citations an Ask stream starts with; fails if it started with anything else."""
+def ask_citations(events: Sequence[AskEvent]) -> list[Hit]:
+    """The passages an Ask stream starts with (cited as [n] by position from 1);
+    fails if it started with anything else."""
     first = events[0]
-    assert isinstance(first, list), f"the Ask stream started with {first!r}, not its citations"
-    return first
+    assert isinstance(first, Citations), f"the Ask stream started with {first!r}, not its citations"
+    return first.hits
+
+
+def ask_answer(events: Iterable[AskEvent]) -> str:
+    """The answer's text: the Delta pieces of an Ask stream joined."""
+    return "".join(e.text for e in events if isinstance(e, Delta))
 
 
 def free_port() -> int:

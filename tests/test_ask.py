@@ -5,24 +5,33 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from rag_grpc.client import AskCitation, AskSummary, RagClient
+from rag_grpc.client import RagClient
 from rag_grpc.filters import Equals
-from rag_grpc.generate.base import GenerationParams
-from rag_grpc.pb import common_pb2, generation_pb2, generation_service_pb2_grpc
+from rag_grpc.generate.base import AskFinished, Citations, Delta, GenerationParams
+from rag_grpc.pb import (
+    common_pb2,
+    generation_pb2,
+    generation_service_pb2_grpc,
+    rag_pb2,
+    rag_service_pb2_grpc,
+)
 
 
 def test_ask_streams_citations_then_text_then_summary(seeded: RagClient) -> None:
     events = list(seeded.ask("What gas do plants release during photosynthesis?", k=3))
     citations, *middle, summary = events
-    assert isinstance(citations, list) and len(citations) == 3
-    assert all(isinstance(c, AskCitation) for c in citations)
-    assert [c.index for c in citations] == [1, 2, 3]
-    assert citations[0].hit.document_id == "photosynthesis"
-    deltas = [e for e in middle if isinstance(e, str)]
+    assert isinstance(citations, Citations) and len(citations.hits) == 3
+    assert citations.hits[0].document_id == "photosynthesis"
+    # On the wire each citation carries its number, 1, 2, 3 in order.
+    stub = rag_service_pb2_grpc.RagServiceStub(seeded.channel)
+    request = rag_pb2.AskRequest(question="What gas do plants release?", k=3)
+    first = next(iter(stub.Ask(request, timeout=30)))
+    assert [c.index for c in first.citations.citations] == [1, 2, 3]
+    deltas = [e.text for e in middle if isinstance(e, Delta)]
     assert len(deltas) == len(middle) and len(deltas) > 3  # streamed in pieces
     answer = "".join(deltas)
     assert "oxygen" in answer
-    assert isinstance(summary, AskSummary)
+    assert isinstance(summary, AskFinished)
     assert summary.generator == "extractive"
     assert summary.finish_reason == "stop"
     assert 1 in summary.cited and "[1]" in answer
@@ -31,26 +40,26 @@ def test_ask_streams_citations_then_text_then_summary(seeded: RagClient) -> None
     assert summary.usage.completion_tokens > 0
     assert summary.usage.prompt_tokens > summary.usage.completion_tokens
     t = summary.timings
-    assert t["total_ms"] >= t["retrieve_ms"] > 0 and t["generate_ms"] > 0
-    assert t["total_ms"] >= t["first_token_ms"]
+    assert t.total_ms >= t.retrieve_ms > 0 and t.generate_ms > 0
+    assert t.total_ms >= t.first_token_ms
 
 
 def test_ask_respects_filter_and_max_tokens(seeded: RagClient) -> None:
     events = list(seeded.ask("What is a volcano?", k=2, filter=Equals("topic", "games")))
-    assert [c.hit.document_id for c in events[0]] == ["chess"]  # type: ignore[union-attr]
+    assert [h.document_id for h in events[0].hits] == ["chess"]  # type: ignore[union-attr]
     short = list(seeded.ask("What is a volcano?", params=GenerationParams(max_tokens=5)))
     summary = short[-1]
-    assert isinstance(summary, AskSummary)
+    assert isinstance(summary, AskFinished)
     assert summary.finish_reason == "length"
     assert summary.usage.completion_tokens <= 5
 
 
 def test_ask_with_no_matching_passages_says_so(seeded: RagClient) -> None:
     events = list(seeded.ask("What is a volcano?", filter=Equals("topic", "astronomy")))
-    assert events[0] == []
+    assert events[0] == Citations([])
     summary = events[-1]
-    assert isinstance(summary, AskSummary) and summary.finish_reason == "no_answer"
-    assert "No passages" in "".join(e for e in events if isinstance(e, str))
+    assert isinstance(summary, AskFinished) and summary.finish_reason == "no_answer"
+    assert "No passages" in "".join(e.text for e in events if isinstance(e, Delta))
 
 
 def test_generate_streams_deltas_then_summary(server) -> None:  # type: ignore[no-untyped-def]

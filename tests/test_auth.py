@@ -12,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rag_grpc.client import RagClient, RpcError
+from rag_grpc.generate.base import Citations
 from tests.conftest import CORPUS, ServerThread, ask_citations
 from tests.test_cli import cli
 
@@ -21,7 +22,7 @@ def test_calls_without_the_token_are_refused(start_server: Callable[..., ServerT
     with RagClient(server.target, token="t0ken-for-the-tests") as client:
         client.upsert(CORPUS)
         assert client.search("lava", k=1)[0].document_id == "volcano"
-        assert isinstance(next(iter(client.ask("What is lava?"))), list)
+        assert isinstance(next(iter(client.ask("What is lava?"))), Citations)
     for token in (None, "wrong"):
         with RagClient(server.target, token=token) as client:
             with pytest.raises(RpcError) as info:
@@ -50,7 +51,7 @@ def test_remote_retrieval_receives_the_token(start_server: Callable[..., ServerT
     )
     with RagClient(rag.target, token="shared-secret-of-the-tests") as client:
         events = list(client.ask("What erupts from a volcano?", k=1))
-    assert ask_citations(events)[0].hit.document_id == "volcano"
+    assert ask_citations(events)[0].document_id == "volcano"
 
 
 def _secret_file(path: Path, text: str, mode: int = 0o600) -> Path:

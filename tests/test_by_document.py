@@ -220,6 +220,6 @@ def test_ask_cites_distinct_documents(client: RagClient) -> None:
     # A plain search for this question is the volcano document alone.
     assert {h.document_id for h in client.search(QUERY, k=3)} == {"volcano"}
     citations = ask_citations(list(client.ask(QUERY, k=3)))
-    sources = [c.hit.document_id for c in citations]
+    sources = [h.document_id for h in citations]
     assert len(sources) == 3 and len(set(sources)) == 3
     assert sources[0] == "volcano"

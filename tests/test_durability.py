@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rag_grpc.client import RagClient
-from tests.conftest import CORPUS, ServerThread
+from tests.conftest import CORPUS, ServerThread, ask_answer
 
 
 def test_resubmitting_unchanged_documents_does_no_work(
@@ -74,7 +74,7 @@ def test_answer_cache_replays_an_answer_until_a_write_retires_it(
 
     def ask(client: RagClient, question: str, **params: Any) -> tuple[str, Any]:
         events = list(client.ask(question, k=3, params=GenerationParams(**params)))
-        return "".join(e for e in events if isinstance(e, str)), events[-1]
+        return ask_answer(events), events[-1]
 
     server = start_server()
     with RagClient(server.target) as writer, RagClient(server.target) as reader:

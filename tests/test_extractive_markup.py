@@ -9,11 +9,12 @@ from collections.abc import Callable
 
 import pytest
 
-from rag_grpc.client import AskEvent, RagClient
+from rag_grpc.client import RagClient
 from rag_grpc.documents import Document
+from rag_grpc.generate.base import AskEvent
 from rag_grpc.generate.extractive import answer_sentences
 from rag_grpc.generate.markup import clean_markup, is_markup_only
-from tests.conftest import ServerThread, ask_citations, ask_summary
+from tests.conftest import ServerThread, ask_answer, ask_citations, ask_summary
 
 MARKUP_RUN = re.compile(r"[*=\-~^#]{3,}")
 
@@ -146,10 +147,10 @@ def test_ask_answer_quotes_no_markup_but_citation_keeps_it(
         events: list[AskEvent] = list(client.ask("What does the with statement do?", k=1))
     citations = ask_citations(events)
     summary = ask_summary(events)
-    answer = "".join(e for e in events if isinstance(e, str))
+    answer = ask_answer(events)
     assert summary.finish_reason == "stop" and 1 in summary.cited
     assert "context manager" in answer
     assert not MARKUP_RUN.search(answer), answer
     assert "```" not in answer and "~~~" not in answer, answer
-    stored = citations[0].hit.text
+    stored = citations[0].text
     assert "********************" in stored and "=======" in stored and "```" in stored

@@ -15,9 +15,10 @@ from typing import Any
 import grpc
 import pytest
 
-from rag_grpc.client import AskSummary, RagClient
+from rag_grpc.client import RagClient
 from rag_grpc.config import ConfigError, FlagConfig, load_settings
 from rag_grpc.flags import BUCKETS, KNOWN_FLAGS, FeatureFlags, bucket, is_on
+from rag_grpc.generate.base import AskFinished
 from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
 from tests.conftest import CORPUS, EXPORT_DIR, MODEL_DIR, ServerProcess, ServerThread
 
@@ -111,7 +112,7 @@ def _cached(client: RagClient, namespace: str) -> bool:
     """Whether a repeated Ask was answered from the answer cache."""
     for _ in range(2):
         summary = [
-            e for e in client.ask(QUESTION, namespace=namespace) if isinstance(e, AskSummary)
+            e for e in client.ask(QUESTION, namespace=namespace) if isinstance(e, AskFinished)
         ]
     return summary[0].cached
 

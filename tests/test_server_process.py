@@ -16,7 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document
-from tests.conftest import CORPUS, ROOT, ServerProcess, ask_citations, free_port, tool
+from rag_grpc.generate.base import AskFinished, Citations
+from tests.conftest import CORPUS, ROOT, ServerProcess, ask_answer, ask_citations, free_port, tool
 
 SERVICES = [
     "rag.v1.RetrievalService",
@@ -119,10 +120,10 @@ def test_sigterm_drains_then_restart_keeps_everything(
         # slow Triton stream open across SIGTERM to prove the drain itself.)
         stream = client.ask("What is espresso?")
         first = next(stream)
-        assert isinstance(first, list)
+        assert isinstance(first, Citations)
         proc.proc.send_signal(15)
         rest = list(stream)
-        assert rest and not isinstance(rest[-1], str)  # ended with its summary
+        assert rest and isinstance(rest[-1], AskFinished)  # ended with its summary
     assert proc.stop(timeout=30) == 0
     assert "draining in-flight calls" in proc.log.read_text()
 
@@ -203,8 +204,8 @@ def test_microservices_split_and_dependency_health(
             client.search("lava")  # the rag process serves no RetrievalService
         assert info.value.code == "UNIMPLEMENTED"
         events = list(client.ask("What erupts from a volcano?", k=2))
-        assert ask_citations(events)[0].hit.document_id == "volcano"
-        assert "lava" in "".join(e for e in events if isinstance(e, str))
+        assert ask_citations(events)[0].document_id == "volcano"
+        assert "lava" in ask_answer(events)
 
     rag_service = "rag.v1.RagService"
     wait_for(
@@ -231,7 +232,7 @@ def test_microservices_split_and_dependency_health(
     )
     with RagClient(rag.target) as client:
         events = list(client.ask("What erupts from a volcano?", k=1))
-        assert ask_citations(events)[0].hit.document_id == "volcano"
+        assert ask_citations(events)[0].document_id == "volcano"
     back.stop()
     rag.stop()
 

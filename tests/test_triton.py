@@ -16,8 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenizers import Tokenizer
 
-from rag_grpc.client import AskSummary, RagClient, RpcError
-from rag_grpc.generate.base import Passage
+from rag_grpc.client import RagClient, RpcError
+from rag_grpc.generate.base import AskFinished, Citations, Delta, Passage
 from rag_grpc.generate.triton import CircuitBreaker, PromptBuilder
 from rag_grpc.pb import (
     common_pb2,
@@ -83,13 +83,13 @@ def test_answers_stream_incrementally_and_cite_retrieved_chunks(rag: Callable[..
     arrivals: list[float] = []
     pieces: list[str] = []
     citations: list[Any] = []
-    summary: AskSummary | None = None
+    summary: AskFinished | None = None
     for event in client.ask("What comes out of a volcano when it erupts?", k=3):
-        if isinstance(event, list):
-            citations = event
-        elif isinstance(event, str):
+        if isinstance(event, Citations):
+            citations = event.hits
+        elif isinstance(event, Delta):
             arrivals.append(time.monotonic())
-            pieces.append(event)
+            pieces.append(event.text)
         else:
             summary = event
     assert summary is not None and summary.generator == "triton"
@@ -99,10 +99,10 @@ def test_answers_stream_incrementally_and_cite_retrieved_chunks(rag: Callable[..
     answer = "".join(pieces)
     assert "volcano" in answer.lower() and "[1]" in answer
     # Every [n] maps back to a retrieved chunk, and the volcano chunk is cited.
-    cited = {citations[n - 1].hit.chunk_id for n in summary.cited}
+    cited = {citations[n - 1].chunk_id for n in summary.cited}
     assert "volcano#0" in cited and summary.cited[0] == 1
     assert summary.usage.prompt_tokens > 50 and summary.usage.completion_tokens > 10
-    assert summary.timings["first_token_ms"] < summary.timings["generate_ms"]
+    assert summary.timings.first_token_ms < summary.timings.generate_ms
     # Usage and the backend's state add up in Stats.
     from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
 
@@ -126,9 +126,9 @@ def test_stream_interval_merges_fast_tokens_without_changing_the_answer(
         pieces: list[str] = []
         first = 0.0
         for event in client.ask("What comes out of a volcano when it erupts?", k=3):
-            if isinstance(event, str):
+            if isinstance(event, Delta):
                 first = first or time.monotonic() - started
-                pieces.append(event)
+                pieces.append(event.text)
         return pieces, first, time.monotonic() - started
 
     word_by_word, _, _ = deltas(0)
@@ -244,7 +244,9 @@ def test_health_follows_model_readiness(
                 events.append(event)
     assert info.value.code == "UNAVAILABLE" and "no_such_model" in info.value.message
     # Retrieval results still reach the caller before the error.
-    assert events and isinstance(events[0], list) and events[0][0].hit.document_id == "volcano"
+    assert (
+        events and isinstance(events[0], Citations) and events[0].hits[0].document_id == "volcano"
+    )
 
 
 def test_triton_killed_mid_run_then_back_without_restarting_rag_grpc(

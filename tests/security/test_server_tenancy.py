@@ -146,7 +146,7 @@ def test_two_tenants_using_default_see_only_their_own_documents(
         assert globex.search("invoice", k=1)[0].document_id == "ledger"
         assert acme.search("invoice payment ledger", k=5)[0].document_id != "ledger"
         cited = ask_citations(list(acme.ask("What is a ledger?", k=3)))
-        assert cited and all(c.hit.document_id != "ledger" for c in cited)
+        assert cited and all(h.document_id != "ledger" for h in cited)
         # Stats: each sees "default" with its own count, unprefixed.
         assert [(n.name, n.documents) for n in acme.stats().namespaces] == [("default", 5)]
         assert [(n.name, n.documents) for n in globex.stats().namespaces] == [("default", 2)]
@@ -355,9 +355,9 @@ def test_an_ask_searches_remote_retrieval_as_the_same_caller(
     with client(rag, reader) as acme_reader, client(rag, GLOBEX_ADMIN) as globex:
         acme_hits = ask_citations(list(acme_reader.ask("What erupts from a volcano?", k=2)))
         globex_hits = ask_citations(list(globex.ask("What erupts from a volcano?", k=2)))
-    assert acme_hits[0].hit.text == CORPUS[0].text
-    assert {c.hit.document_id for c in globex_hits} <= {"volcano", "ledger"}
-    assert all(c.hit.text != CORPUS[0].text for c in globex_hits)
+    assert acme_hits[0].text == CORPUS[0].text
+    assert {h.document_id for h in globex_hits} <= {"volcano", "ledger"}
+    assert all(h.text != CORPUS[0].text for h in globex_hits)
     # The retrieval service counted each tenant's search as its own.
     assert retrieval.server.access is not None
     reports = {r.tenant: r.usage.searches for r in retrieval.server.access.usage_report(None)}
