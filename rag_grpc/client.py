@@ -8,6 +8,11 @@
 Over TLS: ``RagClient(target, ca=CA, cert=CERT, key=KEY, token=TOKEN)``
 (``cert``/``key`` for mutual TLS; ``token`` a JWT or an API key). Errors
 arrive as ``RpcError`` with the gRPC status code name and message.
+
+Results are the core library's own types (Hit, SearchResult, WriteResult,
+the Ask events Citations/Delta/AskFinished, JobStatus, NamespaceStats),
+converted by ``services/convert.py``; importing the client loads neither
+ONNX Runtime nor the native index.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import grpc
 import numpy as np
 
 from rag_grpc.documents import Document, Hit, SearchResult, WriteResult
+from rag_grpc.errors import RagError
 from rag_grpc.filters import Filter
 from rag_grpc.generate.base import AskEvent, GenerationParams
 from rag_grpc.index.query import NamespaceStats, SearchQuery
@@ -42,6 +48,7 @@ from rag_grpc.pb import (
     retrieval_service_pb2_grpc,
 )
 from rag_grpc.services import convert
+from rag_grpc.services.status import ERROR_OF
 
 # What a bearer token may hold (RFC 6750's b64token, wider): printable ASCII
 # without spaces, as JWTs and our API keys are.
@@ -55,6 +62,13 @@ class RpcError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+    @property
+    def error(self) -> type[RagError] | None:
+        """The core error the status stands for (e.g. NotFound), by the one
+        status table; None for a status without one (UNKNOWN, INTERNAL...)."""
+        status = grpc.StatusCode.__members__.get(self.code)
+        return ERROR_OF.get(status) if status is not None else None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from rag_grpc import errors
+from rag_grpc.client import RpcError
 from rag_grpc.services.status import ERROR_OF, STATUS_OF, status_of
 
 
@@ -26,3 +27,10 @@ def test_an_error_outside_the_table_is_unknown_and_subclasses_map_as_their_base(
 
     assert status_of(Full("queue full")) is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert status_of(errors.RagError("?")) is grpc.StatusCode.UNKNOWN
+
+
+def test_a_client_error_names_its_core_error() -> None:
+    assert RpcError("NOT_FOUND", "no namespace 'x'").error is errors.NotFound
+    assert RpcError("CANCELLED", "").error is errors.Cancelled
+    assert RpcError("INTERNAL", "see the server log").error is None
+    assert RpcError("UNKNOWN", "").error is None
