@@ -21,11 +21,28 @@ from opentelemetry.proto.collector.metrics.v1 import (
     metrics_service_pb2_grpc,
 )
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 
+from rag_grpc import telemetry
 from rag_grpc.client import RagClient, RpcError
+from rag_grpc.config import IndexConfig, LimitsConfig, TelemetryConfig
+from rag_grpc.documents import Document
+from rag_grpc.embed.chunking import TokenChunker
+from rag_grpc.index.retriever import Retriever, SearchQuery
 from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
-from tests.conftest import CORPUS, ServerProcess, ServerThread, ask_summary, free_port
+from rag_grpc.store.sqlite import DocumentStore
+from rag_grpc.telemetry import Telemetry
+from tests.conftest import (
+    CORPUS,
+    MODEL_DIR,
+    ServerProcess,
+    ServerThread,
+    ask_summary,
+    free_port,
+)
 from tests.test_envoy import CERTS_SH, Envoy
+from tests.test_payload_index import HashEmbedder
 from tests.triton_server import Triton
 
 
@@ -259,3 +276,60 @@ def test_successful_calls_are_logged_by_sample_errors_always(
     assert len(stats) == 5 and {r.levelno for r in stats} == {logging.DEBUG}
     (failed,) = by_method["/rag.v1.RetrievalService/Search"]
     assert failed.levelno == logging.INFO and getattr(failed, "code", "") == "NOT_FOUND"
+
+
+def _searches(reader: InMemoryMetricReader) -> dict[tuple[str, str], int]:
+    """rag_searches by (mode, outcome), as the reader collects them now."""
+    counts: dict[tuple[str, str], int] = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == "rag_searches":
+                    for point in metric.data.data_points:
+                        assert isinstance(point, NumberDataPoint)
+                        attributes = dict(point.attributes or {})
+                        key = (str(attributes["mode"]), str(attributes["outcome"]))
+                        counts[key] = int(point.value)
+    return counts
+
+
+def _retriever(data: Path, **recording: Any) -> Retriever:
+    store = DocumentStore(data / "rag.sqlite3")
+    chunker = TokenChunker(MODEL_DIR / "tokenizer.json", chunk_tokens=8, overlap_tokens=0)
+    return Retriever(
+        store, HashEmbedder(), chunker, data / "index", IndexConfig(), LimitsConfig(), **recording
+    )
+
+
+def test_components_record_into_the_telemetry_they_are_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A core component records into the Telemetry it was built with; one
+    built without it (telemetry.OFF) records nothing, even while a server's
+    Telemetry is installed."""
+    reader = InMemoryMetricReader()
+    monkeypatch.setattr(
+        telemetry,
+        "MeterProvider",
+        lambda resource, metric_readers: MeterProvider(
+            resource=resource, metric_readers=[*metric_readers, reader]
+        ),
+    )
+    recording = Telemetry(TelemetryConfig())
+    telemetry.install(recording)
+    try:
+        silent = _retriever(tmp_path / "off")
+        # A hash embedder's scores mean nothing: any dense hit is a success.
+        loud = _retriever(tmp_path / "on", telemetry=recording, relevance_threshold=-1.0)
+        for retriever in (silent, loud):
+            retriever.upsert("", [Document("a", "the quick brown fox")])
+            retriever.search(SearchQuery(text="quick fox", k=1, mode="dense"))
+            retriever.search(SearchQuery(text="quick fox", k=1, mode="lexical"))
+            if retriever is silent:
+                assert silent.searcher.telemetry is telemetry.OFF
+                assert _searches(reader) == {}
+        assert _searches(reader) == {("dense", "success"): 1, ("lexical", "success"): 1}
+    finally:
+        telemetry.install(None)
+        recording.shutdown()

@@ -21,7 +21,7 @@ import numpy as np
 from rag_grpc.embed.cache import CacheStats, EmbeddingCache, text_key
 from rag_grpc.embed.encoder import EmbedOutput, OnnxEncoder
 from rag_grpc.errors import ResourceExhausted
-from rag_grpc.telemetry import INSTALLED, Recorder
+from rag_grpc.telemetry import OFF, Recorder
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,10 @@ class BatchingEmbedder:
         max_delay_s: float = 0.0,
         max_queue_texts: int = 8192,
         cache: EmbeddingCache | None = None,
-        telemetry: Recorder = INSTALLED,
+        telemetry: Recorder = OFF,
     ) -> None:
         self.encoder = encoder
-        # Where batch sizes go: the server's Telemetry (the default, the one
-        # installed, stays until assembly passes it), or telemetry.OFF.
+        # Where batch sizes go: the server's Telemetry, or OFF (tests, tools).
         self.telemetry = telemetry
         self.model_id = encoder.model_id
         self.dimension = encoder.dimension

@@ -12,7 +12,6 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from rag_grpc import telemetry
 from rag_grpc.config import LimitsConfig
 from rag_grpc.deadlines import in_thread
 from rag_grpc.documents import SearchResult, resolve_namespace
@@ -33,6 +32,7 @@ from rag_grpc.generate.base import (
 )
 from rag_grpc.index.retriever import Retriever, SearchQuery
 from rag_grpc.lru import BoundedLRU
+from rag_grpc.telemetry import OFF, Recorder
 
 
 class SearchBackend(Protocol):
@@ -102,11 +102,15 @@ class RagPipeline:
         limits: LimitsConfig,
         answers: AnswerCache | None = None,
         answer_cache_on: Callable[[str], bool] | None = None,
+        telemetry: Recorder = OFF,
     ) -> None:
         self.search = search
         self.generator = generator
         self.limits = limits
         self.answers = answers
+        # Spans, token counts, answer cache outcomes and the first-token
+        # latency go here (the server's Telemetry, or OFF).
+        self.telemetry = telemetry
         # Whether a (stored) namespace uses the answer cache now (the
         # answer_cache feature flag); None: always.
         self.answer_cache_on = answer_cache_on
@@ -127,7 +131,7 @@ class RagPipeline:
         if not 1 <= k <= self.limits.max_ask_k:
             raise InvalidArgument(f"k must be between 1 and {self.limits.max_ask_k}, got {k}")
         started = time.perf_counter()
-        with telemetry.span("retrieve", k=k):
+        with self.telemetry.span("retrieve", k=k):
             # k distinct documents, each by its best chunk: k chunks of one
             # long document would crowd every other source out of the context.
             result = await self.search.search(
@@ -154,9 +158,9 @@ class RagPipeline:
             first_token = time.perf_counter()
             yield Delta(cached.text)
             finished = cached.finished
-            telemetry.record("answers", 1, outcome="hit")
+            self.telemetry.record("answers", 1, outcome="hit")
         elif passages:
-            span = telemetry.start_current("generate", generator=self.generator.name)
+            span = self.telemetry.start_current("generate", generator=self.generator.name)
             pieces: list[str] = []
             try:
                 async for event in self.generator.generate(question, passages, params):
@@ -167,7 +171,7 @@ class RagPipeline:
                         yield event
                     else:
                         finished = event
-                        telemetry.usage(
+                        self.telemetry.usage(
                             event.usage.prompt_tokens,
                             event.usage.completion_tokens,
                             event.generator,
@@ -176,7 +180,7 @@ class RagPipeline:
                 span.end()
             if cache is not None and finished is not None and finished.finish_reason != "error":
                 cache.put(key, CachedAnswer("".join(pieces), finished, finished.cited_passages))
-                telemetry.record("answers", 1, outcome="miss")
+                self.telemetry.record("answers", 1, outcome="miss")
         else:
             answer = "No passages in this namespace match the question."
             first_token = time.perf_counter()
@@ -185,7 +189,7 @@ class RagPipeline:
         done = time.perf_counter()
         assert finished is not None, "a generator must end with Finished"
         # What the caller waits for, retrieval included: the Ask latency SLO.
-        telemetry.record("ask_first_token", ((first_token or done) - started) * 1000)
+        self.telemetry.record("ask_first_token", ((first_token or done) - started) * 1000)
         timings = AskTimings(
             embed_ms=result.timings.embed_ms,
             retrieve_ms=(retrieved - started) * 1000,

@@ -28,7 +28,7 @@ import grpc
 import numpy as np
 from tokenizers import Tokenizer
 
-from rag_grpc import deadlines, telemetry
+from rag_grpc import deadlines
 from rag_grpc.config import GenerationConfig, TritonConfig
 from rag_grpc.errors import (
     Cancelled,
@@ -48,6 +48,7 @@ from rag_grpc.generate.base import (
     validate_generation,
 )
 from rag_grpc.lru import BoundedLRU
+from rag_grpc.telemetry import OFF, Recorder, inject
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +176,12 @@ class TritonGenerator:
         config: GenerationConfig,
         tokenizer_path: Path,
         fallback: Generator | None = None,
+        telemetry: Recorder = OFF,
     ) -> None:
         self.config = config
         self.triton: TritonConfig = config.triton
+        # Where each call's client span starts (the server's Telemetry, or OFF).
+        self.telemetry = telemetry
         self.prompts = PromptBuilder(
             config.tokenizer_path or tokenizer_path,
             config.prompt_template,
@@ -380,7 +384,7 @@ class TritonGenerator:
         from opentelemetry import trace
 
         rpc = "ModelStreamInfer" if self.triton.streaming else "ModelInfer"
-        span = telemetry.tracer().start_span(
+        span = self.telemetry.tracing().start_span(
             f"triton {rpc}",
             kind=trace.SpanKind.CLIENT,
             attributes={
@@ -413,7 +417,7 @@ class TritonGenerator:
         client = self.client()
         inputs = self._inputs(prompt, max_tokens, params)
         request_id = uuid.uuid4().hex
-        headers = telemetry.inject(span)
+        headers = inject(span)
         if not self.triton.streaming:
             try:
                 result = await client.infer(

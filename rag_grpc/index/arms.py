@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from rag_grpc import deadlines, telemetry
+from rag_grpc import deadlines
 from rag_grpc.config import IndexConfig, LimitsConfig
 from rag_grpc.documents import Hit, chunk_id
 from rag_grpc.embed.encoder import Embedder
@@ -22,6 +22,7 @@ from rag_grpc.index.query import SearchQuery
 from rag_grpc.index.ranking import group_by_document
 from rag_grpc.native import MISSING_LABEL
 from rag_grpc.store.sqlite import DocumentStore
+from rag_grpc.telemetry import OFF, Recorder
 
 
 class DenseArm:
@@ -34,12 +35,14 @@ class DenseArm:
         embedder: Embedder,
         config: IndexConfig,
         limits: LimitsConfig,
+        telemetry: Recorder = OFF,
     ) -> None:
         self.store = store
         self.indexes = indexes
         self.embedder = embedder
         self.config = config
         self.limits = limits
+        self.telemetry = telemetry
 
     def search(
         self,
@@ -56,7 +59,7 @@ class DenseArm:
         text_rows = [i for i in rows if queries[i].vector is None]
         tokens = np.zeros(len(queries), dtype=np.int64)
         if text_rows:
-            with telemetry.span("embed", texts=len(text_rows)):
+            with self.telemetry.span("embed", texts=len(text_rows)):
                 embedded = self.embedder.embed([queries[i].text or "" for i in text_rows])
             vectors[text_rows] = embedded.vectors
             if len(embedded.token_counts) == len(text_rows):
@@ -88,7 +91,9 @@ class DenseArm:
             # (SQLite took tens of ms at 20k documents, growing with the
             # matches), or by Milvus itself.
             index, allowed = self.indexes.for_search(namespace, flt)
-            with telemetry.span("index.search", namespace=namespace, queries=len(group), k=fetch):
+            with self.telemetry.span(
+                "index.search", namespace=namespace, queries=len(group), k=fetch
+            ):
                 labels, distances = index.search(
                     vectors[group],
                     fetch,
@@ -98,7 +103,7 @@ class DenseArm:
                 )
             for row, row_labels, row_distances in zip(group, labels, distances, strict=True):
                 # Inner-product distance is 1 - cosine similarity for unit vectors.
-                with telemetry.span("store.read", namespace=namespace):
+                with self.telemetry.span("store.read", namespace=namespace):
                     found = hydrate(self.store, row_labels, 1.0 - row_distances)
                 if grouping:
                     found = self._by_document(
@@ -168,9 +173,12 @@ class DenseArm:
 class LexicalArm:
     """BM25 over the store's full-text table, filters from the payload index."""
 
-    def __init__(self, store: DocumentStore, indexes: NamespaceIndexes) -> None:
+    def __init__(
+        self, store: DocumentStore, indexes: NamespaceIndexes, telemetry: Recorder = OFF
+    ) -> None:
         self.store = store
         self.indexes = indexes
+        self.telemetry = telemetry
 
     def search(
         self,
@@ -186,7 +194,7 @@ class LexicalArm:
         allowed = None
         if flt is not None:
             allowed = np.sort(self.indexes.payload(namespace).matching(flt))
-        with telemetry.span("lexical.search", namespace=namespace):
+        with self.telemetry.span("lexical.search", namespace=namespace):
             ranking = self.store.lexical_ranking(namespace, expression, allowed)
             hits: list[Hit] = []
             documents: set[str] = set()

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from rag_grpc import deadlines, telemetry
+from rag_grpc import deadlines
 from rag_grpc.documents import Hit
 from rag_grpc.index import fusion
+from rag_grpc.telemetry import Recorder
 
 if TYPE_CHECKING:
     from rag_grpc.index.plan import Retrieval
@@ -64,10 +65,15 @@ def fuse(dense: list[Hit], found: list[Hit], how: Retrieval, per_document: int) 
 
 
 def rerank(
-    reranker: Rescorer, text: str, hits: list[Hit], top_n: int, per_document: int
+    reranker: Rescorer,
+    text: str,
+    hits: list[Hit],
+    top_n: int,
+    per_document: int,
+    telemetry: Recorder,
 ) -> list[Hit]:
     """The first top_n candidates (documents, when by document) re-scored
-    by the cross-encoder, best first."""
+    by the cross-encoder, best first; its span recorded into `telemetry`."""
     if per_document:
         pool: list[Hit] = []
         documents: set[str] = set()

@@ -15,7 +15,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from rag_grpc.config import IndexConfig, LimitsConfig, RerankConfig, RetrievalConfig
+from rag_grpc.config import (
+    IndexConfig,
+    LimitsConfig,
+    RerankConfig,
+    RetrievalConfig,
+    TelemetryConfig,
+)
 from rag_grpc.documents import Document, SearchResult, WriteResult
 from rag_grpc.embed.chunking import TokenChunker
 from rag_grpc.embed.encoder import Embedder
@@ -27,12 +33,14 @@ from rag_grpc.index.result_cache import ResultCache
 from rag_grpc.index.search import Searcher
 from rag_grpc.index.writes import PreparedDelete, PreparedUpsert, WritePath
 from rag_grpc.store.sqlite import DocumentStore
+from rag_grpc.telemetry import OFF, Recorder
 
 __all__ = ["NamespaceStats", "Retriever", "SearchQuery"]
 
 
 class Retriever:
-    """Documents in, nearest chunks out."""
+    """Documents in, nearest chunks out; metrics and spans go to `telemetry`
+    (the server's, or OFF)."""
 
     def __init__(
         self,
@@ -46,14 +54,27 @@ class Retriever:
         retrieval: RetrievalConfig | None = None,
         reranker: Rescorer | None = None,
         rerank: RerankConfig | None = None,
+        telemetry: Recorder = OFF,
+        relevance_threshold: float = TelemetryConfig().relevance_threshold,
     ) -> None:
         self.store = store
         self.embedder = embedder
         self.limits = limits
         self.indexes = NamespaceIndexes(store, embedder.dimension, index_dir, index_config)
-        self.writes = WritePath(store, self.indexes, embedder, chunker, index_config, limits)
+        self.writes = WritePath(
+            store, self.indexes, embedder, chunker, index_config, limits, telemetry
+        )
         self.searcher = Searcher(
-            store, self.indexes, embedder, index_config, limits, retrieval, reranker, rerank
+            store,
+            self.indexes,
+            embedder,
+            index_config,
+            limits,
+            retrieval,
+            reranker,
+            rerank,
+            telemetry,
+            relevance_threshold,
         )
         cache = self.searcher.results
         if cache is not None:

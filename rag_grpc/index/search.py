@@ -14,8 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from rag_grpc import telemetry
-from rag_grpc.config import IndexConfig, LimitsConfig, RerankConfig, RetrievalConfig
+from rag_grpc.config import (
+    IndexConfig,
+    LimitsConfig,
+    RerankConfig,
+    RetrievalConfig,
+    TelemetryConfig,
+)
 from rag_grpc.documents import Hit, SearchResult, SearchTimings
 from rag_grpc.embed.encoder import Embedder
 from rag_grpc.errors import FailedPrecondition, InvalidArgument
@@ -27,13 +32,16 @@ from rag_grpc.index.query import SearchQuery
 from rag_grpc.index.ranking import Rescorer
 from rag_grpc.index.result_cache import ResultCache
 from rag_grpc.store.sqlite import DocumentStore
+from rag_grpc.telemetry import OFF, Recorder
 
 # Rescorer is imported from here by server.py; SearchQuery by tests.
 __all__ = ["Rescorer", "ResultCache", "SearchQuery", "Searcher"]
 
 
 class Searcher:
-    """Answers SearchQuery batches; thread-safe."""
+    """Answers SearchQuery batches; thread-safe. Spans and the searches'
+    outcomes (success when a dense hit scores at least
+    `relevance_threshold`) go to `telemetry`."""
 
     def __init__(
         self,
@@ -45,6 +53,8 @@ class Searcher:
         retrieval: RetrievalConfig | None = None,
         reranker: Rescorer | None = None,
         rerank: RerankConfig | None = None,
+        telemetry: Recorder = OFF,
+        relevance_threshold: float = TelemetryConfig().relevance_threshold,
     ) -> None:
         self.store = store
         self.indexes = indexes
@@ -54,6 +64,8 @@ class Searcher:
         self.retrieval = retrieval or RetrievalConfig()
         self.reranker = reranker
         self.rerank = rerank or RerankConfig()
+        self.telemetry = telemetry
+        self.relevance_threshold = relevance_threshold
         if self.retrieval.rerank_by_default and reranker is None:
             raise FailedPrecondition(
                 "retrieval.rerank_by_default needs a re-ranker: configure [rerank]"
@@ -61,8 +73,8 @@ class Searcher:
         self.planner = QueryPlanner(
             indexes, embedder, config, limits, self.retrieval, self.rerank, reranker is not None
         )
-        self.dense = DenseArm(store, indexes, embedder, config, limits)
-        self.lexical = LexicalArm(store, indexes)
+        self.dense = DenseArm(store, indexes, embedder, config, limits, telemetry)
+        self.lexical = LexicalArm(store, indexes, telemetry)
         # The lexical arm of hybrid queries runs here while the dense arm
         # embeds and walks the index (SQLite and ONNX Runtime release the GIL).
         self._lexical_pool = ThreadPoolExecutor(4, thread_name_prefix="lexical")
@@ -96,7 +108,7 @@ class Searcher:
         if self.results is None:
             results = self._search(queries, plans, how, started)
             for result, retrieval in zip(results, how, strict=True):
-                _record_outcome(result.hits, retrieval.mode)
+                self._record_outcome(result.hits, retrieval.mode)
             return results
         # Results are cached under the namespace's generation, which every
         # write bumps: the next Search after a write, from any client, misses
@@ -134,7 +146,7 @@ class Searcher:
             if r is not None
         ]
         for result, retrieval in zip(results, how, strict=True):
-            _record_outcome(result.hits, retrieval.mode)
+            self._record_outcome(result.hits, retrieval.mode)
         return results
 
     def _result_key(self, query: SearchQuery, namespace: str, k: int) -> tuple[Any, ...]:
@@ -197,7 +209,12 @@ class Searcher:
             if retrieval.rerank_top_n:
                 assert self.reranker is not None  # the planner refuses rerank without one
                 hits = ranking.rerank(
-                    self.reranker, query.text or "", hits, retrieval.rerank_top_n, grouping
+                    self.reranker,
+                    query.text or "",
+                    hits,
+                    retrieval.rerank_top_n,
+                    grouping,
+                    self.telemetry,
                 )
             hits = ranking.group_by_document(hits, k, grouping)[0] if grouping else hits[:k]
             timings = SearchTimings(
@@ -208,20 +225,16 @@ class Searcher:
             results.append(SearchResult(hits, generations[i], timings, int(tokens[i])))
         return results
 
+    def _record_outcome(self, hits: list[Hit], mode: str) -> None:
+        """Query success rate and score distribution for the metrics, per mode.
 
-def _record_outcome(hits: list[Hit], mode: str) -> None:
-    """Query success rate and score distribution for the metrics, per mode.
-
-    Only a dense score is a similarity the relevance threshold can judge;
-    a lexical or hybrid search succeeds when it found anything."""
-    t = telemetry.current()
-    if t is None:
-        return
-    top = hits[0].score if hits else None
-    if mode == "dense":
-        success = top is not None and top >= t.config.relevance_threshold
-    else:
-        success = top is not None
-    telemetry.record("searches", 1, outcome="success" if success else "miss", mode=mode)
-    if top is not None:
-        telemetry.record("scores", max(top, 0.0), mode=mode)
+        Only a dense score is a similarity the relevance threshold can judge;
+        a lexical or hybrid search succeeds when it found anything."""
+        top = hits[0].score if hits else None
+        if mode == "dense":
+            success = top is not None and top >= self.relevance_threshold
+        else:
+            success = top is not None
+        self.telemetry.record("searches", 1, outcome="success" if success else "miss", mode=mode)
+        if top is not None:
+            self.telemetry.record("scores", max(top, 0.0), mode=mode)

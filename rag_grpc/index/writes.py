@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from rag_grpc import deadlines, telemetry
+from rag_grpc import deadlines
 from rag_grpc.config import IndexConfig, LimitsConfig
 from rag_grpc.documents import (
     Document,
@@ -44,6 +44,7 @@ from rag_grpc.index.payload import chunk_rows
 from rag_grpc.index.sizes import NamespaceSizes, Sizes
 from rag_grpc.index.write_checks import WriteChecks
 from rag_grpc.store.sqlite import DocumentStore, NewChunk, stored_bytes
+from rag_grpc.telemetry import OFF, Recorder
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ class WritePath:
         chunker: TokenChunker,
         config: IndexConfig,
         limits: LimitsConfig,
+        telemetry: Recorder = OFF,
     ) -> None:
         self.store = store
         self.indexes = indexes
@@ -126,6 +128,7 @@ class WritePath:
         self.chunker = chunker
         self.config = config
         self.limits = limits
+        self.telemetry = telemetry
         self.checks = WriteChecks(limits, embedder)
         # Called with a namespace after documents in it were forgotten, so
         # caches holding their text (results, answers) drop it.
@@ -477,7 +480,7 @@ class WritePath:
         if vacuum:
             self.store.vacuum()
         self.compactions += 1
-        telemetry.record("compactions", 1)
+        self.telemetry.record("compactions", 1)
         log.info(
             "compacted %s: %d -> %d index slots in %.2f s",
             namespace,

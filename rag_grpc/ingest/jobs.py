@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
-from rag_grpc import deadlines, telemetry
+from rag_grpc import deadlines
 from rag_grpc.config import LimitsConfig
 from rag_grpc.documents import Document, printable, resolve_namespace, validate_document_id
 from rag_grpc.errors import (
@@ -42,6 +42,7 @@ from rag_grpc.index.writes import PreparedUpsert
 from rag_grpc.ingest.document_json import document_from_json, document_to_json
 from rag_grpc.ingest.job_status import JobState, JobStatus
 from rag_grpc.store.database import connect, storage_error
+from rag_grpc.telemetry import OFF, Recorder
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -294,9 +295,12 @@ class IngestionManager:
         *,
         retry_s: float = 1.0,
         watch_max_s: float = WATCH_MAX_S,
+        telemetry: Recorder = OFF,
     ) -> None:
         self.queue = queue
         self.retriever = retriever
+        # Where the retries are counted (the server's Telemetry, or OFF).
+        self.telemetry = telemetry
         # The writers' pool, not the one searches use.
         self.executor = executor
         self.limits = limits
@@ -414,7 +418,7 @@ class IngestionManager:
     async def _backoff(self, what: str, exc: BaseException) -> None:
         self.retries += 1
         self.last_error = f"{what}: {exc}"
-        telemetry.record("ingestion_retries", 1)
+        self.telemetry.record("ingestion_retries", 1)
         log.warning("ingestion: %s failed (%s); retrying in %.1f s", what, exc, self.retry_s)
         await asyncio.sleep(self.retry_s)
 

@@ -62,7 +62,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from rag_grpc import deadlines, telemetry
+from rag_grpc import deadlines
 from rag_grpc.config import IngestionConfig, LimitsConfig, redact_url
 from rag_grpc.documents import Document, WriteResult, resolve_namespace
 from rag_grpc.errors import (
@@ -89,6 +89,7 @@ from rag_grpc.ingest.nats_client import NATS_ERRORS, PAYLOAD_MARGIN
 from rag_grpc.ingest.nats_jobs import JobRecord, JobStatuses, job_message
 from rag_grpc.ingest.nats_worker import QueueWorker
 from rag_grpc.security.usage import UsageBatch, UsageLedger
+from rag_grpc.telemetry import OFF, Recorder
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,13 @@ class NatsIngestion:
         limits: LimitsConfig,
         *,
         worker: bool,
+        telemetry: Recorder = OFF,
     ) -> None:
         self.config = config
         self.retriever = retriever
+        # Where log entries that cannot be applied are counted (the server's
+        # Telemetry, or OFF).
+        self.telemetry = telemetry
         self.executor = executor
         self.limits = limits
         self.run_worker = worker and config.worker
@@ -524,7 +529,7 @@ class NatsIngestion:
             if not isinstance(exc, RagError):
                 exc = InvalidArgument(f"the write cannot be applied: {exc}")
             self.apply_errors += 1
-            telemetry.record("write_log_errors", 1)
+            self.telemetry.record("write_log_errors", 1)
             log.error("write %d of %s cannot be applied, skipped: %s", seq, self.writes_stream, exc)
             self.retriever.store.set_position(*position)
             return exc

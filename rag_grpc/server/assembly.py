@@ -35,6 +35,7 @@ from rag_grpc.security.usage import UsageLedger
 from rag_grpc.server.probes import RemoteDependency
 from rag_grpc.services.remote import RemoteGenerator, RemoteSearch
 from rag_grpc.store.sqlite import DocumentStore
+from rag_grpc.telemetry import OFF, Recorder
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ class Components:
         self.write_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rag-write")
         # Read per request; SIGHUP reloads them from the same files.
         self.flags = FeatureFlags.from_settings(settings)
+        # Where every component records its metrics and spans: the server
+        # sets its Telemetry here before building; OFF builds silent ones.
+        self.telemetry: Recorder = OFF
         self.access: AccessControl | None = None
         self.audit: AuditLog | None = None
         self.usage: UsageLedger | None = None
@@ -111,6 +115,7 @@ class Components:
                 max_delay_s=e.max_delay_ms / 1000,
                 max_queue_texts=e.max_queue_texts,
                 cache=EmbeddingCache(e.cache_bytes),
+                telemetry=self.telemetry,
             )
         if local_store:
             assert self.embedder is not None
@@ -136,6 +141,8 @@ class Components:
                 retrieval=s.retrieval,
                 reranker=self._reranker(),
                 rerank=s.rerank,
+                telemetry=self.telemetry,
+                relevance_threshold=s.telemetry.relevance_threshold,
             )
             if s.ingestion.queue == "nats":
                 # Every process with a store follows the shared write log.
@@ -145,6 +152,7 @@ class Components:
                     self.write_executor,
                     s.limits,
                     worker="ingestion" in wanted,
+                    telemetry=self.telemetry,
                 )
                 self.nats.usage = self.usage
                 self.writes = self.nats
@@ -169,6 +177,7 @@ class Components:
                 s.limits,
                 answer_cache,
                 answer_cache_on=functools.partial(self.flags.enabled, "answer_cache"),
+                telemetry=self.telemetry,
             )
         if "ingestion" in s.services:
             assert self.retriever is not None
@@ -182,6 +191,7 @@ class Components:
                     self.write_executor,
                     s.limits,
                     watch_max_s=s.ingestion.watch_max_s,
+                    telemetry=self.telemetry,
                 )
 
     def local_writes(self) -> WriteBackend:
@@ -219,6 +229,7 @@ class Components:
                 s.generation,
                 self.encoder.spec.tokenizer,
                 fallback=extractive if s.generation.fallback_to_extractive else None,
+                telemetry=self.telemetry,
             )
             return self.triton
         return extractive

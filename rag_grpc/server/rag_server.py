@@ -138,7 +138,9 @@ class RagServer:
                 )
             except TlsConfigError as exc:
                 raise ConfigError(str(exc)) from None
-        self.telemetry = Telemetry(s.telemetry)
+        self.telemetry = parts.telemetry = Telemetry(s.telemetry)
+        # The components built below record into parts.telemetry; the
+        # servicers and interceptors at the edge, through the module functions.
         telemetry.install(self.telemetry)
         self.flags.register_metrics(self.telemetry.meter_provider)
         await asyncio.get_running_loop().run_in_executor(parts.executor, parts.build_core)
