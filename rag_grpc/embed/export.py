@@ -42,6 +42,7 @@ __all__ = [
     "EXPORTER_VERSION",
     "EXPORT_MANIFEST",
     "INPUT_NAMES",
+    "MANIFEST",
     "OPSET",
     "SOURCE_FILES",
     "VARIANTS",
@@ -270,21 +271,3 @@ def list_exports(cache_root: Path) -> Iterator[tuple[Path, dict[str, object] | N
             yield manifest_path.parent, export.manifest, "ok"
         except ModelFilesError as exc:
             yield manifest_path.parent, None, str(exc)
-
-
-__all__ = [
-    "MANIFEST",
-    "VARIANTS",
-    "BertConfig",
-    "BuiltGraph",
-    "Export",
-    "GraphBuilder",
-    "Pooling",
-    "build_graph",
-    "cached_export",
-    "export_model",
-    "list_exports",
-    "source_hash",
-    "verify_export",
-    "write_encoder",
-]
