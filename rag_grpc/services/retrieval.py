@@ -40,12 +40,7 @@ class RetrievalServicer(retrieval_service_pb2_grpc.RetrievalServiceServicer):
         namespace = tenancy.stored_name(current_caller().tenant, request.namespace)
         documents = [convert.document_from_pb(d) for d in request.documents]
         result = await self.writes.upsert(namespace, documents)
-        return retrieval_pb2.UpsertResponse(
-            upserted=result.documents,
-            unchanged=result.unchanged,
-            chunks=result.chunks,
-            index_generation=result.index_generation,
-        )
+        return convert.upsert_result_to_pb(result)
 
     async def Delete(
         self, request: retrieval_pb2.DeleteRequest, context: grpc.aio.ServicerContext
@@ -77,11 +72,7 @@ class RetrievalServicer(retrieval_service_pb2_grpc.RetrievalServiceServicer):
             detail=f"deleted {result.documents} documents"
             + (f"; not found {len(result.not_found_ids)}" if result.not_found_ids else ""),
         )
-        return retrieval_pb2.DeleteResponse(
-            deleted=result.documents,
-            not_found_ids=list(result.not_found_ids),
-            index_generation=result.index_generation,
-        )
+        return convert.delete_result_to_pb(result)
 
     async def Get(
         self, request: retrieval_pb2.GetRequest, context: grpc.aio.ServicerContext
