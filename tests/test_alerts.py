@@ -79,6 +79,7 @@ def test_committed_rule_files_are_a_fresh_generation() -> None:
     assert committed == fresh, "run: python deploy/prometheus/generate.py"
 
 
+@pytest.mark.slow
 def test_promtool_accepts_the_rules_at_every_time_scale(tmp_path: Path) -> None:
     files = sorted((PROMETHEUS_DIR / "rules").glob("*.yml"))
     for name, text in generate.generate(time_scale=60).items():
@@ -306,6 +307,7 @@ def log_baseline(minutes: int) -> list[int]:
     return values
 
 
+@pytest.mark.slow
 def test_promtool_unit_tests_pass(tmp_path: Path) -> None:
     # Annotations are left out here (their text is checked above and by
     # `promtool check rules`); expressions, `for:` and labels are as committed.
@@ -403,6 +405,7 @@ def test_ask_records_its_first_token(start_server: Callable[..., ServerThread]) 
     assert metric(scrape(port), count) == before + 1
 
 
+@pytest.mark.slow
 def test_write_log_lag_counts_entries_published_but_not_applied(
     start_server: Callable[..., ServerThread], nats_server: Nats
 ) -> None:
@@ -437,6 +440,7 @@ def test_write_log_lag_counts_entries_published_but_not_applied(
 # -- end to end: a real Prometheus, a real server, injected failures ----------------
 
 
+@pytest.mark.slow
 def test_search_failures_fire_the_fast_burn_alert_in_a_real_prometheus(
     start_server: Callable[..., ServerThread],
     start_prometheus: Callable[..., PrometheusServer],

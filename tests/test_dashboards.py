@@ -109,6 +109,7 @@ def test_committed_dashboards_are_what_build_py_writes() -> None:
         assert "apiVersion: 1" in path.read_text(), path
 
 
+@pytest.mark.slow
 def test_every_dashboard_query_returns_data_from_a_real_prometheus(
     start_server: Callable[..., ServerThread], tmp_path: Path
 ) -> None:

@@ -9,6 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from rag_grpc.client import RagClient
 from tests.conftest import CORPUS, ServerThread, ask_answer
 
@@ -220,6 +222,7 @@ def test_a_non_positive_ttl_is_refused_at_start() -> None:
         load_settings(None, retention={"ttl_s": {"logs": 0}})
 
 
+@pytest.mark.slow
 def test_acknowledged_writes_survive_kill_9_at_random_moments(
     server_process: Callable[..., Any], tmp_path: Path
 ) -> None:

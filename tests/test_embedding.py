@@ -138,6 +138,7 @@ def test_embed_rpc_and_stats(start_server: Callable[..., ServerThread]) -> None:
     assert (info_model.provider, info_model.variant) == ("CPUExecutionProvider", "int8")
 
 
+@pytest.mark.slow
 def test_embed_cli(server_process: Callable[..., ServerProcess], tmp_path: Path) -> None:
     proc = server_process()
     out = cli("embed", "first text", "second text", "--target", proc.target)

@@ -23,6 +23,9 @@ from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document
 from tests.conftest import ROOT, ServerThread, free_port, tool
 
+# Starts Envoy (and rag-grpc behind it).
+pytestmark = pytest.mark.slow
+
 RENDER = ROOT / "envoy" / "render.py"
 CERTS_SH = ROOT / "envoy" / "certs.sh"
 # Rate limits set out of the way, for tests about something else.

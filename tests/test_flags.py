@@ -195,6 +195,7 @@ def test_flags_change_mid_traffic_for_the_affected_namespaces_only(
         assert _gauges(port)["rag_feature_flag_enabled", "hybrid_search"] == 0
 
 
+@pytest.mark.slow
 def test_sighup_reloads_the_flags_of_a_serving_process(
     server_process: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:

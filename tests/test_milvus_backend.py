@@ -31,7 +31,8 @@ from tests.conftest import CORPUS, ROOT, ServerThread, free_port, make_settings
 MILVUS_VENV = ROOT / "build" / "milvus-venv"
 MILVUS_PIN = "milvus==2.3.5"
 
-pytestmark = pytest.mark.timeout(900)
+# Starts a milvus-server.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def milvus_server_binary() -> Path:

@@ -20,6 +20,9 @@ from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document
 from tests.conftest import CORPUS, ServerThread, free_port
 
+# Starts NATS servers (and clusters of them).
+pytestmark = pytest.mark.slow
+
 
 class Nats:
     """nats-server with JetStream on loopback, its data under a directory."""

@@ -19,6 +19,9 @@ from rag_grpc.documents import Document
 from rag_grpc.generate.base import AskFinished, Citations
 from tests.conftest import CORPUS, ROOT, ServerProcess, ask_answer, ask_citations, free_port, tool
 
+# `rag-grpc serve` as child processes, grpcurl.
+pytestmark = pytest.mark.slow
+
 SERVICES = [
     "rag.v1.RetrievalService",
     "rag.v1.EmbeddingService",

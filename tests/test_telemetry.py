@@ -91,6 +91,7 @@ def receiver() -> Iterator[OtlpReceiver]:
     collector.server.stop(0)
 
 
+@pytest.mark.slow
 def test_one_trace_covers_envoy_rag_grpc_and_the_triton_call(
     start_server: Callable[..., ServerThread], receiver: OtlpReceiver, tmp_path: Path
 ) -> None:
@@ -199,6 +200,7 @@ def test_prometheus_endpoint_serves_metrics_that_move(
     assert "rag_ingestion_pending_jobs" in after and "rag_embed_queue_texts" in after
 
 
+@pytest.mark.slow
 def test_log_lines_are_json_with_trace_and_caller_identity(tmp_path: Path) -> None:
     from rag_grpc.security.api_keys import new_api_key
 

@@ -23,6 +23,9 @@ from tests.conftest import CORPUS, ServerThread
 from tests.security.certs import issue, make_ca
 from tests.test_envoy import NO_LIMITS, Envoy
 
+# Starts Envoy in front of rag-grpc.
+pytestmark = pytest.mark.slow
+
 GATEWAY = "spiffe://rag-grpc.test/gateway"
 APP = "spiffe://example.org/acme/app"
 DASH = "spiffe://example.org/acme/dash"

@@ -237,6 +237,7 @@ def test_a_public_bind_needs_an_identity_source_or_an_explicit_opt_out(
     assert "at least 16 characters" in str(info.value) and "2short" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_sighup_reloads_a_role_without_a_restart(tmp_path: Path) -> None:
     viewer = member("acme", "reader", "viewer")
     policy = write_policy(tmp_path / "policy.toml", [viewer])

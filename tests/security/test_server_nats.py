@@ -15,6 +15,9 @@ from tests.conftest import CORPUS, ServerThread
 from tests.security.test_server_tenancy import member, write_policy
 from tests.test_nats import Nats, nats_server, on_nats, wait_for
 
+# Starts a NATS server.
+pytestmark = pytest.mark.slow
+
 __all__ = ["nats_server"]  # the fixture, used by name
 
 ACME = member("acme", "admin", "acme-admin")

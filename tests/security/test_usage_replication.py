@@ -215,6 +215,7 @@ def applied(replica: ServerThread) -> int:
     return log_of(replica).applied
 
 
+@pytest.mark.slow
 def test_replicas_report_the_same_usage_and_a_restart_neither_loses_nor_doubles_it(
     start_server: Callable[..., ServerThread], nats_server: Nats, tmp_path: Path
 ) -> None:
@@ -278,6 +279,7 @@ def test_replicas_report_the_same_usage_and_a_restart_neither_loses_nor_doubles_
         assert counters(acme_a)["searches"] == counters(acme_b)["searches"] == 9
 
 
+@pytest.mark.slow
 def test_forged_usage_entries_are_refused_and_later_entries_still_apply(
     start_server: Callable[..., ServerThread], nats_server: Nats, tmp_path: Path
 ) -> None:
