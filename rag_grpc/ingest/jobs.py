@@ -41,7 +41,7 @@ from rag_grpc.index.retriever import Retriever
 from rag_grpc.index.writes import PreparedUpsert
 from rag_grpc.ingest.document_json import document_from_json, document_to_json
 from rag_grpc.ingest.job_status import JobState, JobStatus
-from rag_grpc.store.database import connect, storage_error
+from rag_grpc.store.database import connect, immediate_transaction, storage_error
 from rag_grpc.telemetry import OFF, Recorder
 
 log = logging.getLogger(__name__)
@@ -175,23 +175,15 @@ class JobQueue:
             )
             for seq, d in enumerate(documents)
         ]
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._conn.execute(
-                    "INSERT INTO jobs (job_id, namespace, state, total, created_at, updated_at) "
-                    "VALUES (?, ?, 'QUEUED', ?, ?, ?)",
-                    (job_id, namespace, len(documents), now, now),
-                )
-                self._conn.executemany(
-                    "INSERT INTO job_documents (job_id, seq, document) VALUES (?, ?, ?)", rows
-                )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                # SQLite has already rolled back after some errors (a full disk).
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
+        with self._lock, immediate_transaction(self._conn):
+            self._conn.execute(
+                "INSERT INTO jobs (job_id, namespace, state, total, created_at, updated_at) "
+                "VALUES (?, ?, 'QUEUED', ?, ?, ?)",
+                (job_id, namespace, len(documents), now, now),
+            )
+            self._conn.executemany(
+                "INSERT INTO job_documents (job_id, seq, document) VALUES (?, ?, ?)", rows
+            )
         return job_id
 
     def pending_count(self) -> int:
@@ -254,32 +246,22 @@ class JobQueue:
 
     def record(self, status: JobStatus) -> None:
         """Commit a job's progress; a finished job's documents are dropped."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._conn.execute(
-                    "UPDATE jobs SET state = ?, processed = ?, failed = ?, chunks = ?, "
-                    "errors = ?, updated_at = ? WHERE job_id = ?",
-                    (
-                        status.state.value,
-                        status.processed,
-                        status.failed,
-                        status.chunks,
-                        json.dumps(status.errors),
-                        status.updated_at,
-                        status.job_id,
-                    ),
-                )
-                if status.state.done:
-                    self._conn.execute(
-                        "DELETE FROM job_documents WHERE job_id = ?", (status.job_id,)
-                    )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                # SQLite has already rolled back after some errors (a full disk).
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
+        with self._lock, immediate_transaction(self._conn):
+            self._conn.execute(
+                "UPDATE jobs SET state = ?, processed = ?, failed = ?, chunks = ?, "
+                "errors = ?, updated_at = ? WHERE job_id = ?",
+                (
+                    status.state.value,
+                    status.processed,
+                    status.failed,
+                    status.chunks,
+                    json.dumps(status.errors),
+                    status.updated_at,
+                    status.job_id,
+                ),
+            )
+            if status.state.done:
+                self._conn.execute("DELETE FROM job_documents WHERE job_id = ?", (status.job_id,))
 
 
 class IngestionManager:

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rag_grpc.store.sqlite import connect, private_file
+from rag_grpc.store.database import connect, immediate_transaction, private_file
 
 # An event names at most this many ids (a Delete of 10,000 ids records the
 # first 100 and the total), each cut to this many characters; its detail
@@ -142,8 +142,7 @@ class AuditLog:
         sequence number once it is durably committed."""
         with self._lock:
             conn = self._writer
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate_transaction(conn):
                 head = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
                 # Continue from the head, not from the last row, so rows cut
                 # off the tail stay missing rather than being written over.
@@ -163,12 +162,6 @@ class AuditLog:
                     "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
                     (seq, digest),
                 )
-                conn.execute("COMMIT")
-            except BaseException:
-                # SQLite has already rolled back after some errors (a full disk).
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         return seq
 
     def head(self) -> ChainHead | None:

@@ -46,7 +46,7 @@ from pathlib import Path
 from rag_grpc.errors import InvalidArgument
 from rag_grpc.security.model import Prices
 from rag_grpc.security.policy import TENANT_NAME
-from rag_grpc.store.sqlite import connect, private_file
+from rag_grpc.store.database import connect, immediate_transaction, private_file
 
 log = logging.getLogger(__name__)
 
@@ -245,29 +245,25 @@ class UsageLedger:
             ]
             conn = self._conn
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                if not self.replicated:
-                    _add_counts(conn, counts)
-                for batch in leftover.values():
-                    _add_counts(conn, batch.counts)
-                    conn.execute("DELETE FROM usage_outbox WHERE batch = ?", (batch.batch_id,))
-                conn.executemany(
-                    "INSERT INTO usage_outbox (batch, counts) VALUES (?, ?)",
-                    [(b.batch_id, _counts_to_json(b.counts)) for b in sealed],
-                )
-                for tenant, values in gauges.items():
-                    names = list(values)
-                    conn.execute(
-                        f"INSERT INTO usage_gauges (tenant, {', '.join(names)}) "
-                        f"VALUES (?, {', '.join('?' * len(names))}) ON CONFLICT (tenant) "
-                        "DO UPDATE SET " + ", ".join(f"{n} = excluded.{n}" for n in names),
-                        (tenant, *values.values()),
+                with immediate_transaction(conn):
+                    if not self.replicated:
+                        _add_counts(conn, counts)
+                    for batch in leftover.values():
+                        _add_counts(conn, batch.counts)
+                        conn.execute("DELETE FROM usage_outbox WHERE batch = ?", (batch.batch_id,))
+                    conn.executemany(
+                        "INSERT INTO usage_outbox (batch, counts) VALUES (?, ?)",
+                        [(b.batch_id, _counts_to_json(b.counts)) for b in sealed],
                     )
-                conn.execute("COMMIT")
+                    for tenant, values in gauges.items():
+                        names = list(values)
+                        conn.execute(
+                            f"INSERT INTO usage_gauges (tenant, {', '.join(names)}) "
+                            f"VALUES (?, {', '.join('?' * len(names))}) ON CONFLICT (tenant) "
+                            "DO UPDATE SET " + ", ".join(f"{n} = excluded.{n}" for n in names),
+                            (tenant, *values.values()),
+                        )
             except BaseException:
-                # SQLite has already rolled back after some errors (a full disk).
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
                 self._restore(counts, gauges)
                 raise
             with self._pending_lock:
@@ -304,8 +300,7 @@ class UsageLedger:
         sequence changes nothing. Returns whether it was added."""
         with self._io_lock:
             conn = self._conn
-            try:
-                conn.execute("BEGIN IMMEDIATE")
+            with immediate_transaction(conn):
                 row = conn.execute(
                     "SELECT seq FROM usage_log_positions WHERE log = ?", (log_name,)
                 ).fetchone()
@@ -318,11 +313,6 @@ class UsageLedger:
                         (log_name, seq),
                     )
                 conn.execute("DELETE FROM usage_outbox WHERE batch = ?", (batch.batch_id,))
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
             with self._pending_lock:
                 self._outbox.pop(batch.batch_id, None)
                 self._published.discard(batch.batch_id)

@@ -47,6 +47,21 @@ def interruptible(
         conn.set_progress_handler(None, 0)
 
 
+@contextmanager
+def immediate_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE (the write lock taken now, not at the first write),
+    COMMIT when the block ends, ROLLBACK and raise again when it raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        # SQLite has already rolled back after some errors (a full disk).
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 def storage_error(exc: BaseException) -> RagError | None:
     """The caller-facing error for a database that is busy or full (retry
     later), or None when exc is not one of those."""

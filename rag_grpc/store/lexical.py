@@ -24,6 +24,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from rag_grpc.errors import FailedPrecondition
+from rag_grpc.store.database import immediate_transaction
 
 TABLE = "chunk_words"
 SOURCE = f"{TABLE}_source"
@@ -111,17 +112,11 @@ def install(conn: sqlite3.Connection) -> None:
         if name in ours
     }
     if found != ours:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate_transaction(conn):
             drop(conn)
             for statement in _statements():
                 conn.execute(statement)
             rebuild(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
     if sqlite3.sqlite_version_info >= (3, 42, 0):
         conn.execute(f"INSERT INTO {TABLE} ({TABLE}, rank) VALUES ('secure-delete', 1)")
 

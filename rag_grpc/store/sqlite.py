@@ -31,7 +31,13 @@ from rag_grpc.errors import Unavailable
 from rag_grpc.filters import Filter
 from rag_grpc.store import lexical
 from rag_grpc.store.chunk_cache import ChunkCache, ChunkRecord
-from rag_grpc.store.database import connect, interruptible, private_file, storage_error
+from rag_grpc.store.database import (
+    connect,
+    immediate_transaction,
+    interruptible,
+    private_file,
+    storage_error,
+)
 from rag_grpc.store.filter_sql import compile_filter, metadata_columns
 from rag_grpc.store.schema import SCHEMA
 
@@ -173,8 +179,7 @@ class DocumentStore:
         now = time.time() if written_at is None else written_at
         with self._write_lock:
             conn = self._writer
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate_transaction(conn):
                 conn.execute(
                     "INSERT OR IGNORE INTO namespaces (name, generation, created_at) "
                     "VALUES (?, 0, ?)",
@@ -212,12 +217,6 @@ class DocumentStore:
                 generation = self._bump(conn, namespace)
                 if position is not None:
                     self._set_position(conn, *position)
-                conn.execute("COMMIT")
-            except BaseException:
-                # SQLite has already rolled back after some errors (a full disk).
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
             self._chunks.forget(removed)
         return ReplaceOutcome(
             np.asarray(removed, dtype=np.uint64), np.asarray(added, dtype=np.uint64), generation
@@ -240,8 +239,7 @@ class DocumentStore:
         """
         with self._write_lock:
             conn = self._writer
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate_transaction(conn):
                 present = self._existing_ids(conn, namespace, doc_ids, older_than)
                 removed = self._delete_docs(conn, namespace, present)
                 generation = (
@@ -249,12 +247,6 @@ class DocumentStore:
                 )
                 if position is not None:
                     self._set_position(conn, *position)
-                conn.execute("COMMIT")
-            except BaseException:
-                # SQLite has already rolled back after some errors (a full disk).
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
             self._chunks.forget(removed)
             if erase:
                 self._erase(conn)
@@ -380,17 +372,12 @@ class DocumentStore:
         """Note that entry seq of the log carries these documents' content."""
         with self._write_lock:
             conn = self._writer
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate_transaction(conn):
                 conn.executemany(
                     "INSERT OR IGNORE INTO log_documents (namespace, doc_id, log, seq) "
                     "VALUES (?, ?, ?, ?)",
                     [(namespace, doc_id, log, seq) for doc_id in doc_ids],
                 )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
 
     def log_documents(
         self, log: str, namespace: str, doc_ids: Sequence[str]
@@ -414,8 +401,7 @@ class DocumentStore:
         longer holds (below its first sequence)."""
         with self._write_lock:
             conn = self._writer
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate_transaction(conn):
                 conn.executemany(
                     "DELETE FROM log_documents WHERE log = ? AND seq = ?",
                     [(log, seq) for seq in seqs],
@@ -424,10 +410,6 @@ class DocumentStore:
                     conn.execute(
                         "DELETE FROM log_documents WHERE log = ? AND seq < ?", (log, below)
                     )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
 
     @staticmethod
     def _bump(conn: sqlite3.Connection, namespace: str) -> int:
