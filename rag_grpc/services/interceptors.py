@@ -15,6 +15,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -285,33 +286,44 @@ class _Observer:
         )
 
 
+@asynccontextmanager
+async def _observed(
+    request: Any, context: grpc.aio.ServicerContext, method: str, observe: _Observer
+) -> AsyncIterator[None]:
+    """Around one call's handler, unary or streaming: its span and admission,
+    then the status it ends with (a core error aborts with its own code,
+    anything else with INTERNAL, logged), counted and logged by `observe`."""
+    started = time.perf_counter()
+    code = "OK"
+    span = observe.start()
+    try:
+        await observe.admit(request, context)
+        yield
+    except errors.RagError as exc:
+        code = status_of(exc).name
+        await _abort_for(exc, context, method, observe.tenant)
+    except grpc.aio.AbortError:
+        code = _aborted_code(context)
+        raise
+    except asyncio.CancelledError:
+        # gRPC cancels the handler when the caller's deadline passes or
+        # the caller goes away: logged and counted as what it was.
+        code = _cancelled_code(context)
+        raise
+    except Exception as exc:
+        known = storage_error(exc)
+        code = status_of(known).name if known else "INTERNAL"
+        await _abort_for(known or exc, context, method, observe.tenant)
+    finally:
+        observe.finish(span, started, code)
+
+
 def _wrap_unary(
     behavior: Callable[..., Awaitable[Any]], method: str, observe: _Observer
 ) -> Callable[..., Any]:
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        started = time.perf_counter()
-        code = "OK"
-        span = observe.start()
-        try:
-            await observe.admit(request, context)
+        async with _observed(request, context, method, observe):
             return await behavior(request, context)
-        except errors.RagError as exc:
-            code = status_of(exc).name
-            await _abort_for(exc, context, method, observe.tenant)
-        except grpc.aio.AbortError:
-            code = _aborted_code(context)
-            raise
-        except asyncio.CancelledError:
-            # gRPC cancels the handler when the caller's deadline passes or
-            # the caller goes away: logged and counted as what it was.
-            code = _cancelled_code(context)
-            raise
-        except Exception as exc:
-            known = storage_error(exc)
-            code = status_of(known).name if known else "INTERNAL"
-            await _abort_for(known or exc, context, method, observe.tenant)
-        finally:
-            observe.finish(span, started, code)
 
     return unary
 
@@ -320,11 +332,7 @@ def _wrap_stream(
     behavior: Callable[..., AsyncIterator[Any]], method: str, observe: _Observer
 ) -> Callable[..., Any]:
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        started = time.perf_counter()
-        code = "OK"
-        span = observe.start()
-        try:
-            await observe.admit(request, context)
+        async with _observed(request, context, method, observe):
             produced: Any = behavior(request, context)
             if hasattr(produced, "__aiter__"):
                 async for item in produced:
@@ -333,23 +341,6 @@ def _wrap_stream(
                 # A handler that writes with context.write and returns nothing
                 # (grpc_health's Watch) is a coroutine, not a generator.
                 await produced
-        except errors.RagError as exc:
-            code = status_of(exc).name
-            await _abort_for(exc, context, method, observe.tenant)
-        except grpc.aio.AbortError:
-            code = _aborted_code(context)
-            raise
-        except asyncio.CancelledError:
-            # gRPC cancels the handler when the caller's deadline passes or
-            # the caller goes away: logged and counted as what it was.
-            code = _cancelled_code(context)
-            raise
-        except Exception as exc:
-            known = storage_error(exc)
-            code = status_of(known).name if known else "INTERNAL"
-            await _abort_for(known or exc, context, method, observe.tenant)
-        finally:
-            observe.finish(span, started, code)
 
     return stream
 
