@@ -8,7 +8,6 @@ Caching, optimising and converting the graph is export.py's job.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from rag_grpc.embed.model_files import ModelFilesError
+from rag_grpc.embed.model_files import ModelFilesError, read_json
 
 OPSET = 17
 # Bump when the graph this module writes changes, so old export caches
@@ -39,10 +38,7 @@ class BertConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> BertConfig:
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelFilesError(f"{path} is unreadable: {exc}") from None
+        raw = read_json(path)
         model_type = raw.get("model_type", "bert")
         if model_type not in ("bert", "roberta", "xlm-roberta"):
             raise ModelFilesError(
@@ -81,10 +77,7 @@ class Pooling:
     @classmethod
     def from_file(cls, path: Path) -> Pooling:
         """Read a sentence-transformers 1_Pooling/config.json."""
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelFilesError(f"{path} is unreadable: {exc}") from None
+        raw = read_json(path)
         if raw.get("pooling_mode_mean_tokens"):
             return cls("mean")
         if raw.get("pooling_mode_cls_token"):

@@ -91,12 +91,7 @@ class OnnxEncoder:
         self.variant = spec.variant
         self.batch_size = batch_size
         self.max_sequence_length = spec.max_sequence_length
-        try:
-            self.tokenizer = Tokenizer.from_file(str(spec.tokenizer))
-        except Exception as exc:  # tokenizers raises a bare Exception
-            raise ModelFilesError(
-                f"{spec.tokenizer} is not a usable tokenizer.json: {exc}"
-            ) from None
+        self.tokenizer = load_tokenizer(spec.tokenizer)
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=spec.max_sequence_length)
         self.session = open_session(
@@ -211,6 +206,14 @@ def validate_embed_request(
         size = len(text.encode("utf-8", errors="surrogatepass"))
         if size > max_text_bytes:
             raise InvalidArgument(f"text {i} is {size} bytes; at most {max_text_bytes}")
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """A Hugging Face tokenizer.json; ModelFilesError if it is not usable."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception
+        raise ModelFilesError(f"{path} is not a usable tokenizer.json: {exc}") from None
 
 
 def open_session(

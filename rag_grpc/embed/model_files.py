@@ -19,6 +19,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 MANIFEST = "rag-model.json"
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -78,6 +79,14 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "pooling
 
 class ModelFilesError(Exception):
     """The model directory is missing files or holds files with the wrong hash."""
+
+
+def read_json(path: Path) -> Any:
+    """A model file's JSON; ModelFilesError if it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelFilesError(f"{path} is unreadable: {exc}") from None
 
 
 def sha256_file(path: Path) -> str:

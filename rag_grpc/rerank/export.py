@@ -15,7 +15,6 @@ binary classifiers Hugging Face fine-tunes. Any other label count is refused.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from rag_grpc.embed.export import (
     load_weights,
     write_encoder,
 )
-from rag_grpc.embed.model_files import ModelFilesError
+from rag_grpc.embed.model_files import ModelFilesError, read_json
 
 # What a cross-encoder source directory must hold; the cache key covers them all.
 SOURCE_FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -49,10 +48,7 @@ class ClassifierHead:
     @classmethod
     def from_file(cls, path: Path) -> ClassifierHead:
         """Read and check the head: a BERT ForSequenceClassification with 1 or 2 labels."""
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelFilesError(f"{path} is unreadable: {exc}") from None
+        raw = read_json(path)
         if not isinstance(raw, dict):
             raise ModelFilesError(f"{path} is not a JSON object")
         # RoBERTa-style heads (dense + out_proj on <s>, no pooler) differ.

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from rag_grpc import deadlines
-from rag_grpc.embed.encoder import open_session
+from rag_grpc.embed.encoder import load_tokenizer, open_session
 from rag_grpc.embed.model_files import ModelFilesError
 
 log = logging.getLogger(__name__)
@@ -43,15 +42,10 @@ class Reranker:
         self.max_sequence_length = spec.max_sequence_length
         # The query keeps at most half the window; passages are cut to fit the rest.
         self.max_query_tokens = spec.max_sequence_length // 2
-        try:
-            self.tokenizer = Tokenizer.from_file(str(spec.tokenizer))
-            # A second copy, never truncating, to measure and cut the query:
-            # "only_second" truncation refuses a lone sequence that overflows.
-            self._query_tokenizer = Tokenizer.from_file(str(spec.tokenizer))
-        except Exception as exc:  # tokenizers raises a bare Exception
-            raise ModelFilesError(
-                f"{spec.tokenizer} is not a usable tokenizer.json: {exc}"
-            ) from None
+        self.tokenizer = load_tokenizer(spec.tokenizer)
+        # A second copy, never truncating, to measure and cut the query:
+        # "only_second" truncation refuses a lone sequence that overflows.
+        self._query_tokenizer = load_tokenizer(spec.tokenizer)
         self._query_tokenizer.no_padding()
         self._query_tokenizer.no_truncation()
         self.tokenizer.no_padding()
