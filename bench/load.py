@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -98,16 +99,9 @@ async def _load(
     out.put(latencies)
 
 
-def _process(
-    target: str,
-    method: str,
-    payloads: list[bytes],
-    seconds: float,
-    inflight: int,
-    out: mp.Queue,
-    tls: tuple[str, str, str] | None = None,
-) -> None:
-    asyncio.run(_load(target, method, payloads, seconds, inflight, out, tls))
+def _process(*load: Any) -> None:
+    """A spawned worker: `_load` with these arguments on its own event loop."""
+    asyncio.run(_load(*load))
 
 
 def run_load(
