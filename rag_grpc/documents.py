@@ -7,6 +7,7 @@ protobuf messages.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -161,6 +162,27 @@ def validate_document_id(doc_id: str) -> None:
 _UNSAFE_RE = re.compile(
     "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
 )
+
+
+def validate_distinct_ids(
+    documents: Sequence[Document],
+    repeated: str,
+    *,
+    each: Callable[[Document], None] | None = None,
+) -> None:
+    """Every document's id valid and none given twice, in order; `repeated`
+    ends the message that names a repeated id (where ids must be distinct),
+    `each` checks a document further before the next one's id is looked at."""
+    seen: set[str] = set()
+    for doc in documents:
+        validate_document_id(doc.id)
+        if doc.id in seen:
+            raise InvalidArgument(
+                f"document id {printable(doc.id)} appears more than once{repeated}"
+            )
+        seen.add(doc.id)
+        if each is not None:
+            each(doc)
 
 
 def printable(text: str) -> str:

@@ -16,6 +16,7 @@ from rag_grpc.documents import (
     Document,
     printable,
     resolve_namespace,
+    validate_distinct_ids,
     validate_document_id,
     validate_metadata_key,
 )
@@ -51,16 +52,9 @@ class WriteChecks:
                 f"upsert has {len(documents)} documents; at most "
                 f"{self.limits.max_documents_per_upsert} per call (use IngestionService for more)"
             )
-        seen: set[str] = set()
-        for doc in documents:
-            validate_document_id(doc.id)
-            if doc.id in seen:
-                raise InvalidArgument(
-                    f"document id {printable(doc.id)} appears more than once; "
-                    "ids must be unique per request"
-                )
-            seen.add(doc.id)
-            self.validate_document(doc)
+        validate_distinct_ids(
+            documents, "; ids must be unique per request", each=self.validate_document
+        )
 
     def validate_document(self, doc: Document) -> None:
         """Id, content type, size (text and metadata), text and metadata checks."""

@@ -30,7 +30,12 @@ from typing import TypeVar
 
 from rag_grpc import deadlines
 from rag_grpc.config import LimitsConfig
-from rag_grpc.documents import Document, printable, resolve_namespace, validate_document_id
+from rag_grpc.documents import (
+    Document,
+    printable,
+    resolve_namespace,
+    validate_distinct_ids,
+)
 from rag_grpc.errors import (
     InvalidArgument,
     NotFound,
@@ -110,14 +115,7 @@ def validate_job(documents: Sequence[Document], limits: LimitsConfig) -> None:
             f"job has {len(documents)} documents; at most {limits.max_job_documents} "
             "per job (split it into several jobs)"
         )
-    seen: set[str] = set()
-    for doc in documents:
-        validate_document_id(doc.id)
-        if doc.id in seen:
-            raise InvalidArgument(
-                f"document id {printable(doc.id)} appears more than once in the job"
-            )
-        seen.add(doc.id)
+    validate_distinct_ids(documents, " in the job")
 
 
 async def watch_job(
