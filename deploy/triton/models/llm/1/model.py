@@ -52,9 +52,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 SYSTEM_PROMPT = (
-    "You are a careful assistant. Answer only from the numbered context passages "
-    "in the user's message and cite each passage you use as [n]. If the passages "
-    "do not contain the answer, say that you don't know."
+    "You are a helpful assistant. Answer the user's question from the numbered "
+    "context passages they give you, and cite the passages you use as [n]."
 )
 
 
