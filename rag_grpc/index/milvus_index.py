@@ -290,14 +290,7 @@ class MilvusIndex:
                 }
                 for label, vector in zip(labels, vectors, strict=True)
             ]
-            try:
-                for start in range(0, len(rows), INSERT_BATCH):
-                    self.collection.call(
-                        "storing vectors", "insert", data=rows[start : start + INSERT_BATCH]
-                    )
-            except Unavailable:
-                self.stale = True
-                raise
+            self._write_batches("storing vectors", "insert", "data", rows, INSERT_BATCH)
         if count:
             with self._lock:
                 self.count += len(labels)
@@ -307,14 +300,7 @@ class MilvusIndex:
         searches at once and drops them from disk at its next compaction."""
         keys = [int(x) for x in np.asarray(labels, dtype=np.uint64).tolist()]
         if self.collection.config.writer:
-            try:
-                for start in range(0, len(keys), DELETE_BATCH):
-                    self.collection.call(
-                        "deleting vectors", "delete", ids=keys[start : start + DELETE_BATCH]
-                    )
-            except Unavailable:
-                self.stale = True
-                raise
+            self._write_batches("deleting vectors", "delete", "ids", keys, DELETE_BATCH)
         with self._lock:
             self.count = max(0, self.count - len(keys))
         return len(keys)
@@ -362,6 +348,18 @@ class MilvusIndex:
                 labels[row, column] = int(hit["id"])
                 distances[row, column] = 1.0 - float(hit["distance"])
         return labels, distances
+
+    def _write_batches(
+        self, what: str, method: str, argument: str, items: Sequence[Any], batch: int
+    ) -> None:
+        """Call the collection's `method` with `argument` = items, `batch` at a
+        time; a write that fails to reach Milvus leaves the view stale."""
+        try:
+            for start in range(0, len(items), batch):
+                self.collection.call(what, method, **{argument: items[start : start + batch]})
+        except Unavailable:
+            self.stale = True
+            raise
 
     def save(self, path: str | PathLike[str], remap: bool = True) -> None:
         """Nothing to save: Milvus persists the collection itself."""
