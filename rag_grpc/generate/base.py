@@ -131,6 +131,15 @@ class Generator(Protocol):
         ...
 
 
+def require_context(passages: Sequence[Passage], why: str = "") -> None:
+    """A generator answers from context: InvalidArgument without a passage
+    (`why`, if given, opens the message)."""
+    if not passages:
+        raise InvalidArgument(
+            f"{why}give at least one context passage (or call RagService.Ask, which retrieves them)"
+        )
+
+
 def validate_generation(prompt: str, params: GenerationParams) -> None:
     """Checks shared by every generator: prompt size and parameter ranges."""
     if not prompt.strip():

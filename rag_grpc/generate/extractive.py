@@ -12,7 +12,6 @@ import numpy as np
 
 from rag_grpc.deadlines import in_thread
 from rag_grpc.embed.encoder import Embedder, OnnxEncoder
-from rag_grpc.errors import InvalidArgument
 from rag_grpc.generate.base import (
     Delta,
     Finished,
@@ -20,6 +19,7 @@ from rag_grpc.generate.base import (
     GenerationParams,
     Passage,
     Usage,
+    require_context,
     validate_generation,
 )
 from rag_grpc.generate.markup import clean_markup, is_markup_only
@@ -68,11 +68,7 @@ class ExtractiveGenerator:
         self, prompt: str, passages: Sequence[Passage], params: GenerationParams
     ) -> AsyncIterator[GenerationEvent]:
         validate_generation(prompt, params)
-        if not passages:
-            raise InvalidArgument(
-                "the extractive generator answers only from context: give at least one "
-                "context passage (or call RagService.Ask, which retrieves them)"
-            )
+        require_context(passages, "the extractive generator answers only from context: ")
         chosen, prompt_tokens = await in_thread(self.executor, self._choose, prompt, passages)
         max_tokens = params.max_tokens or self.default_max_tokens
         produced = 0

@@ -45,6 +45,7 @@ from rag_grpc.generate.base import (
     Generator,
     Passage,
     Usage,
+    require_context,
     validate_generation,
 )
 from rag_grpc.lru import BoundedLRU
@@ -263,10 +264,7 @@ class TritonGenerator:
         self, prompt: str, passages: Sequence[Passage], params: GenerationParams
     ) -> AsyncIterator[GenerationEvent]:
         validate_generation(prompt, params)
-        if not passages:
-            raise InvalidArgument(
-                "give at least one context passage (or call RagService.Ask, which retrieves them)"
-            )
+        require_context(passages)
         full_prompt, used, prompt_tokens = self.prompts.build(prompt, passages)
         max_tokens = params.max_tokens or self.config.default_max_tokens
         # Only a half-open circuit lets a call through as its one probe;
