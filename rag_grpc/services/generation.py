@@ -16,6 +16,17 @@ from rag_grpc.services import convert
 from rag_grpc.services.interceptors import current_caller
 
 
+async def check_generation_quota(
+    access: AccessControl | None, tenant: str | None, max_tokens: int
+) -> None:
+    """A tenant's daily token quota and budget, before any work (QuotaExceeded):
+    a read of the usage ledger, kept off the event loop."""
+    if access is not None and tenant is not None:
+        await asyncio.get_running_loop().run_in_executor(
+            None, access.check_generation, tenant, max_tokens
+        )
+
+
 class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
     """Generate (server streaming)."""
 
@@ -40,13 +51,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         params = convert.params_from_pb(request.parameters)
         tenant = current_caller().tenant
         access = self.access
-        if access is not None and tenant is not None:
-            await asyncio.get_running_loop().run_in_executor(
-                None,
-                access.check_generation,
-                tenant,
-                params.max_tokens or self.default_max_tokens,
-            )
+        await check_generation_quota(access, tenant, params.max_tokens or self.default_max_tokens)
         span = telemetry.start_current("generate", generator=self.generator.name)
         try:
             async for event in self.generator.generate(request.prompt, passages, params):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -13,6 +12,7 @@ from rag_grpc.pb import rag_pb2, rag_service_pb2_grpc
 from rag_grpc.security import tenancy
 from rag_grpc.security.access import AccessControl
 from rag_grpc.services import convert
+from rag_grpc.services.generation import check_generation_quota
 from rag_grpc.services.interceptors import current_caller
 
 
@@ -36,15 +36,7 @@ class RagServicer(rag_service_pb2_grpc.RagServiceServicer):
         params = convert.params_from_pb(request.parameters)
         namespace = tenancy.stored_name(tenant, request.namespace)
         access = self.access
-        if access is not None and tenant is not None:
-            # The daily token quota and the budget, before any work: a read
-            # of the usage ledger, kept off the event loop.
-            await asyncio.get_running_loop().run_in_executor(
-                None,
-                access.check_generation,
-                tenant,
-                params.max_tokens or self.default_max_tokens,
-            )
+        await check_generation_quota(access, tenant, params.max_tokens or self.default_max_tokens)
         events = self.pipeline.ask(
             request.question,
             namespace=namespace,
