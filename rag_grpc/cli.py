@@ -458,11 +458,11 @@ def _restore(args: argparse.Namespace) -> int:
         DEFAULT_MAX_RESTORE_BYTES,
         BackupError,
         FileKeyProvider,
-        default_key_provider,
+        environment_key_provider,
         restore,
     )
 
-    provider = FileKeyProvider(args.key_file) if args.key_file else default_key_provider()
+    provider = FileKeyProvider(args.key_file) if args.key_file else environment_key_provider()
     try:
         restored = restore(
             args.archive,

@@ -26,6 +26,8 @@ from rag_grpc.backup import (
     BackupError,
     Sealer,
     archive_stream,
+    default_key_provider,
+    environment_key_provider,
     is_encrypted,
     restore,
     seal,
@@ -316,6 +318,22 @@ def test_a_key_file_others_can_read_is_refused(
     key.chmod(0o600)
     ok = cli("restore", str(archive), "--data-dir", str(target), "--key-file", str(key))
     assert ok.returncode == 0, ok.stderr
+
+
+def test_the_default_key_provider_reads_the_setting_not_the_environment(
+    tmp_path: Path, key: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RAG_GRPC_BACKUP_KEY_FILE", str(key))
+    # The setting decides; the variable only reaches it through Settings.
+    assert default_key_provider(None).key() is None
+    other = tmp_path / "other.key"
+    other.write_bytes(os.urandom(32))
+    other.chmod(0o600)
+    assert default_key_provider(other).key() == other.read_bytes()
+    # A command that loads no settings (`rag-grpc restore`) reads the variable itself.
+    assert environment_key_provider().key() == key.read_bytes()
+    monkeypatch.setenv("RAG_GRPC_BACKUP_KEY_FILE", "")
+    assert environment_key_provider().key() is None
 
 
 # -- forged archives -------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from types import EllipsisType
 from typing import Protocol
 
 from rag_grpc.backup.format import KEY_BYTES, BackupError
@@ -58,13 +57,9 @@ class FileKeyProvider:
         return raw
 
 
-def default_key_provider(key_file: Path | EllipsisType | None = ...) -> FileKeyProvider:
+def default_key_provider(key_file: Path | None) -> FileKeyProvider:
     """The key file the ``backup_key_file`` setting names (the settings read
     RAG_GRPC_BACKUP_KEY_FILE into it), or no key."""
-    if key_file is ...:
-        # Kept for callers that pass no setting yet (`rag-grpc restore`,
-        # AdminServicer's default): until they switch, the environment.
-        return environment_key_provider()
     return FileKeyProvider(key_file)
 
 

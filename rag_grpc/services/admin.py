@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from rag_grpc import __version__
-from rag_grpc.backup import BackupError, KeyProvider, SnapshotArchive, default_key_provider
+from rag_grpc.backup import BackupError, FileKeyProvider, KeyProvider, SnapshotArchive
 from rag_grpc.config import IndexConfig
 from rag_grpc.deadlines import in_thread
 from rag_grpc.embed.batcher import BatchingEmbedder
@@ -52,7 +52,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     ) -> None:
         self.access = access
         self.flags = flags
-        self.backup_key = backup_key or default_key_provider()
+        self.backup_key = backup_key or FileKeyProvider(None)
         self.services = services
         self.retriever = retriever
         self.embedder = embedder
