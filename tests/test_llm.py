@@ -24,6 +24,9 @@ from tests.conftest import CORPUS, ServerThread
 from tests.test_llm_weights import load_weights
 from tests.triton_server import Triton
 
+# Every test here runs Triton with the real model.
+pytestmark = pytest.mark.slow
+
 MODEL = "smollm2-135m-instruct-q4_1"
 QUESTION = "What comes out of a volcano when it erupts?"
 

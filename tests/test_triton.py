@@ -35,6 +35,9 @@ from tests.conftest import (
 )
 from tests.triton_server import TOKEN_DELAY_MS, Triton
 
+# Most tests here start Triton; the two pure ones (prompt budget, breaker) ride along.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
