@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from rag_grpc.cli import _parser, _settings
+from rag_grpc.cli import _parser, command_settings
 from rag_grpc.client import RagClient
 from rag_grpc.security.api_keys import api_key_hash
 from rag_grpc.security.audit import AuditEvent, AuditLog
@@ -165,7 +165,7 @@ def test_serve_flags_override_the_config_file(tmp_path: Path) -> None:
             "--insecure-no-auth",
         ]
     )
-    settings = _settings(args)
+    settings = command_settings(args)
     assert settings.server.tls_cert == tmp_path / "flag.pem"
     assert settings.server.tls_key == tmp_path / "flag.key"
     assert settings.server.tls_client_ca == tmp_path / "ca.pem"
@@ -173,7 +173,7 @@ def test_serve_flags_override_the_config_file(tmp_path: Path) -> None:
     assert settings.auth.insecure_no_auth is True
     # What no flag names keeps the file's value.
     assert settings.auth.trusted_proxies == ("10.0.0.0/8",)
-    plain = _settings(_parser().parse_args(["serve", "--config", str(config)]))
+    plain = command_settings(_parser().parse_args(["serve", "--config", str(config)]))
     assert plain.server.tls_cert == tmp_path / "file.pem"
     assert plain.auth.policy_file == tmp_path / "file-policy.toml"
     assert plain.auth.insecure_no_auth is False

@@ -14,13 +14,16 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from rag_grpc.cli.connection import add_client_arguments, connect
+from rag_grpc.cli.output import UsageError, json_line, shown
 
-def add_commands(sub: Any, add_client_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
+
+def add_commands(sub: Any) -> None:
     """Add apikey, usage and audit to the rag-grpc parser."""
     apikey = sub.add_parser("apikey", help="make API keys for the policy file")
     apikey_sub = apikey.add_subparsers(dest="apikey_command", required=True)
@@ -121,7 +124,6 @@ def _anchor(text: str) -> Any:
 
 
 def _apikey_create(args: argparse.Namespace) -> int:
-    from rag_grpc.cli import UsageError
     from rag_grpc.security.api_keys import new_api_key
 
     try:
@@ -153,7 +155,6 @@ def _apikey_create(args: argparse.Namespace) -> int:
 
 
 def _write_new_private_file(path: Path, text: str) -> None:
-    from rag_grpc.cli import UsageError
 
     try:
         # O_EXCL: an existing file (perhaps the only copy of another key) is
@@ -172,12 +173,11 @@ def _write_new_private_file(path: Path, text: str) -> None:
 
 
 def _usage(args: argparse.Namespace) -> int:
-    from rag_grpc.cli import _client, _json, shown
     from rag_grpc.security.usage import COUNTERS, GAUGES
 
     fields = COUNTERS + GAUGES  # in the order they are printed
 
-    with _client(args) as client:
+    with connect(args) as client:
         tenants = client.usage(args.tenant or "")
     rows = [
         {
@@ -189,7 +189,7 @@ def _usage(args: argparse.Namespace) -> int:
         for t in tenants
     ]
     if args.json:
-        print(_json(rows))
+        print(json_line(rows))
         return 0
     if not rows:
         print("no usage recorded")
@@ -209,7 +209,6 @@ def _audit_file(args: argparse.Namespace) -> Path:
     """The audit log named by --file, else the configuration's (for
     --data-dir, when given); UsageError when it does not exist, since opening a missing
     file would create an empty log that verifies."""
-    from rag_grpc.cli import UsageError
     from rag_grpc.config import load_settings
 
     path = args.file or load_settings(args.config, data_dir=args.data_dir).audit_path
@@ -246,16 +245,15 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 
 def _audit_export(args: argparse.Namespace) -> int:
-    from rag_grpc.cli import _client, _json
 
     events: Iterable[dict[str, Any]]
     if args.file is not None or args.data_dir is not None:
         events = _export_file(_audit_file(args), args.since)
     else:
-        client = _client(args)
+        client = connect(args)
         events = _export_rpc(client, args.since)
     for event in events:
-        print(_json(event), flush=False)
+        print(json_line(event), flush=False)
     sys.stdout.flush()
     return 0
 
