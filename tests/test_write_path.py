@@ -417,7 +417,9 @@ def test_a_full_disk_is_resource_exhausted_and_changes_nothing(
     server = start_server()
     store = server.server.store
     assert store is not None
-    with RagClient(server.target) as client:
+    # Embedding the three long documents takes seconds on two busy cores: the
+    # deadline must not be what fails the write.
+    with RagClient(server.target, timeout=120) as client:
         client.upsert(CORPUS)
         # SQLite's own cap on the file's size fails a write exactly as a full
         # disk does (SQLITE_FULL), without filling this machine's disk.
