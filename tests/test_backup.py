@@ -56,6 +56,7 @@ def results(client: RagClient) -> list[list[tuple[str, float]]]:
     return [[(h.chunk_id, round(h.score, 4)) for h in client.search(q, k=3)] for q in QUERIES]
 
 
+@pytest.mark.slow
 def test_backup_while_serving_then_restore_gives_the_same_results(
     start_server: Callable[..., ServerThread], tmp_path: Path, key: Path
 ) -> None:
@@ -113,6 +114,7 @@ def test_backup_while_serving_then_restore_gives_the_same_results(
         assert [h.document_id for h in words] == ["extra"]
 
 
+@pytest.mark.slow
 def test_without_a_key_backup_refuses_unless_told(
     start_server: Callable[..., ServerThread], tmp_path: Path
 ) -> None:
@@ -139,6 +141,7 @@ def test_without_a_key_backup_refuses_unless_told(
     assert ok.returncode == 0, ok.stderr
 
 
+@pytest.mark.slow
 def test_tampered_truncated_or_wrongly_keyed_archives_are_refused(
     start_server: Callable[..., ServerThread], tmp_path: Path, key: Path
 ) -> None:
@@ -259,6 +262,7 @@ def test_archives_stream_and_restore_in_bounded_memory(tmp_path: Path) -> None:
     assert (tmp_path / "restored" / "rag.sqlite3").read_bytes() == db.read_bytes()
 
 
+@pytest.mark.slow
 def test_version_1_archives_still_restore(
     start_server: Callable[..., ServerThread], tmp_path: Path, key: Path
 ) -> None:
@@ -282,6 +286,7 @@ def test_version_1_archives_still_restore(
 # -- keys ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_restore_refuses_a_plain_archive_where_a_key_is_configured(
     start_server: Callable[..., ServerThread], tmp_path: Path, key: Path
 ) -> None:
@@ -302,6 +307,7 @@ def test_restore_refuses_a_plain_archive_where_a_key_is_configured(
     assert allowed.returncode == 0 and "UNENCRYPTED" in allowed.stdout, allowed.stderr
 
 
+@pytest.mark.slow
 def test_a_key_file_others_can_read_is_refused(
     start_server: Callable[..., ServerThread], tmp_path: Path, key: Path
 ) -> None:
@@ -481,6 +487,7 @@ def test_forged_archives_are_refused_and_write_nothing(tmp_path: Path) -> None:
     assert done.files == ["rag.sqlite3"] and (tmp_path / "fine" / "rag.sqlite3").read_bytes() == db
 
 
+@pytest.mark.slow
 def test_a_forged_index_is_dropped_and_rebuilt_from_the_database(
     start_server: Callable[..., ServerThread], tmp_path: Path
 ) -> None:

@@ -26,6 +26,9 @@ from rag_grpc.documents import Document
 from rag_grpc.pb import ingestion_pb2, ingestion_service_pb2_grpc
 from tests.conftest import CORPUS, EXPORT_DIR, MODEL_DIR, ServerProcess, free_port, tool
 
+# Every test runs the rag-grpc command (most against `rag-grpc serve`) as a process.
+pytestmark = pytest.mark.slow
+
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

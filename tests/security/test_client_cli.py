@@ -32,6 +32,7 @@ def created_key(stdout: str) -> str:
     return line.removeprefix("# key: ")
 
 
+@pytest.mark.slow
 def test_apikey_create_prints_the_key_once_and_an_entry_with_its_hash(tmp_path: Path) -> None:
     made = cli("apikey", "create", "--name", "ci-bot", "--expires", "2030-01-01T00:00:00+01:00")
     assert made.returncode == 0, made.stderr
@@ -52,6 +53,7 @@ def test_apikey_create_prints_the_key_once_and_an_entry_with_its_hash(tmp_path: 
     assert "expires" not in tomllib.loads(again.stdout)["api_keys"][0]
 
 
+@pytest.mark.slow
 def test_apikey_create_into_a_new_private_file(tmp_path: Path) -> None:
     key_file = tmp_path / "ci.key"
     made = cli("apikey", "create", "--name", "ci", "--key-file", str(key_file))
@@ -66,6 +68,7 @@ def test_apikey_create_into_a_new_private_file(tmp_path: Path) -> None:
     assert key_file.read_text().strip() == key
 
 
+@pytest.mark.slow
 def test_apikey_create_refuses_bad_names_and_times_without_a_zone() -> None:
     bad_name = cli("apikey", "create", "--name", "CI Bot")
     assert bad_name.returncode == 2 and "lowercase" in bad_name.stderr
@@ -95,6 +98,7 @@ def audit_log(path: Path, count: int, start: datetime) -> None:
         log.close()
 
 
+@pytest.mark.slow
 def test_audit_verify_fails_after_a_row_is_edited(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
@@ -126,6 +130,7 @@ def test_audit_verify_fails_after_a_row_is_edited(tmp_path: Path) -> None:
     assert bad_anchor.returncode == 2 and "SEQ:HASH" in bad_anchor.stderr
 
 
+@pytest.mark.slow
 def test_audit_export_from_the_file_since_a_time(tmp_path: Path) -> None:
     path = tmp_path / "audit.sqlite3"
     audit_log(path, 4, datetime(2026, 12, 1, 10, tzinfo=UTC))
@@ -292,6 +297,7 @@ def as_client(server: TlsServe, who: str | None) -> tuple[str, ...]:
     return flags
 
 
+@pytest.mark.slow
 def test_client_certificates_usage_and_audit_over_mutual_tls(
     serve: Callable[..., TlsServe], pki: Path, tmp_path: Path
 ) -> None:
@@ -347,6 +353,7 @@ def test_client_certificates_usage_and_audit_over_mutual_tls(
     assert verified.returncode == 0, verified.stderr
 
 
+@pytest.mark.slow
 def test_an_api_key_from_apikey_create_authenticates(
     serve: Callable[..., TlsServe], pki: Path, tmp_path: Path
 ) -> None:
@@ -384,6 +391,7 @@ def test_an_api_key_from_apikey_create_authenticates(
     assert empty.returncode == 2 and "empty" in empty.stderr
 
 
+@pytest.mark.slow
 def test_a_token_never_leaves_this_machine_in_plaintext(tmp_path: Path) -> None:
     key = "rag_" + "k" * 43
     remote = cli("embed", "x", "--target", "192.0.2.1:50051", env={"RAG_GRPC_TOKEN": key})
