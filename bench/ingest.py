@@ -64,7 +64,7 @@ def main() -> None:
             ]
         )
         if args.nats:
-            from tests.test_nats import Nats
+            from tests.ingest.test_nats_log import Nats
 
             (work / "nats").mkdir(parents=True)
             nats = Nats(work / "nats").start()

@@ -6,7 +6,7 @@ queue, keeping no store) and Envoy (envoy/render.py's configuration) in front
 of the replicas.
 
 Built from the helpers the other tests use: `Nats` and `worker_config`
-(tests/test_nats.py), `ServerProcess` (tests/conftest.py), `Envoy`
+(tests/ingest/test_nats_log.py), `ServerProcess` (tests/conftest.py), `Envoy`
 (tests/test_envoy.py).
 
 `ReplicaGateway` changes envoy/render.py's output in three ways, each until
@@ -44,8 +44,8 @@ from typing import Any
 from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document
 from tests.conftest import ROOT, ServerProcess
+from tests.ingest.test_nats_log import Nats, counts, worker_config
 from tests.test_envoy import NO_LIMITS, Envoy
-from tests.test_nats import Nats, counts, worker_config
 
 JOBS_STREAM = "RAG_JOBS"  # ingestion.nats_prefix "RAG"
 JOBS_CONSUMER = "rag-ingest"  # the workers' shared durable consumer

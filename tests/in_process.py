@@ -1,7 +1,7 @@
 """The in-process test layer's parts: the core built directly, without a
 server, over a temporary directory, with an embedder whose geometry is known.
 
-The real encoder is tested elsewhere (tests/test_embedding.py, the server
+The real encoder is tested elsewhere (tests/embed/test_batcher.py, the server
 tests); here the vectors only have to be deterministic and make "shares words
 with" mean "is near", so that which document a query finds is obvious from
 the texts and the tests stay well under a second."""

@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rag_grpc.client import RagClient, RpcError
 from rag_grpc.generate.base import Citations
+from tests.cli.test_cli import cli
 from tests.conftest import CORPUS, ServerThread, ask_citations
-from tests.test_cli import cli
 
 
 def test_calls_without_the_token_are_refused(start_server: Callable[..., ServerThread]) -> None:

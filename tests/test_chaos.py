@@ -20,7 +20,7 @@ from tests.cluster import (
     submit,
     wait_until,
 )
-from tests.test_nats import documents
+from tests.ingest.test_nats_log import documents
 
 pytestmark = pytest.mark.slow
 

@@ -18,9 +18,9 @@ import pytest
 
 from rag_grpc.client import RpcError
 from tests.conftest import CORPUS, ROOT, ServerThread, ask_summary
+from tests.ingest.test_nats_log import Nats, on_nats
 from tests.prometheus_server import PrometheusServer
 from tests.security.test_server_tenancy import ACME_ADMIN, GLOBEX_ADMIN, client, write_policy
-from tests.test_nats import Nats, on_nats
 
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
@@ -44,7 +44,7 @@ ONLY_AFTER = {
     "busy or full database; forcing SQLITE_BUSY here would mean holding the server's "
     "database locked mid-ingest",
     "rag_write_log_errors_total": "counted only when a replica cannot apply a write log entry "
-    "(tests/test_nats.py publishes such entries by hand)",
+    "(tests/ingest/test_nats_log.py publishes such entries by hand)",
 }
 
 

@@ -23,8 +23,8 @@ import pytest
 from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document, Hit
 from rag_grpc.filters import Equals
+from tests.cli.test_cli import cli
 from tests.conftest import ServerProcess, ServerThread
-from tests.test_cli import cli
 
 pytestmark = pytest.mark.slow
 

@@ -22,9 +22,9 @@ from rag_grpc.client import RagClient
 from rag_grpc.security.api_keys import api_key_hash
 from rag_grpc.security.audit import AuditEvent, AuditLog
 from rag_grpc.security.usage import COUNTERS, GAUGES
+from tests.cli.test_cli import cli
 from tests.conftest import CORPUS, EXPORT_DIR, MODEL_DIR, free_port, tool
 from tests.security.certs import issue, make_ca
-from tests.test_cli import cli
 
 
 def created_key(stdout: str) -> str:

@@ -23,8 +23,8 @@ from rag_grpc.ingest.log_entries import decode_entry, encode_usage
 from rag_grpc.ingest.nats_log import NatsIngestion
 from rag_grpc.security.usage import MAX_BATCH_COUNT, TenantUsage, UsageBatch, UsageLedger
 from tests.conftest import ServerThread
+from tests.ingest.test_nats_log import Nats, nats_server, on_nats, wait_for
 from tests.security.test_server_tenancy import member, write_policy
-from tests.test_nats import Nats, nats_server, on_nats, wait_for
 
 __all__ = ["nats_server"]  # the fixture, used by name
 

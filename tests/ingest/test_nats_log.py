@@ -404,7 +404,7 @@ def test_log_retention_settings_reach_a_new_and_an_existing_stream(
 def test_a_replica_behind_the_logs_retention_stops_and_a_peers_backup_brings_it_back(
     start_server: Callable[..., ServerThread], nats_server: Nats, tmp_path: Path
 ) -> None:
-    from tests.test_cli import cli
+    from tests.cli.test_cli import cli
 
     # Room for a handful of entries (one document and its vector: ~2.5 KB each).
     settings = on_nats(nats_server.url, log_max_bytes=16_000)

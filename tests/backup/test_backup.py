@@ -38,8 +38,8 @@ from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document
 from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
 from rag_grpc.store.sqlite import DocumentStore
+from tests.cli.test_cli import cli
 from tests.conftest import CORPUS, ServerProcess, ServerThread
-from tests.test_cli import cli
 
 QUERIES = ["an erupting mountain", "a game with a king and a queen", "making coffee"]
 

@@ -26,7 +26,7 @@ from rag_grpc.errors import DeadlineExceeded
 from rag_grpc.filters import Equals
 from rag_grpc.index.writes import PreparedDelete
 from tests.conftest import CORPUS, ServerThread, ask_answer
-from tests.test_nats import Nats, on_nats, wait_for
+from tests.ingest.test_nats_log import Nats, on_nats, wait_for
 
 
 @pytest.fixture
