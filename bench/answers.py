@@ -1,7 +1,8 @@
 """Answer quality of Ask per generator, on the demo corpus (CPython's pydoc topics).
 
     python -m bench.answers [--generators extractive llm]
-        [--model qwen2.5-coder-0.5b-instruct-q4_k_m] [--limit N] [--k 5] [--no-record]
+        [--model qwen2.5-coder-0.5b-instruct-q4_k_m] [--limit N] [--k 5] [--no-cite]
+        [--no-record]
 
 Questions: bench/answers_questions.json, written by hand from the topic texts
 and phrased as a user would ask. Each answerable one has a short gold answer,
@@ -19,7 +20,8 @@ with k passages, temperature 0 and the answer cache off:
 - extractive: the server's default generator.
 - llm: deploy/triton/serve.sh --models llm with the GGUF from
   deploy/triton/weights.py (--model), and rag-grpc --generator triton
-  --triton-model llm (sampling parameters as one JSON input).
+  --triton-model llm (sampling parameters as one JSON input), with the
+  model's `cite` parameter on as make serve-llm sets it (--no-cite: off).
 
 Rules (the same for every generator):
 
@@ -420,6 +422,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="the first N questions of each kind")
     parser.add_argument("--k", type=int, default=5, help="passages per Ask")
     parser.add_argument("--max-tokens", type=int, default=256, help="the server's default")
+    parser.add_argument(
+        "--no-cite", action="store_true", help="let the llm model write or skip [n] freely"
+    )
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
@@ -445,8 +450,12 @@ def main() -> None:
                         "RAG_GRPC_GENERATION__TRITON__MODEL": "llm",
                         "RAG_GRPC_GENERATION__TRITON__PARAMETERS": "sampling_parameters",
                         "RAG_GRPC_GENERATION__TRITON__TIMEOUT_S": "600",
+                        # As make serve-llm: sentences held to end in ". [n]".
+                        "RAG_GRPC_GENERATION__TRITON__EXTRA_PARAMETERS": json.dumps(
+                            {"cite": not args.no_cite}
+                        ),
                     }
-                    names["llm"] = f"llm ({args.model}, Triton)"
+                    names["llm"] = f"llm ({args.model}, Triton{'' if args.no_cite else ', cite'})"
                 target = stack.enter_context(rag_server(work, env))
                 results[generator] = run_arm(target, questions, args.k, params)
     finally:

@@ -11,6 +11,7 @@ never load, and Triton dying mid-answer trips the breaker and the fallback.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -148,6 +149,19 @@ def test_max_tokens_and_stop_strings_hold(rag: Any) -> None:
     _, deltas, _, summary = collect(stub.Ask(ask(stop=(word,)), timeout=120))
     assert word not in "".join(deltas)
     assert full.startswith("".join(deltas).rstrip())
+    assert summary.finish_reason == "stop"
+
+
+def test_with_cite_every_sentence_ends_in_a_passage_number(rag: Any) -> None:
+    """The `cite` sampling parameter holds decoding to sentences ending in
+    ". [n]", n one of the passages given: the model cannot leave it out."""
+    stub = rag(extra_parameters={"cite": True})
+    citations, deltas, _, summary = collect(stub.Ask(ask(), timeout=120))
+    answer = "".join(deltas)
+    sentences = re.findall(r"[^\[\]]+?\. \[(\d+)\]", answer)
+    assert sentences and answer.endswith("]"), answer
+    assert all(1 <= int(n) <= len(citations.citations) for n in sentences)
+    assert set(summary.cited) == {int(n) for n in sentences}
     assert summary.finish_reason == "stop"
 
 

@@ -60,6 +60,9 @@ for _ in $(seq 1 600); do
     sleep 1
 done
 echo "serve-llm: Triton's llm model is ready on 127.0.0.1:$grpc_port" >&2
+# cite: the llm model holds decoding to sentences that end in a passage
+# number (models/llm/1/model.py); a 0.5B model rarely cites otherwise.
 RAG_GRPC_GENERATION__TRITON__PARAMETERS=sampling_parameters \
+RAG_GRPC_GENERATION__TRITON__EXTRA_PARAMETERS=${RAG_GRPC_GENERATION__TRITON__EXTRA_PARAMETERS:-'{"cite": true}'} \
     "$root/.venv/bin/rag-grpc" serve --generator triton --triton-url "127.0.0.1:$grpc_port" \
     --triton-model llm "$@"

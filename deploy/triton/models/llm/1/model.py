@@ -29,7 +29,12 @@ Per request (``sampling_parameters`` JSON as vLLM takes it, or the tensors
 ``max_tokens``, ``temperature``, ``top_p``): max_tokens (default 256),
 temperature (default 0: greedy, so answers are reproducible), top_p, stop
 (list of strings), seed, repetition_penalty (default 1.1), ignore_eos (as
-vLLM: go on to max_tokens).
+vLLM: go on to max_tokens), and cite (ours): when true, decoding is held to a
+grammar in which the answer is one to three sentences, each ending ". [n]"
+with n one of the passages numbered "[n] " at the start of a line of the
+prompt (rag-grpc's template). The model still chooses the words and which
+passage to cite; it cannot leave the citation out. Small models otherwise
+write [n] in about one answer in ten (bench/answers.py).
 
 Prompt reuse: each context keeps the tokens it last evaluated, and
 llama.cpp evaluates only what follows the longest common prefix, so the
@@ -46,6 +51,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import threading
 
 import numpy as np
@@ -55,6 +61,26 @@ SYSTEM_PROMPT = (
     "You are a helpful assistant. Answer the user's question from the numbered "
     "context passages they give you, and cite the passages you use as [n]."
 )
+
+
+PASSAGE_LINE = re.compile(r"^\[(\d+)\] ", re.M)
+
+
+def citation_grammar(prompt):
+    """GBNF for "sentence. [n]" up to three times, n a passage of the prompt;
+    None when the prompt numbers no passages. A period followed by a space
+    ends a sentence only as ". [n]", so the model cannot skip the citation;
+    other periods (0.01, str.lower) stay free."""
+    numbers = sorted({int(n) for n in PASSAGE_LINE.findall(prompt)})
+    if not numbers:
+        return None
+    choices = " | ".join(f'"{n}"' for n in numbers)
+    return (
+        'root ::= sentence (" " sentence)? (" " sentence)?\n'
+        'sentence ::= words ". [" number "]"\n'
+        'words ::= ([^\\[\\]\\n.] | "." [^ \\n\\[\\]])+\n'
+        f"number ::= {choices}\n"
+    )
 
 
 def sha256_of(path):
@@ -92,7 +118,7 @@ class _Stopped(Exception):
 
 class TritonPythonModel:
     def initialize(self, args):
-        from llama_cpp import Llama, StoppingCriteriaList
+        from llama_cpp import Llama, LlamaGrammar, StoppingCriteriaList
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         path = os.environ.get("RAG_LLM_MODEL_PATH", "")
@@ -118,6 +144,7 @@ class TritonPythonModel:
             "RAG_LLM_THREADS", max(1, (os.cpu_count() or 1) // instances), 1, 1024
         )
         self.criteria = StoppingCriteriaList
+        self.grammar = LlamaGrammar
         self.n_ctx = _int_env("RAG_LLM_CTX", 4096, 256, 131072)
         max_queue = _int_env("RAG_LLM_MAX_QUEUE", 8, 0, 100000)
         self.system_prompt = os.environ.get("RAG_LLM_SYSTEM_PROMPT", SYSTEM_PROMPT)
@@ -273,6 +300,10 @@ class TritonPythonModel:
             raise ValueError(f"max_tokens must be at least 1, got {options['max_tokens']}")
         if params.get("seed") is not None:
             options["seed"] = int(params["seed"])
+        if params.get("cite"):
+            grammar = citation_grammar(prompt)
+            if grammar is not None:
+                options["grammar"] = self.grammar.from_string(grammar, verbose=False)
         return prompt, options, bool(params.get("ignore_eos", False)), bool(scalar("stream", True))
 
     def _answer(self, llm, request, sender):
