@@ -224,6 +224,32 @@ def test_past_the_queue_bound_ask_is_resource_exhausted(rag: Any, triton: Triton
     assert triton.metric("llm_queued_requests", "llm") == 0
 
 
+def test_a_prompt_longer_than_the_context_is_invalid_argument(
+    start_server: Callable[..., ServerThread], weights: tuple[Path, str], tmp_path: Path
+) -> None:
+    """The model's refusal travels inside the stream as words only; it still
+    reaches the caller as INVALID_ARGUMENT, and the model serves on."""
+    small = Triton(tmp_path / "triton.log", models="llm", env=llm_env(weights, RAG_LLM_CTX="256"))
+    small.start(timeout=600)
+    try:
+        from rag_grpc.client import RagClient
+
+        server = start_server(tmp_path / "data", **llm_settings(small.url))
+        client = RagClient(server.target, timeout=60)
+        client.upsert(CORPUS)
+        stub = rag_service_pb2_grpc.RagServiceStub(client.channel)
+        long_question = "What comes out of a volcano " + "and its crater " * 60 + "?"
+        with pytest.raises(grpc.RpcError) as info:
+            collect(stub.Ask(ask(long_question), timeout=60))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "RAG_LLM_CTX" in (info.value.details() or "")
+        # Not a Triton failure: the circuit stays closed and a short prompt is answered.
+        _, deltas, _, summary = collect(stub.Ask(ask("Volcano?", max_tokens=4), timeout=60))
+        assert summary.generator == "triton" and deltas
+    finally:
+        small.kill()
+
+
 def test_weights_failing_their_hash_never_load(weights: tuple[Path, str], tmp_path: Path) -> None:
     wrong = "0" * 64
     log = tmp_path / "triton.log"

@@ -571,8 +571,9 @@ def _translate(exc: BaseException, triton: TritonConfig) -> Exception:
     An error inside a ModelStreamInfer stream has no status code (the
     response carries only `error_message`), so there the model's words are
     all there is: the llm model starts an overload message with
-    "RESOURCE_EXHAUSTED:", and Triton's own queue says "Exceeds maximum
-    queue size"; anything else in a stream is a failed generation."""
+    "RESOURCE_EXHAUSTED:" and a refused request with "INVALID_ARGUMENT:",
+    and Triton's own queue says "Exceeds maximum queue size"; anything else
+    in a stream is a failed generation."""
     message_fn = getattr(exc, "message", None)
     text = str(message_fn() if callable(message_fn) else exc)
     name = _status_name(exc)
@@ -580,7 +581,7 @@ def _translate(exc: BaseException, triton: TritonConfig) -> Exception:
         not name and ("RESOURCE_EXHAUSTED:" in text or "Exceeds maximum queue size" in text)
     ):
         return ResourceExhausted(f"Triton's model {triton.model} is busy: {text}")
-    if name == "INVALID_ARGUMENT":
+    if name == "INVALID_ARGUMENT" or (not name and "INVALID_ARGUMENT:" in text):
         return InvalidArgument(f"Triton's model {triton.model} refused the request: {text}")
     if name == "DEADLINE_EXCEEDED":
         return DeadlineExceeded(f"generation did not finish before the deadline: {text}")

@@ -23,6 +23,8 @@ Set in the Triton process's environment, read once at load:
 - ``RAG_LLM_MAX_QUEUE`` (8): requests waiting for a free context. Past it a
   request fails at once with a message starting ``RESOURCE_EXHAUSTED:``
   (the Python backend has no such status code; rag-grpc maps the prefix).
+  A request it cannot serve (a prompt longer than the context, malformed
+  sampling parameters) fails with a message starting ``INVALID_ARGUMENT:``.
 - ``RAG_LLM_SYSTEM_PROMPT``: the system message.
 
 Per request (``sampling_parameters`` JSON as vLLM takes it, or the tensors
@@ -365,13 +367,15 @@ class TritonPythonModel:
             self.metrics["llm_cancelled_total"].increment(1)
             finish = "cancelled"
         except Exception as exc:  # report it to the client, never hang the stream
-            code = pb_utils.TritonError.INVALID_ARG if isinstance(exc, ValueError) else None
-            message = f"llm failed: {exc}"
-            error = (
-                pb_utils.TritonError(message, code)
-                if code is not None
-                else pb_utils.TritonError(message)
-            )
+            # A stream's error reaches the client as its message alone, so a
+            # refused request says so in words, as the queue bound does.
+            if isinstance(exc, ValueError):
+                error = pb_utils.TritonError(
+                    f"INVALID_ARGUMENT: llm refused the request: {exc}",
+                    pb_utils.TritonError.INVALID_ARG,
+                )
+            else:
+                error = pb_utils.TritonError(f"llm failed: {exc}")
             sender.send(
                 pb_utils.InferenceResponse(error=error),
                 flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
