@@ -1,4 +1,4 @@
-"""The core library without a server: chunking and filters."""
+"""TokenChunker (rag_grpc/embed/chunking.py): chunk size, overlap and the edge cases."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import random
 import pytest
 
 from rag_grpc.embed.chunking import TokenChunker
-from rag_grpc.errors import InvalidArgument
-from rag_grpc.filters import MAX_DEPTH, And, AnyOf, Equals, Or, Range, validate_filter
 from tests.conftest import MODEL_DIR
 
 
@@ -56,32 +54,3 @@ def test_short_and_blank_texts(chunker: TokenChunker) -> None:
 def test_chunker_rejects_overlap_not_below_size() -> None:
     with pytest.raises(ValueError):
         TokenChunker(MODEL_DIR / "tokenizer.json", chunk_tokens=10, overlap_tokens=10)
-
-
-@pytest.mark.parametrize(
-    "flt",
-    [
-        Equals("bad key", 1),
-        AnyOf("k", ()),
-        Range("k"),
-        Range("k", gte=1, gt=2),
-        Range("k", gte=3, lte=1),
-        Range("k", lt=float("nan")),
-        And(()),
-        Or(()),
-    ],
-)
-def test_malformed_filters_are_rejected(flt) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(InvalidArgument):
-        validate_filter(flt)
-
-
-def test_filter_depth_and_size_limits() -> None:
-    deep: Equals | And = Equals("k", 1)
-    for _ in range(MAX_DEPTH):
-        deep = And((deep,))
-    with pytest.raises(InvalidArgument, match="deeper"):
-        validate_filter(deep)
-    with pytest.raises(InvalidArgument, match="conditions"):
-        validate_filter(Or(tuple(Equals("k", i) for i in range(65))))
-    validate_filter(Or(tuple(Equals("k", i) for i in range(64))))
