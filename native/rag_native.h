@@ -4,6 +4,10 @@
 // deletes, and the memory an index holds. Everything runs without the GIL;
 // errors surface as C++ exceptions that Cython turns into Python exceptions
 // in the calling thread. Storage is in vectors.h, files in index_file.h.
+// One header: these are the search paths of one graph (the filter, the two
+// k-NN walks and the exact scan that search_batch chooses between share the
+// descent, the result heaps and QueryDistances), and what is not search
+// already lives in its own header.
 #pragma once
 
 #include <hnswlib/hnswlib.h>

@@ -11,6 +11,13 @@ A quantized index (the default for ip and cosine) keeps int8 codes in the
 graph's records and its float32 vectors outside RAM where it can: in the
 saved index file, memory-mapped, read only to re-rank each walk's beam
 (vectors.h says why and how).
+
+One file: a Cython extension compiles to one Python module
+(rag_grpc.native._vector_index), and the class and its helpers share
+nogil cdef functions and the C++ types from core.pxd, which a second .pyx
+could only reach through another compiled module and its own .pxd. The
+class is most of it; the helpers below it (file metadata and checks, the
+finiteness test) serve only it.
 """
 
 import hashlib
