@@ -1,5 +1,5 @@
 """A thread-safe LRU bounded in entries and in bytes: the shape of every
-cache that holds results for callers (search results, answers)."""
+cache that holds results for callers (search results, answers, embeddings)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,11 @@ class BoundedLRU(Generic[K, V]):
             self.bytes += size
             while len(self._items) > self.entries or self.bytes > self.max_bytes:
                 self.bytes -= self._items.popitem(last=False)[1][1]
+
+    def counters(self) -> tuple[int, int, int, int]:
+        """(hits, misses, entries, bytes), read together."""
+        with self._lock:
+            return self.hits, self.misses, len(self._items), self.bytes
 
     def drop(self, doomed: Callable[[K], bool]) -> None:
         """Remove every entry whose key is doomed."""
