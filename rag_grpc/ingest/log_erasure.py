@@ -8,7 +8,7 @@ again first (conditional on the log not having moved, so nothing newer is
 overwritten), each erased sequence is recorded in the <P>_ERASED bucket, then
 the entries are erased (NATS overwrites them on disk). A replica that meets a
 missing sequence goes on only if that bucket says it was erased on purpose
-(`NatsIngestion` checks the gaps it meets)."""
+(`LogFollower` checks the gaps it meets)."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ class LogEraser:
             info = await ingestion.js.stream_info(ingestion.writes_stream)
             last = int(info.state.last_seq)
             try:
-                await ingestion.wait_applied(last)
+                await ingestion.follower.wait_applied(last)
             except DeadlineExceeded:
                 raise DeadlineExceeded(
                     "the documents are forgotten by this replica, but it had not caught up "

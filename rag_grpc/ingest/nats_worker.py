@@ -170,7 +170,7 @@ class QueueWorker:
                     # must see this one applied, or a job could cross a quota
                     # by what it has in flight. (Workers on other replicas can
                     # still overshoot by their own batch in flight.)
-                    await ingestion.wait_applied(last_seq)
+                    await ingestion.follower.wait_applied(last_seq)
         if fresh:
             await statuses.count(job_id, [b["seq"] for _, b in fresh], chunks, errors)
         for msg, _ in items:
