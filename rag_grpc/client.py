@@ -10,7 +10,8 @@ Over TLS: ``RagClient(target, ca=CA, cert=CERT, key=KEY, token=TOKEN)``
 arrive as ``RpcError`` with the gRPC status code name and message.
 
 Results are the core library's own types (Hit, SearchResult, WriteResult,
-the Ask events Citations/Delta/AskFinished, JobStatus, NamespaceStats),
+the Ask events Citations/Delta/AskFinished, JobStatus, ServerStats with its
+NamespaceStats, UsageReport),
 converted by ``services/convert.py``; importing the client loads neither
 ONNX Runtime nor the native index.
 """
@@ -21,10 +22,9 @@ import dataclasses
 import ipaddress
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypedDict, Unpack
+from typing import Any, TypedDict, Unpack
 
 import grpc
 import numpy as np
@@ -33,7 +33,7 @@ from rag_grpc.documents import Document, Hit, SearchResult, WriteResult
 from rag_grpc.errors import RagError
 from rag_grpc.filters import Filter
 from rag_grpc.generate.base import AskEvent, GenerationParams
-from rag_grpc.index.query import NamespaceStats, SearchQuery
+from rag_grpc.index.query import SearchQuery
 from rag_grpc.ingest.job_status import JobStatus
 from rag_grpc.pb import (
     admin_pb2,
@@ -47,8 +47,10 @@ from rag_grpc.pb import (
     retrieval_pb2,
     retrieval_service_pb2_grpc,
 )
+from rag_grpc.security.model import UsageReport
 from rag_grpc.services import convert
 from rag_grpc.services.status import ERROR_OF
+from rag_grpc.stats import ServerStats
 
 # What a bearer token may hold (RFC 6750's b64token, wider): printable ASCII
 # without spaces, as JWTs and our API keys are.
@@ -69,35 +71,6 @@ class RpcError(Exception):
         status table; None for a status without one (UNKNOWN, INTERNAL...)."""
         status = grpc.StatusCode.__members__.get(self.code)
         return ERROR_OF.get(status) if status is not None else None
-
-
-@dataclass(frozen=True)
-class Stats:
-    """What a server holds and runs."""
-
-    version: str
-    services: tuple[str, ...]
-    namespaces: tuple[NamespaceStats, ...]
-    generator: str
-    models: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class TenantUsage:
-    """A tenant's usage since it was first counted (stored sizes as they are
-    now) and its estimated cost in USD, in all and on the current UTC day."""
-
-    tenant: str
-    embedding_tokens: int
-    prompt_tokens: int
-    completion_tokens: int
-    searches: int
-    asks: int
-    documents: int
-    vectors: int
-    stored_bytes: int
-    estimated_cost: float
-    estimated_cost_today: float
 
 
 class RagClient:
@@ -166,6 +139,15 @@ class RagClient:
     def _call(self, method: grpc.UnaryUnaryMultiCallable, request: object) -> object:
         try:
             return method(request, timeout=self.timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc) from None
+
+    def _stream(
+        self, method: grpc.UnaryStreamMultiCallable, request: object, timeout: float | None
+    ) -> Iterator[Any]:
+        """The responses of a server-streaming call; its failure as RpcError."""
+        try:
+            yield from method(request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
             raise _rpc_error(exc) from None
 
@@ -277,11 +259,9 @@ class RagClient:
         )
         if filter is not None:
             request.filter.CopyFrom(convert.filter_to_pb(filter))
-        try:
-            for response in self._rag.Ask(request, timeout=self.timeout, metadata=self.metadata):
-                yield convert.ask_event_from_pb(response)
-        except grpc.RpcError as exc:
-            raise _rpc_error(exc) from None
+        yield from map(
+            convert.ask_event_from_pb, self._stream(self._rag.Ask, request, self.timeout)
+        )
 
     # -- ingestion, admin --------------------------------------------------
 
@@ -303,64 +283,35 @@ class RagClient:
     def watch_job(self, job_id: str, timeout: float | None = None) -> Iterator[JobStatus]:
         """The job's progress on every change until it ends."""
         request = ingestion_pb2.WatchJobRequest(job_id=job_id)
-        try:
-            for job in self._ingestion.WatchJob(request, timeout=timeout, metadata=self.metadata):
-                yield convert.job_from_pb(job)
-        except grpc.RpcError as exc:
-            raise _rpc_error(exc) from None
+        yield from map(
+            convert.job_from_pb, self._stream(self._ingestion.WatchJob, request, timeout)
+        )
 
     def snapshot(self, *, unencrypted: bool = False) -> Iterator[admin_pb2.SnapshotChunk]:
         """The server's backup archive, in chunks (the last carries size and sha256)."""
         request = admin_pb2.SnapshotRequest(unencrypted=unencrypted)
-        try:
-            yield from self._admin.Snapshot(request, timeout=self.timeout, metadata=self.metadata)
-        except grpc.RpcError as exc:
-            raise _rpc_error(exc) from None
+        yield from self._stream(self._admin.Snapshot, request, self.timeout)
 
-    def usage(self, tenant: str = "") -> list[TenantUsage]:
+    def usage(self, tenant: str = "") -> list[UsageReport]:
         """Usage per tenant: the caller's own tenant, or (for an operator)
         every tenant, or the one named."""
         response = self._call(self._admin.Usage, admin_pb2.UsageRequest(tenant=tenant))
         assert isinstance(response, admin_pb2.UsageResponse)
-        return [
-            TenantUsage(
-                t.tenant,
-                t.embedding_tokens,
-                t.prompt_tokens,
-                t.completion_tokens,
-                t.searches,
-                t.asks,
-                t.documents,
-                t.vectors,
-                t.stored_bytes,
-                t.estimated_cost,
-                t.estimated_cost_today,
-            )
-            for t in response.tenants
-        ]
+        return [convert.usage_report_from_pb(t) for t in response.tenants]
 
     def audit_export(self, since: datetime | None = None) -> Iterator[dict[str, object]]:
         """The audit log's records at or after since (operators only), in
         order, as the dicts `AuditLog.export` gives for the file itself."""
         stamp = "" if since is None else since.astimezone(UTC).isoformat().replace("+00:00", "Z")
         request = admin_pb2.AuditExportRequest(since=stamp)
-        try:
-            for r in self._admin.AuditExport(request, timeout=self.timeout, metadata=self.metadata):
-                yield convert.audit_record_from_pb(r)
-        except grpc.RpcError as exc:
-            raise _rpc_error(exc) from None
+        records = self._stream(self._admin.AuditExport, request, self.timeout)
+        yield from map(convert.audit_record_from_pb, records)
 
-    def stats(self) -> Stats:
+    def stats(self) -> ServerStats:
         """Sizes, models and version of the server."""
         response = self._call(self._admin.Stats, admin_pb2.StatsRequest())
         assert isinstance(response, admin_pb2.StatsResponse)
-        return Stats(
-            response.version,
-            tuple(response.services),
-            tuple(convert.namespace_stats_from_pb(n) for n in response.namespaces),
-            response.generator,
-            tuple(m.model_id for m in response.models),
-        )
+        return convert.server_stats_from_pb(response)
 
 
 def is_local_target(target: str) -> bool:

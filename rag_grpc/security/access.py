@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from rag_grpc.errors import FailedPrecondition, PermissionDenied, Unauthenticated
 from rag_grpc.index.sizes import NamespaceSizes, Sizes, group_of
@@ -24,10 +24,10 @@ from rag_grpc.security.audit import AuditEvent, AuditLog
 from rag_grpc.security.authn import Authenticator
 from rag_grpc.security.authz import OPEN_SCOPE, Scope, authorize, is_open
 from rag_grpc.security.identity import Identity
-from rag_grpc.security.model import Quota, Role, Tenant
+from rag_grpc.security.model import Quota, Role, Tenant, UsageReport
 from rag_grpc.security.policy import Policy, PolicyHolder
 from rag_grpc.security.quotas import QuotaEnforcer
-from rag_grpc.security.usage import TenantUsage, UsageLedger, estimated_cost
+from rag_grpc.security.usage import UsageLedger, estimated_cost
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,6 @@ class Caller:
     def tenant(self) -> str | None:
         """The tenant whose namespaces the call reads or writes (None: no prefix)."""
         return self.scope.tenant
-
-
-@dataclass(frozen=True)
-class UsageReport:
-    """One tenant's usage with its estimated cost (all time, and today)."""
-
-    tenant: str
-    usage: TenantUsage
-    estimated_cost: float
-    estimated_cost_today: float
 
 
 class AccessControl:
@@ -245,10 +235,10 @@ class AccessControl:
         totals = self.usage.totals(tenant)
         return [
             UsageReport(
-                name,
-                usage,
-                estimated_cost(usage, policy.prices, days_stored=1.0),
-                self.usage.cost_today(name, policy.prices),
+                tenant=name,
+                estimated_cost=estimated_cost(usage, policy.prices, days_stored=1.0),
+                estimated_cost_today=self.usage.cost_today(name, policy.prices),
+                **asdict(usage),
             )
             for name, usage in totals.items()
         ]

@@ -1,6 +1,10 @@
 """The values the policy is made of and the other security modules share:
 roles, a tenant's quota and budget, prices, API key entries, the grant
-an identity receives, and the Policy itself (policy.py reads it from its file)."""
+an identity receives, the Policy itself (policy.py reads it from its file),
+and a tenant's usage and its report (usage.py keeps the counts).
+
+Light on purpose: the Python client returns `UsageReport`, so this module
+imports nothing that reads files or loads native code."""
 
 from __future__ import annotations
 
@@ -55,6 +59,32 @@ class Prices:
     searches: float = 0.0
     asks: float = 0.0
     stored_bytes_per_day: float = 0.0
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    """A tenant's usage: counters summed over the days asked for, gauges as
+    last set."""
+
+    embedding_tokens: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    searches: int = 0
+    asks: int = 0
+    documents: int = 0
+    vectors: int = 0
+    stored_bytes: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class UsageReport(TenantUsage):
+    """A tenant's usage since it was first counted (stored sizes as they are
+    now) with its estimated cost in USD, in all and on the current UTC day:
+    what AdminService.Usage reports and `RagClient.usage` returns."""
+
+    tenant: str
+    estimated_cost: float = 0.0
+    estimated_cost_today: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from rag_grpc.errors import ResourceExhausted
-from rag_grpc.security.model import Budget, Quota
-from rag_grpc.security.usage import TenantUsage
+from rag_grpc.security.model import Budget, Quota, TenantUsage
 
 # Float slack when comparing tokens: a caller that waits exactly the
 # retry_after it was given must get through, whatever the rounding.

@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from rag_grpc.errors import InvalidArgument
-from rag_grpc.security.model import Prices
+from rag_grpc.security.model import Prices, TenantUsage
 from rag_grpc.security.policy import TENANT_NAME
 from rag_grpc.store.database import connect, immediate_transaction, private_file
 
@@ -86,21 +86,6 @@ CREATE TABLE IF NOT EXISTS usage_log_positions (
     seq INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
-
-
-@dataclass(frozen=True)
-class TenantUsage:
-    """A tenant's usage: counters summed over the days asked for, gauges as
-    last set."""
-
-    embedding_tokens: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    searches: int = 0
-    asks: int = 0
-    documents: int = 0
-    vectors: int = 0
-    stored_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from rag_grpc.deadlines import in_thread
 from rag_grpc.embed.batcher import BatchingEmbedder
 from rag_grpc.errors import FailedPrecondition, InvalidArgument, PermissionDenied, ResourceExhausted
 from rag_grpc.flags import KNOWN_FLAGS, FeatureFlags
+from rag_grpc.index.query import NamespaceStats
 from rag_grpc.index.retriever import Retriever
 from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
 from rag_grpc.security import tenancy
@@ -27,6 +28,7 @@ from rag_grpc.security.audit import AuditLog
 from rag_grpc.services import convert
 from rag_grpc.services.auditing import audit, outcome_of
 from rag_grpc.services.interceptors import current_caller
+from rag_grpc.stats import ServerStats
 
 # Audit records sent per read of the log (AuditExport pages through it).
 _AUDIT_PAGE = 1000
@@ -66,33 +68,26 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     async def Stats(
         self, request: admin_pb2.StatsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.StatsResponse:
-        response = admin_pb2.StatsResponse(
+        tenant = current_caller().tenant
+        namespaces, owners = await self._namespaces(tenant)
+        embedder = self.embedder
+        stats = ServerStats(
             version=__version__,
-            services=self.services,
+            services=tuple(self.services),
+            namespaces=namespaces,
             generator=self.generator_name,
-            uptime_seconds=time.monotonic() - self.started,
+            models=(embedder.encoder.model_id,) if embedder is not None else (),
         )
+        response = convert.server_stats_to_pb(stats, owners)
+        response.uptime_seconds = time.monotonic() - self.started
         if self.generator_name:
             backend = self.generator_stats() if self.generator_stats else {"ready": True}
             response.generation.CopyFrom(
                 admin_pb2.GeneratorStats(name=self.generator_name, **backend)
             )
         if self.flags is not None:
-            self._add_flags(response, show_lists=current_caller().tenant is None)
+            self._add_flags(response, show_lists=tenant is None)
         if self.retriever is not None:
-            # A tenant sees its own namespaces as it names them; operators
-            # (and a single-tenant server) see all, each with its tenant.
-            tenant = current_caller().tenant
-            for ns in await in_thread(self.executor, self.retriever.stats):
-                if not tenancy.owns(tenant, ns.name):
-                    continue
-                owner, own_name = tenancy.split(ns.name)
-                response.namespaces.append(
-                    convert.namespace_stats_to_pb(
-                        dataclasses.replace(ns, name=own_name),
-                        tenant=owner if tenant is None and owner else "",
-                    )
-                )
             cfg = self.index_config
             response.index.CopyFrom(
                 admin_pb2.IndexParameters(
@@ -104,23 +99,40 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
                     ef_search=cfg.ef_search,
                 )
             )
-        if self.embedder is not None:
-            encoder = self.embedder.encoder
-            stats = self.embedder.stats()
-            response.models.add(
-                model_id=encoder.model_id,
-                dimension=encoder.dimension,
-                provider=encoder.provider,
-                variant=encoder.variant,
-                max_sequence_length=encoder.max_sequence_length,
-                cache_hits=stats.cache.hits,
-                cache_misses=stats.cache.misses,
-                cache_hit_ratio=stats.cache.hit_ratio,
-                cache_bytes=stats.cache.bytes,
-                batches=stats.batches,
-                batched_texts=stats.texts,
+        if embedder is not None:
+            encoder = embedder.encoder
+            counters = embedder.stats()
+            response.models[0].MergeFrom(
+                admin_pb2.ModelInfo(
+                    dimension=encoder.dimension,
+                    provider=encoder.provider,
+                    variant=encoder.variant,
+                    max_sequence_length=encoder.max_sequence_length,
+                    cache_hits=counters.cache.hits,
+                    cache_misses=counters.cache.misses,
+                    cache_hit_ratio=counters.cache.hit_ratio,
+                    cache_bytes=counters.cache.bytes,
+                    batches=counters.batches,
+                    batched_texts=counters.texts,
+                )
             )
         return response
+
+    async def _namespaces(self, tenant: str | None) -> tuple[tuple[NamespaceStats, ...], list[str]]:
+        """The namespaces the caller may see, as it names them, and each one's
+        tenant: a tenant sees its own; operators (and a single-tenant server)
+        see all, each with its tenant."""
+        if self.retriever is None:
+            return (), []
+        shown: list[NamespaceStats] = []
+        owners: list[str] = []
+        for ns in await in_thread(self.executor, self.retriever.stats):
+            if not tenancy.owns(tenant, ns.name):
+                continue
+            owner, own_name = tenancy.split(ns.name)
+            shown.append(dataclasses.replace(ns, name=own_name))
+            owners.append(owner if tenant is None and owner else "")
+        return tuple(shown), owners
 
     def _add_flags(self, response: admin_pb2.StatsResponse, show_lists: bool) -> None:
         assert self.flags is not None

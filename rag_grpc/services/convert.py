@@ -8,8 +8,9 @@ stays light (no ONNX Runtime, no native extension).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, fields
+from typing import Any
 
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -41,10 +42,8 @@ from rag_grpc.generate.base import (
 from rag_grpc.index.query import NamespaceStats, SearchQuery
 from rag_grpc.ingest.job_status import JobState, JobStatus
 from rag_grpc.pb import admin_pb2, common_pb2, generation_pb2, ingestion_pb2, rag_pb2, retrieval_pb2
-
-if TYPE_CHECKING:
-    # Typing only: the security package reads SQLite, which the client does not need.
-    from rag_grpc.security.access import UsageReport
+from rag_grpc.security.model import UsageReport
+from rag_grpc.stats import ServerStats
 
 # -- metadata ----------------------------------------------------------------
 
@@ -574,22 +573,44 @@ def namespace_stats_from_pb(message: admin_pb2.NamespaceStats) -> NamespaceStats
     )
 
 
+def server_stats_to_pb(stats: ServerStats, owners: Sequence[str] = ()) -> admin_pb2.StatsResponse:
+    """A StatsResponse with what ServerStats holds; `owners` the tenant of each
+    namespace, shown to operators ("" each, or none given, otherwise). What only
+    the wire carries (uptime, index parameters, the models' counters, flags)
+    the servicer adds."""
+    owners = owners or [""] * len(stats.namespaces)
+    return admin_pb2.StatsResponse(
+        version=stats.version,
+        services=stats.services,
+        namespaces=[
+            namespace_stats_to_pb(ns, owner)
+            for ns, owner in zip(stats.namespaces, owners, strict=True)
+        ],
+        models=[admin_pb2.ModelInfo(model_id=model_id) for model_id in stats.models],
+        generator=stats.generator,
+    )
+
+
+def server_stats_from_pb(response: admin_pb2.StatsResponse) -> ServerStats:
+    """The core ServerStats of a StatsResponse (the models by id)."""
+    return ServerStats(
+        response.version,
+        tuple(response.services),
+        tuple(namespace_stats_from_pb(n) for n in response.namespaces),
+        response.generator,
+        tuple(m.model_id for m in response.models),
+    )
+
+
+# The TenantUsage message names its fields as UsageReport does, one for one.
 def usage_report_to_pb(report: UsageReport) -> admin_pb2.TenantUsage:
     """A TenantUsage message: a tenant's counts and estimated costs."""
-    usage = report.usage
-    return admin_pb2.TenantUsage(
-        tenant=report.tenant,
-        embedding_tokens=usage.embedding_tokens,
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        searches=usage.searches,
-        asks=usage.asks,
-        documents=usage.documents,
-        vectors=usage.vectors,
-        stored_bytes=usage.stored_bytes,
-        estimated_cost=report.estimated_cost,
-        estimated_cost_today=report.estimated_cost_today,
-    )
+    return admin_pb2.TenantUsage(**asdict(report))
+
+
+def usage_report_from_pb(message: admin_pb2.TenantUsage) -> UsageReport:
+    """The core UsageReport of a TenantUsage message."""
+    return UsageReport(**{f.name: getattr(message, f.name) for f in fields(UsageReport)})
 
 
 def audit_record_to_pb(row: Mapping[str, Any]) -> admin_pb2.AuditRecord:

@@ -10,9 +10,8 @@ from datetime import UTC, datetime
 import pytest
 
 from rag_grpc.errors import RagError, ResourceExhausted
-from rag_grpc.security.model import Budget, Quota
+from rag_grpc.security.model import Budget, Quota, TenantUsage
 from rag_grpc.security.quotas import QuotaEnforcer, QuotaExceeded, TokenBucket
-from rag_grpc.security.usage import TenantUsage
 
 
 class Clock:

@@ -360,7 +360,7 @@ def test_an_ask_searches_remote_retrieval_as_the_same_caller(
     assert all(h.text != CORPUS[0].text for h in globex_hits)
     # The retrieval service counted each tenant's search as its own.
     assert retrieval.server.access is not None
-    reports = {r.tenant: r.usage.searches for r in retrieval.server.access.usage_report(None)}
+    reports = {r.tenant: r.searches for r in retrieval.server.access.usage_report(None)}
     assert reports == {"acme": 1, "globex": 1}
 
 

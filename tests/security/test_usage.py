@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from rag_grpc.errors import InvalidArgument
-from rag_grpc.security.model import Prices
-from rag_grpc.security.usage import TenantUsage, UsageLedger, estimated_cost
+from rag_grpc.security.model import Prices, TenantUsage
+from rag_grpc.security.usage import UsageLedger, estimated_cost
 
 
 class Clock:

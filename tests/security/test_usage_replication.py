@@ -21,7 +21,8 @@ from rag_grpc.documents import Document
 from rag_grpc.errors import InvalidArgument
 from rag_grpc.ingest.log_entries import decode_entry, encode_usage
 from rag_grpc.ingest.nats_log import NatsIngestion
-from rag_grpc.security.usage import MAX_BATCH_COUNT, TenantUsage, UsageBatch, UsageLedger
+from rag_grpc.security.model import TenantUsage
+from rag_grpc.security.usage import MAX_BATCH_COUNT, UsageBatch, UsageLedger
 from tests.conftest import ServerThread
 from tests.ingest.test_nats_log import Nats, nats_server, on_nats, wait_for
 from tests.security.test_server_tenancy import member, write_policy
