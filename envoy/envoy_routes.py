@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from envoy.clusters import TYPE
+from envoy_clusters import TYPE
 
 # Methods safe to retry: they change nothing.
 IDEMPOTENT = [

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from envoy.clusters import TYPE, address, upstream_cluster
-from envoy.routes import RATE_LIMIT, RATE_LIMIT_FILTER, routes
+from envoy_clusters import TYPE, address, upstream_cluster
+from envoy_routes import RATE_LIMIT, RATE_LIMIT_FILTER, routes
 
 
 def _service_registry() -> Any:
