@@ -22,7 +22,7 @@ from rag_grpc.documents import Document, WriteResult
 from rag_grpc.filters import Filter
 from rag_grpc.index.retriever import Retriever
 from rag_grpc.index.writes import PreparedDelete
-from rag_grpc.ingest.jobs import JobStatus
+from rag_grpc.ingest.job_status import JobStatus
 
 T = TypeVar("T")
 

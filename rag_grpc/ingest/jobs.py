@@ -8,8 +8,8 @@ idempotent by document id, so a replayed batch does no harm).
 
 A little over 400 lines: the jobs table (JobQueue) and the worker that drains
 it (IngestionManager) are two classes of one idea, the SQLite job backend;
-the validation here is shared with the NATS backend, and a job's status type
-lives in job_status.py.
+what every backend enforces on jobs lives in job_rules.py, and a job's status
+type in job_status.py.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import replace
 from pathlib import Path
@@ -32,12 +31,9 @@ from rag_grpc import deadlines
 from rag_grpc.config import LimitsConfig
 from rag_grpc.documents import (
     Document,
-    printable,
     resolve_namespace,
-    validate_distinct_ids,
 )
 from rag_grpc.errors import (
-    InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
@@ -45,6 +41,7 @@ from rag_grpc.errors import (
 from rag_grpc.index.retriever import Retriever
 from rag_grpc.index.writes import PreparedUpsert
 from rag_grpc.ingest.document_json import document_from_json, document_to_json
+from rag_grpc.ingest.job_rules import WATCH_MAX_S, validate_job, validate_job_id, watch_job
 from rag_grpc.ingest.job_status import JobState, JobStatus
 from rag_grpc.store.database import connect, immediate_transaction, storage_error
 from rag_grpc.telemetry import OFF, Recorder
@@ -77,19 +74,6 @@ CREATE TABLE IF NOT EXISTS job_documents (
 # length bucketing to keep padding low, and fewer commits (bench/ingest.py:
 # overhead over raw embedding 10.8% with 32, 2.8% with 128).
 BATCH_DOCUMENTS = 128
-# A WatchJob stream ends after this long (the client watches again if it
-# still cares), so a forgotten watcher cannot hold a stream for ever.
-WATCH_MAX_S = 3600.0
-_JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-
-
-def validate_job_id(job_id: str) -> None:
-    """Job ids are what submit returns: 32 lower-case hexadecimal characters."""
-    if not _JOB_ID_RE.match(job_id):
-        raise InvalidArgument(
-            f"job id {printable(job_id[:40])}{'...' if len(job_id) > 40 else ''} is not a job "
-            "id: they are 32 hexadecimal characters, as Submit returned"
-        )
 
 
 def transient(exc: BaseException) -> bool:
@@ -103,45 +87,6 @@ def transient(exc: BaseException) -> bool:
     # SQLite reports as I/O).
     text = str(exc).lower() if isinstance(exc, sqlite3.OperationalError) else ""
     return "disk i/o" in text or "unable to open" in text
-
-
-def validate_job(documents: Sequence[Document], limits: LimitsConfig) -> None:
-    """The shape of a job as a whole: 1 to max_job_documents documents, valid
-    and distinct ids. Each document's own checks come later, one by one."""
-    if not documents:
-        raise InvalidArgument("submit needs at least one document")
-    if len(documents) > limits.max_job_documents:
-        raise InvalidArgument(
-            f"job has {len(documents)} documents; at most {limits.max_job_documents} "
-            "per job (split it into several jobs)"
-        )
-    validate_distinct_ids(documents, " in the job")
-
-
-async def watch_job(
-    get: Callable[[str], Awaitable[JobStatus]],
-    job_id: str,
-    wait: Callable[[], Awaitable[None]],
-    max_s: float = WATCH_MAX_S,
-) -> AsyncIterator[JobStatus]:
-    """A job's status now and after every change (checked after each wait()),
-    until it is done or max_s has passed."""
-    ends = time.monotonic() + max_s
-    last: JobStatus | None = None
-    while True:
-        status = await get(job_id)
-        if status != last:
-            yield status
-            last = status
-        if status.state.done:
-            return
-        left = ends - time.monotonic()
-        if left <= 0:
-            return
-        try:
-            await asyncio.wait_for(wait(), left)
-        except TimeoutError:
-            return
 
 
 class JobQueue:

@@ -21,7 +21,7 @@ import nats.js.errors
 from rag_grpc.documents import Document
 from rag_grpc.errors import NotFound
 from rag_grpc.ingest.document_json import document_from_json, document_to_json
-from rag_grpc.ingest.jobs import JobState, JobStatus
+from rag_grpc.ingest.job_status import JobState, JobStatus
 
 log = logging.getLogger(__name__)
 

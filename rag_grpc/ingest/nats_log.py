@@ -68,7 +68,8 @@ from rag_grpc.errors import (
 from rag_grpc.index.retriever import Retriever
 from rag_grpc.index.writes import PreparedDelete
 from rag_grpc.ingest.backend import WriteBackend
-from rag_grpc.ingest.jobs import JobStatus, validate_job, validate_job_id, watch_job
+from rag_grpc.ingest.job_rules import validate_job, validate_job_id, watch_job
+from rag_grpc.ingest.job_status import JobStatus
 from rag_grpc.ingest.log_entries import encode_prepared_delete, encode_prepared_upsert
 from rag_grpc.ingest.log_erasure import LogEraser
 from rag_grpc.ingest.log_follower import LogFollower

@@ -18,8 +18,9 @@ from rag_grpc.documents import Document
 from rag_grpc.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from rag_grpc.index.query import SearchQuery
 from rag_grpc.index.retriever import Retriever
+from rag_grpc.ingest.job_rules import validate_job_id
 from rag_grpc.ingest.job_status import JobState, JobStatus
-from rag_grpc.ingest.jobs import IngestionManager, JobQueue, transient, validate_job_id
+from rag_grpc.ingest.jobs import IngestionManager, JobQueue, transient
 from tests.conftest import CORPUS
 from tests.in_process import open_retriever
 
