@@ -63,6 +63,5 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Names the tests and older callers use.
-_settings = command_settings
+# Kept for tests/test_evaluation.py until it calls search_options (REQUESTS.md).
 _search_options = search_options

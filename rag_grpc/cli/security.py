@@ -21,6 +21,7 @@ from typing import Any
 
 from rag_grpc.cli.connection import add_client_arguments, connect
 from rag_grpc.cli.output import UsageError, json_line, shown
+from rag_grpc.cli.settings import command_settings
 
 
 def add_commands(sub: Any) -> None:
@@ -206,12 +207,11 @@ def _usage(args: argparse.Namespace) -> int:
 
 
 def _audit_file(args: argparse.Namespace) -> Path:
-    """The audit log named by --file, else the configuration's (for
-    --data-dir, when given); UsageError when it does not exist, since opening a missing
-    file would create an empty log that verifies."""
-    from rag_grpc.config import load_settings
-
-    path = args.file or load_settings(args.config, data_dir=args.data_dir).audit_path
+    """The audit log named by --file, else the one of the command's settings
+    (--config, --data-dir); UsageError when it does not exist, since opening a
+    missing file would create an empty log that verifies."""
+    # Settings only without --file: the file alone needs no configuration.
+    path: Path = args.file or command_settings(args).audit_path
     if not path.is_file():
         raise UsageError(f"{path} does not exist: no audit log there")
     return path

@@ -4,6 +4,14 @@ directions, for every message that carries a core value.
 Used by the servicers, the remote backends and the Python client, so each
 message has one mapping. Imports no more than the value types, so the client
 stays light (no ONNX Runtime, no native extension).
+
+Why one file of ~650 lines: it is one idea, the contract's edge, as
+qdrant-client's conversions/conversion.py is. Each function is a few lines
+that mirror one message; the sections (metadata, filters, search,
+generation, ask, jobs, admin) call each other (a Hit is metadata, a query
+is a filter, an Ask summary is a generation's usage), and a reader looking
+for a message's mapping, or checking both directions agree, finds them
+side by side in one place.
 """
 
 from __future__ import annotations
