@@ -243,41 +243,25 @@ def main() -> None:
     generate_own = [total - inside for total, inside in ours]
     direct_own = [total - inside for total, inside in direct]
     ask_own = [total - retrieval - inside for total, _, retrieval, inside in asks]
+
+    def row(name: str, values: list[float]) -> list[object]:
+        return [name, ms(values, 50), ms(values, 99)]
+
     generate_rows = [
-        ["Generate through rag-grpc", ms(column(ours, 0), 50), ms(column(ours, 0), 99)],
-        [
-            "  Triton's own time for those requests",
-            ms(column(ours, 1), 50),
-            ms(column(ours, 1), 99),
-        ],
-        [
-            "  rag-grpc overhead (total - Triton, per request)",
-            ms(generate_own, 50),
-            ms(generate_own, 99),
-        ],
-        [
-            "same prompts straight to Triton (tritonclient)",
-            ms(column(direct, 0), 50),
-            ms(column(direct, 0), 99),
-        ],
-        [
-            "  Triton's own time for those requests",
-            ms(column(direct, 1), 50),
-            ms(column(direct, 1), 99),
-        ],
-        [
-            "  tritonclient + Triton frontend (total - Triton)",
-            ms(direct_own, 50),
-            ms(direct_own, 99),
-        ],
+        row("Generate through rag-grpc", column(ours, 0)),
+        row("  Triton's own time for those requests", column(ours, 1)),
+        row("  rag-grpc overhead (total - Triton, per request)", generate_own),
+        row("same prompts straight to Triton (tritonclient)", column(direct, 0)),
+        row("  Triton's own time for those requests", column(direct, 1)),
+        row("  tritonclient + Triton frontend (total - Triton)", direct_own),
     ]
     ask_rows = [
-        ["Ask total", ms(column(asks, 0), 50), ms(column(asks, 0), 99)],
-        ["Ask time to first token", ms(column(asks, 1), 50), ms(column(asks, 1), 99)],
-        ["retrieval (embed + search) inside Ask", ms(column(asks, 2), 50), ms(column(asks, 2), 99)],
-        ["Triton's own time for those requests", ms(column(asks, 3), 50), ms(column(asks, 3), 99)],
-        ["Ask - retrieval - Triton = rag-grpc overhead", ms(ask_own, 50), ms(ask_own, 99)],
-        ["for scale: one empty unary call to rag-grpc (Health/Check)", ms(hops, 50), ms(hops, 99)],
+        row("Ask total", column(asks, 0)),
+        row("Ask time to first token", column(asks, 1)),
+        row("retrieval (embed + search) inside Ask", column(asks, 2)),
+        row("Triton's own time for those requests", column(asks, 3)),
+        row("Ask - retrieval - Triton = rag-grpc overhead", ask_own),
+        row("for scale: one empty unary call to rag-grpc (Health/Check)", hops),
     ]
     body = "\n\n".join(
         [
