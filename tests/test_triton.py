@@ -18,7 +18,8 @@ from tokenizers import Tokenizer
 
 from rag_grpc.client import RagClient, RpcError
 from rag_grpc.generate.base import AskFinished, Citations, Delta, Passage
-from rag_grpc.generate.triton import CircuitBreaker, PromptBuilder
+from rag_grpc.generate.breaker import CircuitBreaker
+from rag_grpc.generate.prompt import PromptBuilder
 from rag_grpc.pb import (
     common_pb2,
     generation_pb2,

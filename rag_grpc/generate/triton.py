@@ -10,33 +10,25 @@ first token is retried with backoff; a circuit breaker stops calling a
 failing Triton for a while; readiness of the server and model is probed for
 health. With ``fallback`` set, an unreachable Triton hands the answer to the
 extractive generator instead of failing.
+
+Beside this module: generate/prompt.py (the prompt and its token budget),
+generate/breaker.py (the circuit breaker), generate/triton_io.py (the
+tensors and errors of the model interface).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
-import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
-import numpy as np
-from tokenizers import Tokenizer
-
 from rag_grpc import deadlines
 from rag_grpc.config import GenerationConfig, TritonConfig
-from rag_grpc.errors import (
-    Cancelled,
-    DeadlineExceeded,
-    InvalidArgument,
-    ResourceExhausted,
-    Unavailable,
-)
+from rag_grpc.errors import Unavailable
 from rag_grpc.generate.base import (
     Delta,
     Finished,
@@ -48,123 +40,21 @@ from rag_grpc.generate.base import (
     require_context,
     validate_generation,
 )
-from rag_grpc.lru import BoundedLRU
+from rag_grpc.generate.breaker import CircuitBreaker
+from rag_grpc.generate.prompt import PromptBuilder
+from rag_grpc.generate.triton_io import (
+    TritonUnavailable,
+    is_final,
+    read_report,
+    request_inputs,
+    response_text,
+    translate_error,
+)
 from rag_grpc.telemetry import OFF, Recorder, inject
 
 log = logging.getLogger(__name__)
 
 _CITATION = re.compile(r"\[(\d+)\]")
-
-
-class CircuitBreaker:
-    """Closed until `failures` calls fail in a row; then open for `reset_s`,
-    after which one probe call is let through (half-open) to decide."""
-
-    def __init__(self, failures: int, reset_s: float) -> None:
-        self.failures = failures
-        self.reset_s = reset_s
-        self._consecutive = 0
-        self._opened_at: float | None = None
-        self._probing = False
-
-    @property
-    def state(self) -> str:
-        if self._opened_at is None:
-            return "closed"
-        if time.monotonic() - self._opened_at >= self.reset_s:
-            return "half-open"
-        return "open"
-
-    def allow(self) -> bool:
-        state = self.state
-        if state == "closed":
-            return True
-        if state == "half-open" and not self._probing:
-            self._probing = True
-            return True
-        return False
-
-    def success(self) -> None:
-        self._consecutive = 0
-        self._opened_at = None
-        self._probing = False
-
-    def failure(self) -> None:
-        self._consecutive += 1
-        self._probing = False
-        if self._consecutive >= self.failures or self._opened_at is not None:
-            self._opened_at = time.monotonic()
-
-    def abandon_probe(self) -> None:
-        """The probe call ended without saying whether Triton works (its
-        caller cancelled, its deadline passed): the next call probes instead.
-        Without this, an abandoned probe would keep the circuit from ever
-        closing."""
-        self._probing = False
-
-
-class PromptBuilder:
-    """The prompt template filled with numbered passages cut to a token budget.
-
-    Tokenising the passages is most of the cost of a prompt (~0.4 ms per
-    1,000 characters here), and retrieved chunks repeat across questions, so
-    each passage's encoding is kept in a small LRU cache; the prompt's token
-    count is the sum of its parts' counts.
-    """
-
-    def __init__(
-        self, tokenizer_path: Path, template: str, budget: int, cache_entries: int = 4096
-    ) -> None:
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
-        self.template = template
-        self.budget = budget
-        # Keyed by the passage text; an encoding costs about 40 bytes a token.
-        self._cache: BoundedLRU[str, Any] = BoundedLRU(
-            cache_entries,
-            cache_entries * 4096,
-            lambda text, encoding: len(text) + 40 * len(encoding.ids),
-        )
-
-    def count(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
-
-    def _encodings(self, texts: list[str]) -> list[Any]:
-        found = {text: self._cache.get(text) for text in dict.fromkeys(texts)}
-        missing = [text for text, encoding in found.items() if encoding is None]
-        if missing:
-            for text, encoding in zip(
-                missing,
-                self.tokenizer.encode_batch(missing, add_special_tokens=False),
-                strict=True,
-            ):
-                found[text] = encoding
-                self._cache.put(text, encoding)
-        return [found[text] for text in texts]
-
-    def build(self, question: str, passages: Sequence[Passage]) -> tuple[str, int, int]:
-        """(prompt, passages included, prompt tokens): whole passages while
-        they fit, then the first part of the next one, cut at a token boundary."""
-        left = self.budget
-        lines: list[str] = []
-        tokens = 0
-        texts = [" ".join(p.text.split()) for p in passages]
-        for number, (text, encoding) in enumerate(
-            zip(texts, self._encodings(texts), strict=True), start=1
-        ):
-            if left <= 0:
-                break
-            used = len(encoding.ids)
-            if used > left:
-                text = text[: encoding.offsets[left - 1][1]]
-                used = left
-            left -= used
-            tokens += used + self.count(f"[{number}]")
-            lines.append(f"[{number}] {text}")
-        frame = self.template.format(context="", question=question.strip())
-        prompt = self.template.format(context="\n".join(lines), question=question.strip())
-        return prompt, len(lines), tokens + self.count(frame)
 
 
 class TritonGenerator:
@@ -289,7 +179,7 @@ class TritonGenerator:
                     decided = True
                     self.breaker.success()
                     break
-                except _TritonUnavailable as exc:
+                except TritonUnavailable as exc:
                     decided = True
                     self.breaker.failure()
                     self.failures += 1
@@ -342,43 +232,13 @@ class TritonGenerator:
         async for event in self.fallback.generate(prompt, passages, params):
             yield event
 
-    def _inputs(self, prompt: str, max_tokens: int, params: GenerationParams) -> list[Any]:
-        from tritonclient.grpc import InferInput
-
-        def tensor(name: str, value: np.ndarray, dtype: str) -> Any:
-            item = InferInput(name, list(value.shape), dtype)
-            item.set_data_from_numpy(value)
-            return item
-
-        inputs = [
-            tensor("text_input", np.array([prompt.encode("utf-8")], dtype=np.object_), "BYTES"),
-            tensor("stream", np.array([self.triton.streaming]), "BOOL"),
-        ]
-        if self.triton.parameters == "sampling_parameters":
-            sampling: dict[str, Any] = {"max_tokens": max_tokens, **self.triton.extra_parameters}
-            if params.temperature:
-                sampling["temperature"] = params.temperature
-            if params.top_p:
-                sampling["top_p"] = params.top_p
-            if params.stop:
-                sampling["stop"] = list(params.stop)
-            raw = json.dumps(sampling).encode("utf-8")
-            inputs.append(tensor("sampling_parameters", np.array([raw], dtype=np.object_), "BYTES"))
-        else:
-            inputs.append(tensor("max_tokens", np.array([max_tokens], dtype=np.int32), "INT32"))
-            if params.temperature:
-                temperature = np.array([params.temperature], dtype=np.float32)
-                inputs.append(tensor("temperature", temperature, "FP32"))
-            if params.top_p:
-                inputs.append(tensor("top_p", np.array([params.top_p], dtype=np.float32), "FP32"))
-        return inputs
-
     async def _call(
         self, prompt: str, max_tokens: int, params: GenerationParams, report: dict[str, Any]
     ) -> AsyncIterator[str]:
         """Text pieces from Triton in a client span whose context travels in
         the call's metadata; errors become our error types. What the model
-        reports besides text (token counts, finish reason) goes into `report`."""
+        reports besides text (token counts, finish reason), which it sends
+        in its final response, goes into `report`."""
         from opentelemetry import trace
 
         rpc = "ModelStreamInfer" if self.triton.streaming else "ModelInfer"
@@ -413,7 +273,7 @@ class TritonGenerator:
         deadlines.check("generation")
         timeout = deadlines.remaining(self.triton.timeout_s)
         client = self.client()
-        inputs = self._inputs(prompt, max_tokens, params)
+        inputs = request_inputs(self.triton, prompt, max_tokens, params)
         request_id = uuid.uuid4().hex
         headers = inject(span)
         if not self.triton.streaming:
@@ -427,9 +287,9 @@ class TritonGenerator:
                     headers=headers,
                 )
             except Exception as exc:
-                raise _translate(exc, self.triton) from None
-            _read_report(result, report)
-            yield _text(result)
+                raise translate_error(exc, self.triton) from None
+            read_report(result, report)  # ModelInfer's one response
+            yield response_text(result)
             return
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
@@ -443,7 +303,7 @@ class TritonGenerator:
         try:
             stream = client.stream_infer(requests(), stream_timeout=timeout, headers=headers)
         except Exception as exc:
-            raise _translate(exc, self.triton) from None
+            raise translate_error(exc, self.triton) from None
         # A reader task takes Triton's responses as they come; the caller gets
         # everything that arrived since its last delta in one piece. After a
         # delta, the next one waits up to stream_interval_ms (or for the end),
@@ -464,9 +324,10 @@ class TritonGenerator:
             try:
                 async for result, error in stream:
                     if error is not None:
-                        raise _translate(error, self.triton)
-                    _read_report(result, report)
-                    text = _text(result)
+                        raise translate_error(error, self.triton)
+                    if is_final(result):
+                        read_report(result, report)
+                    text = response_text(result)
                     if text:
                         put(text)
                 put(None)
@@ -489,8 +350,8 @@ class TritonGenerator:
                         finished = True
                     elif isinstance(item, BaseException):
                         error = item
-                        if not isinstance(error, (_TritonUnavailable, Unavailable)):
-                            error = _translate(error, self.triton)
+                        if not isinstance(error, (TritonUnavailable, Unavailable)):
+                            error = translate_error(error, self.triton)
                         raise error
                     else:
                         pieces.append(item)
@@ -515,82 +376,3 @@ class TritonGenerator:
 def _resolve(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
-
-
-class _TritonUnavailable(Exception):
-    """Triton could not be reached (retryable before the first token)."""
-
-
-def _text(result: Any) -> str:
-    values = result.as_numpy("text_output")
-    if values is None:
-        return ""
-    return "".join(
-        v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
-        for v in np.asarray(values).reshape(-1)
-    )
-
-
-_REPORTED = ("num_input_tokens", "num_output_tokens", "finish_reason")
-
-
-def _read_report(result: Any, report: dict[str, Any]) -> None:
-    """The optional outputs a model may send besides text_output (vLLM's
-    names): token counts and the finish reason, usually in the last response."""
-    response = result.get_response()
-    present = {output.name for output in response.outputs}
-    for name in _REPORTED:
-        if name not in present:
-            continue
-        values = np.asarray(result.as_numpy(name)).reshape(-1)
-        if values.size:
-            value = values[0]
-            report[name] = value.decode("utf-8") if isinstance(value, bytes) else int(value)
-
-
-def _status_name(exc: BaseException) -> str:
-    """The gRPC status code's name of a failed call ("UNAVAILABLE"), or ""
-    for an error Triton sent inside a stream, which carries only a message."""
-    status_fn = getattr(exc, "status", None)  # tritonclient's InferenceServerException
-    status = status_fn() if callable(status_fn) else None
-    if status is None:
-        code_fn = getattr(exc, "code", None)  # a grpc.RpcError
-        status = code_fn() if callable(code_fn) else None
-    if isinstance(status, grpc.StatusCode):
-        return status.name
-    return str(status or "").rpartition(".")[2]  # "StatusCode.UNAVAILABLE"
-
-
-def _translate(exc: BaseException, triton: TritonConfig) -> Exception:
-    """tritonclient / grpc errors as our error types, by the call's status
-    code. Triton's retryable failures (unreachable, model not ready) become
-    `_TritonUnavailable`, which generate() retries, falls back from and
-    counts against the breaker; overload and refusals are the caller's to
-    handle and never trip the breaker.
-
-    An error inside a ModelStreamInfer stream has no status code (the
-    response carries only `error_message`), so there the model's words are
-    all there is: the llm model starts an overload message with
-    "RESOURCE_EXHAUSTED:" and a refused request with "INVALID_ARGUMENT:",
-    and Triton's own queue says "Exceeds maximum queue size"; anything else
-    in a stream is a failed generation."""
-    message_fn = getattr(exc, "message", None)
-    text = str(message_fn() if callable(message_fn) else exc)
-    name = _status_name(exc)
-    if name == "RESOURCE_EXHAUSTED" or (
-        not name and ("RESOURCE_EXHAUSTED:" in text or "Exceeds maximum queue size" in text)
-    ):
-        return ResourceExhausted(f"Triton's model {triton.model} is busy: {text}")
-    if name == "INVALID_ARGUMENT" or (not name and "INVALID_ARGUMENT:" in text):
-        return InvalidArgument(f"Triton's model {triton.model} refused the request: {text}")
-    if name == "DEADLINE_EXCEEDED":
-        return DeadlineExceeded(f"generation did not finish before the deadline: {text}")
-    if name == "CANCELLED":
-        return Cancelled(f"the generation was cancelled: {text}")
-    if name == "UNAVAILABLE":
-        return _TritonUnavailable(f"Triton at {triton.url} is unreachable: {text}")
-    if name in ("NOT_FOUND", "FAILED_PRECONDITION") or (
-        not name and ("not ready" in text or "unknown model" in text.lower())
-    ):
-        return _TritonUnavailable(f"model {triton.model} is not ready on Triton: {text}")
-    return Unavailable(f"Triton failed the generation: {text}")
