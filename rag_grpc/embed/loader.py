@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from rag_grpc.config import EmbeddingConfig
+from rag_grpc.config import EmbeddingConfig, RerankConfig
 from rag_grpc.embed.encoder import EncoderSpec, OnnxEncoder, pick_providers
 from rag_grpc.embed.export import export_model
 from rag_grpc.embed.model_files import ModelFilesError, verify_model_dir
@@ -50,8 +50,9 @@ def gpu_usable(providers: list[str]) -> bool:
     return session.get_providers()[0] in _GPU_PROVIDERS
 
 
-def resolve_variant(cfg: EmbeddingConfig) -> str:
-    """The variant to serve: as configured, or fp16 with a usable GPU, else int8."""
+def resolve_variant(cfg: EmbeddingConfig | RerankConfig) -> str:
+    """The variant to serve (the embedder's or the cross-encoder's): as
+    configured, or fp16 with a usable GPU, else int8."""
     if cfg.variant != "auto":
         return cfg.variant
     return "fp16" if gpu_usable(pick_providers(cfg.providers)) else "int8"

@@ -9,9 +9,8 @@ from pathlib import Path
 import onnxruntime as ort
 
 from rag_grpc.config import RerankConfig
-from rag_grpc.embed.encoder import pick_providers
 from rag_grpc.embed.export import BertConfig
-from rag_grpc.embed.loader import gpu_usable
+from rag_grpc.embed.loader import resolve_variant
 from rag_grpc.embed.model_files import ModelFilesError, sha256_file
 from rag_grpc.rerank.export import SOURCE_FILES, ClassifierHead, export_cross_encoder
 from rag_grpc.rerank.reranker import Reranker, RerankerSpec
@@ -23,13 +22,6 @@ def export_root(data_dir: Path) -> Path:
     """Where cross-encoder exports are cached: <data dir>/models, as the
     embedder's default (RerankConfig has no export_dir of its own)."""
     return data_dir / "models"
-
-
-def resolve_variant(cfg: RerankConfig) -> str:
-    """The variant to serve: as configured, or fp16 with a usable GPU, else int8."""
-    if cfg.variant != "auto":
-        return cfg.variant
-    return "fp16" if gpu_usable(pick_providers(cfg.providers)) else "int8"
 
 
 def reranker_spec(cfg: RerankConfig, data_dir: Path) -> RerankerSpec:
