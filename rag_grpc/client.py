@@ -18,7 +18,6 @@ ONNX Runtime nor the native index.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import re
 from collections.abc import Iterator, Sequence
@@ -186,37 +185,19 @@ class RagClient:
         return [convert.document_from_pb(d) for d in response.documents], list(response.missing_ids)
 
     def search(
-        self,
-        query: str | Sequence[float] | np.ndarray,
-        *,
-        k: int = 0,
-        namespace: str = "",
-        filter: Filter | None = None,
-        ef: int = 0,
-        **options: Unpack[SearchOptions],
+        self, query: str | Sequence[float] | np.ndarray, **args: Unpack[SearchArgs]
     ) -> list[Hit]:
         """The k best hits for a text or vector query; with by_document, the best
         chunks_per_document (0: 1) hits of each of k distinct documents; mode,
         fusion and re-ranking as in `SearchOptions` (unset: the server's
         defaults)."""
-        return self.search_result(
-            query, k=k, namespace=namespace, filter=filter, ef=ef, **options
-        ).hits
+        return self.search_result(query, **args).hits
 
     def search_result(
-        self,
-        query: str | Sequence[float] | np.ndarray,
-        *,
-        k: int = 0,
-        namespace: str = "",
-        filter: Filter | None = None,
-        ef: int = 0,
-        **options: Unpack[SearchOptions],
+        self, query: str | Sequence[float] | np.ndarray, **args: Unpack[SearchArgs]
     ) -> SearchResult:
         """Like search, with the index generation and timings."""
-        request = convert.query_to_pb(
-            dataclasses.replace(_query(query, k, namespace, filter, ef), **options)
-        )
+        request = convert.query_to_pb(_query(query, args))
         response = self._call(self._retrieval.Search, request)
         assert isinstance(response, retrieval_pb2.SearchResponse)
         return convert.result_from_pb(response)
@@ -350,14 +331,20 @@ class SearchOptions(TypedDict, total=False):
     rerank_top_n: int
 
 
-def _query(
-    query: str | Sequence[float] | np.ndarray, k: int, namespace: str, flt: Filter | None, ef: int
-) -> SearchQuery:
+class SearchArgs(SearchOptions, total=False):
+    """A search call's keyword arguments: the SearchOptions, and k (0: the
+    server's default), namespace, filter and ef (0: the server's default)."""
+
+    k: int
+    namespace: str
+    filter: Filter | None
+    ef: int
+
+
+def _query(query: str | Sequence[float] | np.ndarray, args: SearchArgs) -> SearchQuery:
     if isinstance(query, str):
-        return SearchQuery(namespace=namespace, text=query, k=k, filter=flt, ef=ef)
-    return SearchQuery(
-        namespace=namespace, vector=[float(v) for v in query], k=k, filter=flt, ef=ef
-    )
+        return SearchQuery(text=query, **args)
+    return SearchQuery(vector=[float(v) for v in query], **args)
 
 
 def _rpc_error(exc: grpc.RpcError) -> RpcError:
