@@ -55,19 +55,16 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
-import importlib.util
 import json
 import re
 import shutil
 import signal
 import string
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 
@@ -80,7 +77,6 @@ from rag_grpc.generate.base import AskFinished, Citations, Delta, GenerationPara
 
 ROOT = BENCH_DIR.parent
 QUESTIONS = BENCH_DIR / "answers_questions.json"
-WEIGHTS = ROOT / "deploy" / "triton" / "weights.py"
 # What an answer that declines says; matched in its first sentence, lowercased.
 ABSTAIN_PHRASES = (
     "cannot answer",
@@ -310,28 +306,13 @@ def ask(client: RagClient, q: Question, k: int, params: GenerationParams) -> Out
     )
 
 
-def load_weights_module() -> ModuleType:
-    """deploy/triton/weights.py, imported by path (it is a script, not a package)."""
-    spec = importlib.util.spec_from_file_location("rag_llm_weights", WEIGHTS)
-    if spec is None or spec.loader is None or not WEIGHTS.exists():
-        raise SystemExit(f"{WEIGHTS} is missing: the llm arm needs it to fetch the weights")
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses look their module up in sys.modules while the module executes.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @contextlib.contextmanager
 def llm_triton(work: Path, model: str) -> Iterator[str]:
     """Triton serving the `llm` model with the named GGUF; yields its gRPC HOST:PORT."""
-    from tests.triton_server import Triton
+    from tests.triton_server import Triton, llm_weights
 
-    weights = load_weights_module()
-    env = {
-        "RAG_LLM_MODEL_PATH": str(weights.fetch(model)),
-        "RAG_LLM_MODEL_SHA256": weights.CATALOG[model].sha256,
-    }
+    path, sha256 = llm_weights(model)
+    env = {"RAG_LLM_MODEL_PATH": str(path), "RAG_LLM_MODEL_SHA256": sha256}
     # Explicit model control: Triton is ready once the model has loaded.
     triton = Triton(work / "triton.log", models="llm", env=env).start(timeout=900)
     try:

@@ -22,8 +22,7 @@ import pytest
 
 from rag_grpc.pb import rag_pb2, rag_service_pb2_grpc
 from tests.conftest import CORPUS, ServerThread
-from tests.test_llm_weights import load_weights
-from tests.triton_server import Triton
+from tests.triton_server import Triton, llm_weights
 
 # Every test here runs Triton with the real model.
 pytestmark = pytest.mark.slow
@@ -35,9 +34,7 @@ QUESTION = "What comes out of a volcano when it erupts?"
 @pytest.fixture(scope="module")
 def weights() -> tuple[Path, str]:
     """The SmolLM2 GGUF, fetched once per machine and checked against its pin."""
-    module = load_weights()
-    path = module.fetch(MODEL)
-    return Path(path), module.CATALOG[MODEL].sha256
+    return llm_weights(MODEL)
 
 
 def llm_env(weights: tuple[Path, str], **extra: str) -> dict[str, str]:

@@ -30,7 +30,9 @@ pytestmark = pytest.mark.slow
 
 
 def load_weights() -> ModuleType:
-    """deploy/triton/weights.py as a module (a script, not a package); one copy per process."""
+    """deploy/triton/weights.py as a module, to test its functions and patch its
+    internals; one copy per process. Everything else in the tree runs it as a
+    command (tests/triton_server.py llm_weights)."""
     name = "rag_triton_weights"
     if name in sys.modules:
         return sys.modules[name]
@@ -116,6 +118,17 @@ def test_cli_fetch_prints_the_path_and_list_names_both_models(smollm2: Path) -> 
     assert listed.returncode == 0
     assert f"{SMOL}\t" in listed.stdout
     assert "qwen2.5-coder-0.5b-instruct-q4_k_m (default)" in listed.stdout
+
+
+def test_cli_sha256_prints_the_pinned_hash() -> None:
+    """The hash serve-llm.sh and the LLM tests pass to the llm model."""
+    for name, model in weights.CATALOG.items():
+        printed = run_cli("sha256", name)
+        assert printed.returncode == 0, printed.stderr
+        assert printed.stdout == f"{model.sha256}\n"
+    assert run_cli("sha256", SMOL).stdout == f"{SMOL_SHA256}\n"
+    unknown = run_cli("sha256", "no-such-model")
+    assert unknown.returncode == 2 and "invalid choice" in unknown.stderr
 
 
 def test_tampered_cache_is_detected_and_fetched_again(

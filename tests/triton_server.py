@@ -1,5 +1,6 @@
 """NVIDIA Triton Inference Server as a child process on free ports
-(deploy/triton/serve.sh), for the generation tests and benchmarks."""
+(deploy/triton/serve.sh), and the llm model's pinned weights
+(deploy/triton/weights.py), for the generation tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 from tests.conftest import ROOT, free_port
 
 SERVE = ROOT / "deploy" / "triton" / "serve.sh"
+WEIGHTS = ROOT / "deploy" / "triton" / "weights.py"
 TOKEN_DELAY_MS = 20  # per generated word, so a long answer takes seconds
 
 
@@ -82,3 +85,17 @@ class Triton:
         match = re.search(rf'^{name}\{{model="{model}"[^}}]*\}} (\S+)$', text, re.M)
         assert match, f"no {name} for {model} in Triton's metrics"
         return float(match.group(1))
+
+
+def llm_weights(name: str) -> tuple[Path, str]:
+    """(path, pinned sha256) of a GGUF in deploy/triton/weights.py's catalog,
+    fetched and checked once per machine, through the script's command line
+    as serve-llm.sh uses it (its progress and errors go to stderr)."""
+
+    def run(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, str(WEIGHTS), *args], stdout=subprocess.PIPE, text=True, check=True
+        )
+        return done.stdout.strip().splitlines()[-1]
+
+    return Path(run("fetch", name)), run("sha256", name)

@@ -28,15 +28,7 @@ if [ -n "${LLM_PATH:-}" ]; then
 else
     name=${LLM:-qwen2.5-coder-0.5b-instruct-q4_k_m}
     model_path=$("$python" "$here/weights.py" fetch "$name" | tail -n 1)
-    model_sha256=$("$python" - "$here/weights.py" "$name" <<'PY'
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("weights", sys.argv[1])
-weights = importlib.util.module_from_spec(spec)
-sys.modules["weights"] = weights  # its dataclasses look the module up while being made
-spec.loader.exec_module(weights)
-print(weights.CATALOG[sys.argv[2]].sha256)
-PY
-)
+    model_sha256=$("$python" "$here/weights.py" sha256 "$name")
 fi
 
 "$here/serve.sh" --models llm --prepare

