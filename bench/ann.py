@@ -12,25 +12,24 @@ IndexHNSWFlat and usearch, on the same data in one run.
 4. Memory: RSS per vector (each index built or loaded in a fresh process)
    for hnswlib, the float32 core and the int8 core, before and after
    searching, and after deleting half of an index and compacting it.
+
+The libraries are built and searched in ann_libraries.py, the memory
+section runs in ann_memory.py; this module runs the other sections and
+writes the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import gc
-import multiprocessing
-import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import faiss
 import hnswlib
 import numpy as np
-import usearch.index
 
+from bench.ann_libraries import EF_CONSTRUCTION, THREADS, K, M, build_all, search_fn
+from bench.ann_memory import memory
 from bench.common import (
     command_line,
     embedding_like,
@@ -43,70 +42,6 @@ from bench.common import (
     unit_vectors,
 )
 from rag_grpc.native import VectorIndex
-
-M, EF_CONSTRUCTION, K = 16, 200, 10
-THREADS = os.cpu_count() or 1
-
-
-def build_all(
-    data: np.ndarray, labels: np.ndarray, saved: Path
-) -> tuple[dict[str, object], list[list[object]]]:
-    dim = data.shape[1]
-    built: dict[str, object] = {}
-    rows = []
-
-    ours = VectorIndex(dim, "ip", max_elements=len(data), M=M, ef_construction=EF_CONSTRUCTION)
-    rows.append(["rag-native", timed(lambda: ours.add(data, labels, num_threads=THREADS))])
-    # Saved, so searches re-rank from the memory-mapped file as a server's
-    # loaded index does (save() remaps the float32 vectors onto it).
-    ours.save(saved / "rag-native.hnsw")
-    built["rag-native"] = ours
-
-    floats = VectorIndex(
-        dim, "ip", max_elements=len(data), M=M, ef_construction=EF_CONSTRUCTION, quantized=False
-    )
-    rows.append(
-        ["rag-native float walk", timed(lambda: floats.add(data, labels, num_threads=THREADS))]
-    )
-    built["rag-native float walk"] = floats
-
-    binding = hnswlib.Index(space="ip", dim=dim)
-    binding.init_index(max_elements=len(data), M=M, ef_construction=EF_CONSTRUCTION)
-    binding.set_num_threads(THREADS)
-    rows.append(["hnswlib binding", timed(lambda: binding.add_items(data, labels))])
-    built["hnswlib binding"] = binding
-
-    faiss.omp_set_num_threads(THREADS)
-    flat = faiss.IndexHNSWFlat(dim, M, faiss.METRIC_INNER_PRODUCT)
-    flat.hnsw.efConstruction = EF_CONSTRUCTION
-    rows.append(["faiss IndexHNSWFlat", timed(lambda: flat.add(data))])
-    built["faiss IndexHNSWFlat"] = flat
-
-    us = usearch.index.Index(ndim=dim, metric="ip", connectivity=M, expansion_add=EF_CONSTRUCTION)
-    rows.append(["usearch", timed(lambda: us.add(labels.astype(np.uint64), data, threads=THREADS))])
-    built["usearch"] = us
-    return built, rows
-
-
-SearchFn = Callable[[np.ndarray, int], np.ndarray]
-
-
-def search_fn(name: str, index: Any, ef: int) -> SearchFn:
-    """A function (queries, threads) -> labels [q, K] for one library at one ef."""
-    if name.startswith("rag-native"):
-        return lambda q, t: index.search(q, k=K, ef=ef, num_threads=t)[0]
-    if name == "hnswlib binding":
-        index.set_ef(ef)
-        return lambda q, t: index.knn_query(q, k=K, num_threads=t)[0]
-    if name == "faiss IndexHNSWFlat":
-        params = faiss.SearchParametersHNSW(efSearch=ef)
-
-        def run(q: np.ndarray, t: int) -> np.ndarray:
-            faiss.omp_set_num_threads(t)
-            return index.search(q, K, params=params)[1]
-
-        return run
-    return lambda q, t: index.search(q, K, exact=False, threads=t).keys
 
 
 def unfiltered(built: dict[str, object], queries: np.ndarray, truth: np.ndarray, efs: list[int]):  # type: ignore[no-untyped-def]
@@ -233,124 +168,6 @@ def switch_over(ours: VectorIndex, data: np.ndarray, queries: np.ndarray):  # ty
 # Each measurement runs in a fresh interpreter (spawned, not forked), which
 # reads the data, notes its RSS, then builds or loads one index: the RSS
 # growth is that index's, not what earlier builds left in malloc's arenas.
-
-
-def rss_bytes() -> dict[str, int]:
-    """This process's VmRSS and its anonymous and file-backed parts, in bytes."""
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
-            fields[key] = int(value.split()[0]) * 1024
-    return fields
-
-
-def memory_child(kind: str, work: str) -> list[dict[str, Any]]:
-    """Build or load one index of kind in this (fresh) process; one dict per state measured."""
-    folder = Path(work)
-    data = np.load(folder / "data.npy")
-    queries = np.load(folder / "queries.npy")
-    truth = np.load(folder / "truth.npy")
-    n, dim = data.shape
-    labels = np.arange(n, dtype=np.uint64)
-    # Compaction re-adds the live half; the server reads those vectors from
-    # its store, so their copy is not the index's and is made before the baseline.
-    live = labels[1::2]
-    live_vectors = data[1::2].copy() if kind == "compaction" else data[:0]
-    gc.collect()
-    base = rss_bytes()
-    states: list[dict[str, Any]] = []
-
-    def note(state: str, index: Any = None, found: np.ndarray | None = None) -> None:
-        now = rss_bytes()
-        states.append(
-            {
-                "kind": kind,
-                "state": state,
-                "rss": now["VmRSS"] - base["VmRSS"],
-                "anon": now["RssAnon"] - base["RssAnon"],
-                "file": now["RssFile"] + now["RssShmem"] - base["RssFile"] - base["RssShmem"],
-                "memory_bytes": getattr(index, "memory_bytes", None),
-                "recall": None if found is None else recall_at_k(found.astype(np.int64), truth),
-            }
-        )
-
-    def searched(index: Any) -> np.ndarray:
-        search = search_fn("rag-native" if isinstance(index, VectorIndex) else kind, index, 100)
-        found = search(queries, THREADS)
-        for i in range(min(500, len(queries))):
-            search(queries[i : i + 1], 1)
-        return found
-
-    if kind == "hnswlib binding":
-        binding = hnswlib.Index(space="ip", dim=dim)
-        binding.init_index(max_elements=n, M=M, ef_construction=EF_CONSTRUCTION)
-        binding.set_num_threads(THREADS)
-        binding.add_items(data, labels)
-        note("built")
-        note("built, searched", found=searched(binding))
-    elif kind in ("float", "int8"):
-        index = VectorIndex(
-            dim, "ip", max_elements=n, M=M, ef_construction=EF_CONSTRUCTION,
-            quantized=kind == "int8",
-        )  # fmt: skip
-        index.add(data, labels, num_threads=THREADS)
-        note("built (in memory)", index)
-        index.save(folder / f"{kind}.hnsw")
-        note("built, saved", index)
-    elif kind in ("float loaded", "int8 loaded"):
-        path = folder / f"{kind.split()[0]}.hnsw"
-        index = VectorIndex.load(path, quantized=kind.startswith("int8"))
-        note("loaded", index)
-        note("loaded, searched", index, searched(index))
-    elif kind == "compaction":
-        # A loaded int8 index loses half its vectors, then is rebuilt from
-        # the live ones the way the server compacts (a new index, saved,
-        # swapped in; the old one dropped).
-        old = VectorIndex.load(folder / "int8.hnsw")
-        note("loaded", old)
-        old.delete(labels[::2])
-        fresh = VectorIndex(dim, "ip", max_elements=len(live), M=M, ef_construction=EF_CONSTRUCTION)
-        fresh.add(live_vectors, live, num_threads=THREADS)
-        fresh.save(folder / "compacted.hnsw")
-        del old
-        gc.collect()
-        note("half deleted, compacted", fresh)
-    return states
-
-
-def memory(data: np.ndarray, queries: np.ndarray, truth: np.ndarray, work: Path):  # type: ignore[no-untyped-def]
-    np.save(work / "data.npy", data)
-    np.save(work / "queries.npy", queries)
-    np.save(work / "truth.npy", truth)
-    states = []
-    kinds = ["hnswlib binding", "float", "int8", "float loaded", "int8 loaded", "compaction"]
-    for kind in kinds:
-        with concurrent.futures.ProcessPoolExecutor(
-            1, mp_context=multiprocessing.get_context("spawn")
-        ) as pool:
-            states += pool.submit(memory_child, kind, str(work)).result()
-    n = len(data)
-    reference = next(s["rss"] for s in states if s["kind"] == "hnswlib binding") / n
-    before_compaction = next(
-        s["rss"] for s in states if s["kind"] == "compaction" and s["state"] == "loaded"
-    )
-    rows = []
-    for s in states:
-        rows.append(
-            [
-                s["kind"],
-                s["state"],
-                s["rss"] / n,
-                s["anon"] / n,
-                s["file"] / n,
-                "" if s["memory_bytes"] is None else s["memory_bytes"] / n,
-                s["rss"] / n / reference,
-                "" if s["recall"] is None else s["recall"],
-                "" if s["kind"] != "compaction" else s["rss"] / before_compaction,
-            ]
-        )
-    return rows
 
 
 SECTIONS = ("unfiltered", "filtered", "switch_over", "memory")
