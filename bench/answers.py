@@ -4,13 +4,7 @@
         [--model qwen2.5-coder-0.5b-instruct-q4_k_m] [--limit N] [--k 5] [--no-cite]
         [--no-record]
 
-Questions: bench/answers_questions.json, written by hand from the topic texts
-and phrased as a user would ask. Each answerable one has a short gold answer,
-accepted variants, the topic that holds the answer and a `support`: a passage
-of that topic (whitespace folded) that proves it. Unanswerable ones are
-plausible Python questions whose answer is in no topic (third-party
-libraries, facts the reference does not state); each names `absent` terms,
-which must occur in no topic. load_questions() checks both and fails loudly.
+Questions and the rules that score each answer: bench/answer_scoring.py.
 
 Each generator gets its own `rag-grpc serve` over one data dir seeded with the
 demo corpus (rag_grpc.demo.pydoc_topics, as `--seed-demo` seeds it) through
@@ -23,27 +17,9 @@ with k passages, temperature 0 and the answer cache off:
   --triton-model llm (sampling parameters as one JSON input), with the
   model's `cite` parameter on as make serve-llm sets it (--no-cite: off).
 
-Rules (the same for every generator):
-
-- Normalisation: SQuAD's (lowercase, articles dropped, whitespace folded)
-  except that punctuation other than "_" becomes a space instead of
-  vanishing, so "str.casefold()" keeps the token "casefold" and "__all__"
-  stays apart from "all"; citation markers [n] are dropped first.
-- correct: the normalised gold answer or a variant occurs as a run of tokens
-  in the normalised answer. F1: SQuAD token F1, best over gold and variants.
-- A cited passage supports the answer when its text contains the support's
-  tokens in order, or when its longest run of tokens in common with the
-  support covers >= 50% of the support's tokens (a support cut by a chunk
-  boundary). Citation precision = supporting citations / all citations over
-  the answerable questions; a marker [n] past the passages given counts as an
-  unsupported citation. "support retrieved": some passage given supports it,
-  the ceiling for every generator.
-- abstains: the first sentence of the answer holds one of ABSTAIN_PHRASES, or
-  the generator finished with "no_answer". The extractive generator quotes
-  passages and never abstains; a quoted sentence can still match a phrase.
-- time to first token: from sending Ask to the first answer text, at the
-  client (retrieval included). tokens/s: completion tokens (the Ask summary's
-  usage) / the summary's generate time, summed over questions.
+Time to first token: from sending Ask to the first answer text, at the
+client (retrieval included). tokens/s: completion tokens (the Ask summary's
+usage) / the summary's generate time, summed over questions.
 
 Per-question rows, answer texts included, go to bench/results/answers-*.json;
 the table goes to bench/RESULTS.md (not with --no-record).
@@ -54,12 +30,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import difflib
 import json
-import re
 import shutil
 import signal
-import string
 import tempfile
 import time
 from collections.abc import Iterator
@@ -68,6 +41,17 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.answer_scoring import (
+    Question,
+    abstains,
+    cited_numbers,
+    contains_run,
+    fold,
+    load_questions,
+    supports,
+    token_f1,
+    tokens,
+)
 from bench.common import BENCH_DIR, command_line, free_port, record, table
 from bench.load import start_server
 from rag_grpc.client import RagClient
@@ -76,60 +60,6 @@ from rag_grpc.documents import Hit
 from rag_grpc.generate.base import AskFinished, Citations, Delta, GenerationParams
 
 ROOT = BENCH_DIR.parent
-QUESTIONS = BENCH_DIR / "answers_questions.json"
-# What an answer that declines says; matched in its first sentence, lowercased.
-ABSTAIN_PHRASES = (
-    "cannot answer",
-    "can't answer",
-    "can not answer",
-    "unable to answer",
-    "not able to answer",
-    "cannot be answered",
-    "can't be answered",
-    "i don't know",
-    "i do not know",
-    "no information",
-    "not enough information",
-    "insufficient information",
-    "does not contain",
-    "do not contain",
-    "doesn't contain",
-    "don't contain",
-    "does not mention",
-    "do not mention",
-    "doesn't mention",
-    "don't mention",
-    "not mentioned",
-    "does not provide",
-    "do not provide",
-    "not provided",
-    "does not say",
-    "do not say",
-    "not specified",
-    "not in the context",
-    "not in the passages",
-    "no answer",
-)
-_CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
-# Curly quotes, as the topics print them, are punctuation too.
-_PUNCTUATION = str.maketrans(
-    {c: " " for c in string.punctuation + "\u2018\u2019\u201c\u201d" if c != "_"}
-)
-_ARTICLES = {"a", "an", "the"}
-_FIRST_SENTENCE = re.compile(r"^.*?(?:[.!?](?:\s|$)|\n|$)", re.S)
-
-
-@dataclass(frozen=True)
-class Question:
-    """One question; gold, variants, topic and support only when answerable."""
-
-    id: str
-    question: str
-    answerable: bool
-    answer: str = ""
-    variants: tuple[str, ...] = ()
-    topic: str = ""
-    support: str = ""
 
 
 @dataclass(frozen=True)
@@ -155,102 +85,6 @@ class Outcome:
     generate_s: float
     completion_tokens: int
     prompt_tokens: int
-
-
-def fold(text: str) -> str:
-    """Whitespace runs folded to one space."""
-    return " ".join(text.split())
-
-
-def tokens(text: str, *, drop_articles: bool = True) -> list[str]:
-    """Normalised tokens (see the module docstring)."""
-    words = _CITATION.sub(" ", text).lower().translate(_PUNCTUATION).split()
-    return [w for w in words if not (drop_articles and w in _ARTICLES)]
-
-
-def contains_run(haystack: list[str], needle: list[str]) -> bool:
-    """Whether needle occurs in haystack as consecutive tokens."""
-    n = len(needle)
-    return n > 0 and any(haystack[i : i + n] == needle for i in range(len(haystack) - n + 1))
-
-
-def token_f1(prediction: list[str], reference: list[str]) -> float:
-    """SQuAD's token F1."""
-    common = sum(
-        min(prediction.count(w), reference.count(w)) for w in set(prediction) & set(reference)
-    )
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(prediction), common / len(reference)
-    return 2 * precision * recall / (precision + recall)
-
-
-def supports(passage: str, support: str) -> bool:
-    """Whether a passage holds the support, in full or >= 50% as one run of tokens."""
-    have, want = tokens(passage, drop_articles=False), tokens(support, drop_articles=False)
-    if contains_run(have, want):
-        return True
-    match = difflib.SequenceMatcher(None, have, want, autojunk=False).find_longest_match(
-        0, len(have), 0, len(want)
-    )
-    return match.size * 2 >= len(want)
-
-
-def cited_numbers(answer: str) -> tuple[int, ...]:
-    """The passage numbers cited as [n] or [n, m], in order of first citation."""
-    seen: list[int] = []
-    for group in _CITATION.findall(answer):
-        for number in (int(n) for n in group.split(",")):
-            if number not in seen:
-                seen.append(number)
-    return tuple(seen)
-
-
-def abstains(answer: str, finish_reason: str) -> bool:
-    """Whether the answer declines (see ABSTAIN_PHRASES)."""
-    match = _FIRST_SENTENCE.match(answer.strip())
-    first = (match.group(0) if match else answer).lower().replace("\u2019", "'")
-    return finish_reason == "no_answer" or any(p in first for p in ABSTAIN_PHRASES)
-
-
-def load_questions(path: Path = QUESTIONS) -> list[Question]:
-    """The question set, checked against the topic texts; raises ValueError on any flaw."""
-    from pydoc_data.topics import topics
-
-    folded = {name: fold(text) for name, text in topics.items()}
-    lowered = "\n".join(folded.values()).lower()
-    questions: list[Question] = []
-    problems: list[str] = []
-    for row in json.loads(path.read_text()):
-        q = Question(
-            row["id"],
-            row["question"],
-            row["answerable"],
-            row.get("answer", ""),
-            tuple(row.get("variants", ())),
-            row.get("topic", ""),
-            row.get("support", ""),
-        )
-        if q.answerable:
-            if q.topic not in folded:
-                problems.append(f"{q.id}: no pydoc topic {q.topic!r}")
-            elif fold(q.support) not in folded[q.topic]:
-                problems.append(f"{q.id}: support not in topic {q.topic!r}: {q.support!r}")
-            for reference in (q.answer, *q.variants):
-                if not tokens(reference):
-                    problems.append(f"{q.id}: {reference!r} normalises to nothing")
-        else:
-            for term in row.get("absent", ()):
-                if term.lower() in lowered:
-                    problems.append(f"{q.id}: {term!r} occurs in the topics: not unanswerable")
-            if not row.get("absent"):
-                problems.append(f"{q.id}: an unanswerable question names no absent terms")
-        questions.append(q)
-    if len({q.id for q in questions}) != len(questions):
-        problems.append("question ids repeat")
-    if problems:
-        raise ValueError(f"{path.name} is wrong:\n  " + "\n  ".join(problems))
-    return questions
 
 
 def ask(client: RagClient, q: Question, k: int, params: GenerationParams) -> Outcome:
@@ -478,7 +312,7 @@ def main() -> None:
             "(CPython's pydoc topics). correct: the gold answer or a variant in the answer; "
             "F1: SQuAD token F1; citation precision: cited passages that hold the support; "
             "support retrieved: some passage given holds it (the ceiling). Rules in "
-            "bench/answers.py.",
+            "bench/answer_scoring.py.",
             table(headers, rows),
         ]
     )
