@@ -1,6 +1,11 @@
 """Generation through a real Triton Inference Server (deploy/triton/serve.sh,
 the demo model repository): streaming, citations, cancellation, deadlines,
-Triton going away and coming back, readiness in health."""
+Triton going away and coming back, readiness in health.
+
+Why one file of ~450 lines: every test is one behaviour of rag-grpc with
+its generator on Triton, end to end, and they share this module's Triton,
+the settings that point rag-grpc at it, and the long-Ask and health
+helpers; split, the halves would import them from each other."""
 
 from __future__ import annotations
 
@@ -14,12 +19,9 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tokenizers import Tokenizer
 
 from rag_grpc.client import RagClient, RpcError
-from rag_grpc.generate.base import AskFinished, Citations, Delta, Passage
-from rag_grpc.generate.breaker import CircuitBreaker
-from rag_grpc.generate.prompt import PromptBuilder
+from rag_grpc.generate.base import AskFinished, Citations, Delta
 from rag_grpc.pb import (
     common_pb2,
     generation_pb2,
@@ -29,14 +31,13 @@ from rag_grpc.pb import (
 )
 from tests.conftest import (
     CORPUS,
-    MODEL_DIR,
     ServerProcess,
     ServerThread,
     ask_summary,
 )
 from tests.triton_server import TOKEN_DELAY_MS, Triton
 
-# Most tests here start Triton; the two pure ones (prompt budget, breaker) ride along.
+# Every test here starts Triton (the prompt and the breaker alone: tests/generate/).
 pytestmark = pytest.mark.slow
 
 
@@ -288,42 +289,6 @@ def test_triton_killed_mid_run_then_back_without_restarting_rag_grpc(
     finally:
         own.kill()
         back.kill()
-
-
-def test_prompt_context_is_cut_to_the_token_budget_at_a_token_boundary() -> None:
-    tokenizer_path = MODEL_DIR / "tokenizer.json"
-    builder = PromptBuilder(tokenizer_path, "{context}\nQ: {question}", budget=40)
-    passages = [Passage("a", "a#0", CORPUS[0].text), Passage("b", "b#0", CORPUS[1].text)]
-    prompt, used, counted = builder.build("What is a volcano?", passages)
-    context = prompt.split("\nQ: ")[0]
-    assert used == 1 and context.startswith("[1] A volcano")
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    body = context[len("[1] ") :]
-    ids = tokenizer.encode(body, add_special_tokens=False).ids
-    full = tokenizer.encode(CORPUS[0].text, add_special_tokens=False).ids
-    assert len(ids) == 40 and ids == full[:40]  # whole tokens only, a prefix of the passage
-    # The count summed from the parts equals tokenising the whole prompt.
-    assert counted == builder.count(prompt)
-    again = builder.build("What is a volcano?", passages)  # from the encoding cache
-    assert again == (prompt, used, counted)
-
-
-def test_circuit_breaker_opens_then_lets_one_probe_through() -> None:
-    breaker = CircuitBreaker(failures=2, reset_s=0.2)
-    breaker.failure()
-    assert breaker.allow()
-    breaker.failure()
-    assert breaker.state == "open" and not breaker.allow()
-    time.sleep(0.25)
-    assert breaker.allow() and not breaker.allow()  # one probe at a time
-    breaker.failure()  # the probe failed: open again
-    assert breaker.state == "open"
-    time.sleep(0.25)
-    assert breaker.allow()
-    breaker.success()
-    assert breaker.state == "closed" and breaker.allow()
 
 
 def generation_stats(client: RagClient) -> Any:
