@@ -86,6 +86,8 @@ def citation_grammar(prompt):
 
 
 def sha256_of(path):
+    """The file's hex sha256, as weights.py's sha256_file computes it: a model
+    directory is deployed on its own, so it imports nothing of ours."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -142,9 +144,7 @@ class TritonPythonModel:
                 "(a corrupt or substituted file; fetch it again with deploy/triton/weights.py)"
             )
         instances = _int_env("RAG_LLM_INSTANCES", 1, 1, 64)
-        threads = _int_env(
-            "RAG_LLM_THREADS", max(1, (os.cpu_count() or 1) // instances), 1, 1024
-        )
+        threads = _int_env("RAG_LLM_THREADS", max(1, (os.cpu_count() or 1) // instances), 1, 1024)
         self.criteria = StoppingCriteriaList
         self.grammar = LlamaGrammar
         self.n_ctx = _int_env("RAG_LLM_CTX", 4096, 256, 131072)
@@ -352,13 +352,19 @@ class TritonPythonModel:
 
             finish = "length"
             for chunk in llm.create_completion(
-                prompt=tokens, stream=True, stop=stops, stopping_criteria=self.criteria([keep_going]), **options
+                prompt=tokens,
+                stream=True,
+                stop=stops,
+                stopping_criteria=self.criteria([keep_going]),
+                **options,
             ):
                 choice = chunk["choices"][0]
                 piece = choice.get("text") or ""
                 if piece:
                     if stream:
-                        sender.send(pb_utils.InferenceResponse([_text_tensor("text_output", piece)]))
+                        sender.send(
+                            pb_utils.InferenceResponse([_text_tensor("text_output", piece)])
+                        )
                     else:
                         pieces.append(piece)
                 if choice.get("finish_reason"):
