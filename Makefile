@@ -80,8 +80,8 @@ llm-weights: | $(BIN)/python
 	$(BIN)/python deploy/triton/weights.py fetch $(LLM)
 
 lint: install-test
-	$(BIN)/ruff check rag_grpc tests $(wildcard bench/*.py envoy/*.py)
-	$(BIN)/ruff format --check rag_grpc tests $(wildcard bench/*.py envoy/*.py)
+	$(BIN)/ruff check rag_grpc tests bench envoy
+	$(BIN)/ruff format --check rag_grpc tests bench envoy
 
 typecheck: install-test
 	$(BIN)/mypy rag_grpc bench tests
@@ -116,8 +116,8 @@ image:
 	IMAGE=$(IMAGE) deploy/image/build.sh
 
 format: install-test
-	$(BIN)/ruff format rag_grpc tests $(wildcard bench/*.py envoy/*.py)
-	$(BIN)/ruff check --fix rag_grpc tests $(wildcard bench/*.py envoy/*.py)
+	$(BIN)/ruff format rag_grpc tests bench envoy
+	$(BIN)/ruff check --fix rag_grpc tests bench envoy
 
 clean:
 	rm -rf $(VENV) build rag_grpc/_gen *.egg-info

@@ -420,13 +420,13 @@ def test_write_log_lag_counts_entries_published_but_not_applied(
         assert re.search(r"(?m)^rag_write_log_stalled\{.*\} 0\.0$", scrape(port))
         # The applier is held inside the next entry: published, not applied.
         release = threading.Event()
-        apply = nats._apply
+        apply = nats.follower.apply_entry
 
         def held(data: bytes, seq: int) -> Any:
             release.wait(30)
             return apply(data, seq)
 
-        nats._apply = held  # type: ignore[method-assign]
+        nats.follower.apply_entry = held  # type: ignore[method-assign]
         writer = threading.Thread(target=client.upsert, args=(CORPUS[1:2],))
         writer.start()
         try:

@@ -220,10 +220,10 @@ def test_search_passes_mode_fusion_and_rerank_to_the_client() -> None:
     args = parser.parse_args(
         ["search", "q", "--mode", "hybrid", "--fusion", "relative_score", "--rrf-k", "10"]
     )
-    assert cli._search_options(args) == {"mode": "hybrid", "fusion": "relative_score", "rrf_k": 10}
+    assert cli.search_options(args) == {"mode": "hybrid", "fusion": "relative_score", "rrf_k": 10}
     args = parser.parse_args(["search", "q", "--rerank"])
-    assert cli._search_options(args) == {"rerank": True}
-    assert cli._search_options(parser.parse_args(["search", "q"])) == {}
+    assert cli.search_options(args) == {"rerank": True}
+    assert cli.search_options(parser.parse_args(["search", "q"])) == {}
 
 
 def test_search_command_with_a_mode(
