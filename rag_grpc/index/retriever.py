@@ -95,9 +95,7 @@ class Retriever:
         """Store documents, replacing any with the same id; all or nothing."""
         prepared = self.writes.prepare_upsert(namespace, documents)
         if not prepared.documents:
-            return WriteResult(
-                0, 0, self.store.generation(prepared.namespace), unchanged=len(prepared.unchanged)
-            )
+            return self.writes.unchanged_result(prepared)
         return self.writes.apply_upsert(prepared)
 
     def prepare_upsert(

@@ -10,11 +10,12 @@ Every writer goes through these two steps: Upsert in process, the SQLite job
 worker, the NATS worker (prepare) and the NATS log applier (apply), and the
 same for deletions (a delete by filter is resolved to ids when prepared).
 
-What a write must be is checked in write_checks.py. The rest stays here (a
-little over 400 lines) because it is one path: capacity and quota admission,
-embedding, the store transaction, the index, sizes and compaction all happen
-in order under the namespace's write lock, and splitting them would scatter
-that order over modules.
+What a write must be is checked in write_checks.py, and rebuilding indexes
+without their deleted slots is compaction.py. The rest stays here (about 450
+lines) because it is one path: capacity and quota admission, embedding, the
+store transaction, the index and sizes all happen in order under the
+namespace's write lock, and splitting them would scatter that order over
+modules.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from rag_grpc.embed.chunking import TokenChunker
 from rag_grpc.embed.encoder import Embedder
 from rag_grpc.errors import InvalidArgument, NotFound, RagError, ResourceExhausted
 from rag_grpc.filters import Filter, validate_filter
+from rag_grpc.index.compaction import Compactor
 from rag_grpc.index.namespaces import NamespaceIndexes
 from rag_grpc.index.payload import chunk_rows
 from rag_grpc.index.sizes import NamespaceSizes, Sizes
@@ -134,7 +136,7 @@ class WritePath:
         # caches holding their text (results, answers) drop it.
         self.forget_listeners: list[Callable[[str], None]] = []
         self.memory_limit = memory_limit(limits.max_index_bytes)
-        self.compactions = 0
+        self.compactor = Compactor(store, indexes, config, telemetry)
         # Tenancy (set by the server when a policy is configured): the sizes
         # every applied write keeps current, the check of what a write may
         # add, and listeners told (namespace, tokens) of each embedding.
@@ -219,6 +221,12 @@ class WritePath:
             tuple(d.id for d in valid if d.id in same),
             tuple(errors),
         )
+
+    def unchanged_result(self, prepared: PreparedUpsert) -> WriteResult:
+        """The result of a prepared write with no document left to store
+        (all stored unchanged): nothing to apply, the generation stays."""
+        generation = self.store.generation(prepared.namespace)
+        return WriteResult(0, 0, generation, unchanged=len(prepared.unchanged))
 
     def _admit(
         self,
@@ -362,7 +370,7 @@ class WritePath:
                 self.sizes.change(namespace, change)
             self.indexes.add(namespace, vectors, outcome.added_labels, new_payload)
             self.indexes.set_generation(namespace, outcome.generation)
-            self._maybe_compact(namespace)
+            self.compactor.maybe_compact(namespace)
         return WriteResult(len(documents), len(chunks), outcome.generation, unchanged=unchanged)
 
     # -- delete --------------------------------------------------------------
@@ -438,7 +446,7 @@ class WritePath:
                 self.indexes.rebuild(namespace)
                 self.store.record_audit(prepared.actor or "unknown", "forget", namespace, deleted)
             else:
-                self._maybe_compact(namespace)
+                self.compactor.maybe_compact(namespace)
         if prepared.forget:
             for listener in self.forget_listeners:
                 listener(namespace)
@@ -446,45 +454,12 @@ class WritePath:
         missing = tuple(i for i in prepared.ids if i not in gone)
         return WriteResult(len(deleted), len(labels), generation, missing)
 
-    # -- compaction ----------------------------------------------------------
-
-    def _maybe_compact(self, namespace: str) -> None:
-        """Rebuild an index whose deleted slots passed the configured fraction
-        (caller holds the namespace's write lock)."""
-        fraction = self.config.compact_deleted_fraction
-        if not fraction or namespace not in self.indexes:
-            return
-        index = self.indexes.get(namespace)
-        slots = index.slots
-        if slots < self.config.compact_min_slots or (slots - len(index)) <= fraction * slots:
-            return
-        self._compact_locked(namespace)
+    @property
+    def compactions(self) -> int:
+        """Indexes rebuilt without their deleted slots since start."""
+        return self.compactor.compactions
 
     def compact(self, namespace: str | None = None) -> dict[str, tuple[int, int]]:
-        """Rebuild indexes without their deleted slots and vacuum the database;
-        returns namespace -> (slots before, after)."""
-        names = [self.indexes.existing(namespace)] if namespace else self.indexes.names()
-        done = {}
-        for name in names:
-            with self.indexes.write_lock(name):
-                before = self.indexes.get(name).slots
-                self._compact_locked(name, vacuum=False)
-                done[name] = (before, self.indexes.get(name).slots)
-        self.store.vacuum()
-        return done
-
-    def _compact_locked(self, namespace: str, vacuum: bool = True) -> None:
-        started = time.perf_counter()
-        before = self.indexes.get(namespace).slots
-        index = self.indexes.rebuild(namespace)
-        if vacuum:
-            self.store.vacuum()
-        self.compactions += 1
-        self.telemetry.record("compactions", 1)
-        log.info(
-            "compacted %s: %d -> %d index slots in %.2f s",
-            namespace,
-            before,
-            index.slots,
-            time.perf_counter() - started,
-        )
+        """Rebuild indexes without their deleted slots and vacuum the database
+        (see `Compactor.compact`)."""
+        return self.compactor.compact(namespace)

@@ -341,8 +341,7 @@ class NatsIngestion(WriteBackend):
         self.check_writable()
         prepared = await self.in_thread(self.retriever.prepare_upsert, namespace, documents)
         if not prepared.documents:
-            generation = self.retriever.store.generation(prepared.namespace)
-            return WriteResult(0, 0, generation, unchanged=len(prepared.unchanged))
+            return self.retriever.writes.unchanged_result(prepared)
         self.retriever.writes.checks.check_upsert(prepared)
         result, _ = await self._write(encode_prepared_upsert(prepared))
         return WriteResult(
