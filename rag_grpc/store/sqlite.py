@@ -4,7 +4,7 @@ The vector index is derived from the ``chunks`` table and can be rebuilt from
 it at any time. Chunk labels are AUTOINCREMENT row ids, never reused, so a
 label found in the index names at most one chunk forever.
 
-Long (about 600 lines) on purpose: DocumentStore is one class over one writer
+Long (about 650 lines) on purpose: DocumentStore is one class over one writer
 connection and its lock, and its transactions span the tables (a write
 replaces documents, chunks and metadata, bumps the generation and records the
 write log's position in one commit), so its methods stay together. The parts

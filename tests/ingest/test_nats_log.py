@@ -83,6 +83,18 @@ def nats_server(tmp_path: Path) -> Iterator[Nats]:
     server.stop()
 
 
+def nats_cluster(tmp_path: Path, size: int = 3) -> list[Nats]:
+    """A NATS cluster of `size` nodes routed to each other, started (the
+    caller stops them)."""
+    nodes = [Nats(tmp_path / f"n{i}", f"n{i}") for i in range(1, size + 1)]
+    routes = ", ".join(f"nats-route://127.0.0.1:{n.cluster_port}" for n in nodes)
+    for node in nodes:
+        node.work.mkdir()
+        node.cluster = routes
+        node.start()
+    return nodes
+
+
 def on_nats(url: str, **ingestion: Any) -> dict[str, Any]:
     return {"ingestion": {"queue": "nats", "nats_url": url, **ingestion}}
 
@@ -285,12 +297,7 @@ def test_a_full_queue_is_refused_and_nats_down_is_unavailable(
 def test_a_three_node_nats_cluster_loses_no_document_when_its_leader_dies(
     start_server: Callable[..., ServerThread], tmp_path: Path
 ) -> None:
-    nodes = [Nats(tmp_path / f"n{i}", f"n{i}") for i in range(1, 4)]
-    routes = ", ".join(f"nats-route://127.0.0.1:{n.cluster_port}" for n in nodes)
-    for node in nodes:
-        node.work.mkdir()
-        node.cluster = routes
-        node.start()
+    nodes = nats_cluster(tmp_path)
     urls = ",".join(n.url for n in nodes)
     try:
         # Documents handed to a worker just as the leader died are redelivered
@@ -661,12 +668,7 @@ def test_documents_a_killed_worker_held_go_to_another_worker_once(
 def test_a_nats_leader_killed_during_a_job_loses_no_document(
     start_server: Callable[..., ServerThread], tmp_path: Path
 ) -> None:
-    nodes = [Nats(tmp_path / f"n{i}", f"n{i}") for i in range(1, 4)]
-    routes = ", ".join(f"nats-route://127.0.0.1:{n.cluster_port}" for n in nodes)
-    for node in nodes:
-        node.work.mkdir()
-        node.cluster = routes
-        node.start()
+    nodes = nats_cluster(tmp_path)
     urls = ",".join(n.url for n in nodes)
     try:
         server = start_server(
