@@ -149,11 +149,6 @@ class NatsIngestion(WriteBackend):
         return self.follower.applied
 
     @property
-    def log_head(self) -> int:
-        """The highest log sequence this process has seen exist."""
-        return self.follower.log_head
-
-    @property
     def log_lag(self) -> int:
         """Log entries this replica knows exist and has not applied yet."""
         return self.follower.log_lag
