@@ -61,7 +61,3 @@ def _parser() -> argparse.ArgumentParser:
     for add in _COMMANDS:
         add(sub)
     return parser
-
-
-# Kept for tests/test_evaluation.py until it calls search_options (REQUESTS.md).
-_search_options = search_options
