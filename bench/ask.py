@@ -34,7 +34,7 @@ from bench.load import start_server
 from rag_grpc.client import RagClient
 from rag_grpc.documents import Document
 from rag_grpc.generate.base import AskFinished, Citations, Delta, GenerationParams, Passage
-from rag_grpc.generate.triton import PromptBuilder
+from rag_grpc.generate.prompt import PromptBuilder
 from rag_grpc.pb import common_pb2, generation_pb2, generation_service_pb2_grpc
 
 ROOT = BENCH_DIR.parent
