@@ -5,6 +5,10 @@ log), ingestion workers (`rag-grpc serve` with ingestion, pulling the job
 queue, keeping no store) and Envoy (envoy/render.py's configuration) in front
 of the replicas.
 
+One file: it is the one deployment (`Cluster`, its members and gateway) and
+what the tests that start it do to it (load, waits, counts on each replica);
+tests/test_chaos.py and bench/chaos.py (the soak benchmark) use them together.
+
 Built from the helpers the other tests use: `Nats` and `worker_config`
 (tests/ingest/test_nats_log.py), `ServerProcess` (tests/conftest.py), `Envoy`
 (tests/test_envoy.py).

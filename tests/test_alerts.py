@@ -3,7 +3,11 @@ files are what the generator writes, promtool accepts them and its unit tests
 pass, every alert carries what an operator needs (summary, description,
 severity, a runbook section that exists), the metrics they watch move on a
 real server, and a real Prometheus scraping a real rag-grpc fires the Search
-availability burn-rate alert when Search fails."""
+availability burn-rate alert when Search fails.
+
+One file: all of it is the one rule set the generator writes, from the files
+to promtool's unit tests of it to the alert firing; its longest part is the
+table of those unit tests (`unit_tests`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,10 @@
 """The Envoy gateway (envoy/render.py, envoy/certs.sh) with the real `envoy`
 binary in front of real rag-grpc servers: mTLS, rate limits, canary,
-blue-green, admin statistics."""
+blue-green, admin statistics.
+
+One file: every test is about the one configuration envoy/render.py writes,
+and they share the module's certificates (certs.sh, run once) and the `Envoy`
+class that starts it (tests/cluster.py builds on it)."""
 
 from __future__ import annotations
 

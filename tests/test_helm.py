@@ -5,7 +5,11 @@ validated strictly against Kubernetes' schemas (kubernetes-validate); what
 the deployment depends on asserted in the rendered objects; the Envoy
 configuration the chart carries equal to a fresh envoy/render.py run; and
 the rag-grpc configuration the pods get (ConfigMap TOML + environment)
-loaded by rag-grpc's own config loader."""
+loaded by rag-grpc's own config loader.
+
+One file: every test reads the one chart, rendered and parsed once per values
+variant (`manifests`, cached for the module); split, each file would render
+and validate the chart again."""
 
 from __future__ import annotations
 

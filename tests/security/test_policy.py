@@ -1,6 +1,9 @@
 """The policy file: what a valid one becomes, each way a broken one is
 refused, who gets which grant, and reloads (by call and by SIGHUP) that keep
-the old policy when the new file is broken."""
+the old policy when the new file is broken.
+
+One file: all of it is security/policy.py's contract, and most of its length
+is one table (`BROKEN`) of broken files with the message each is refused with."""
 
 from __future__ import annotations
 
