@@ -1,5 +1,9 @@
 """The security commands of `rag-grpc` (apikey, audit, the serve flags),
-run as the real command."""
+run as the real command.
+
+One file: these are the commands of rag_grpc/cli/security.py and the serve
+flags they feed; the TLS tests share one certificate authority made once for
+the module (`pki`)."""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from rag_grpc.client import RagClient
 from rag_grpc.security.api_keys import api_key_hash
 from rag_grpc.security.audit import AuditEvent, AuditLog
 from rag_grpc.security.usage import COUNTERS, GAUGES
-from tests.cli.test_cli import cli
+from tests.cli.command import cli
 from tests.conftest import CORPUS, EXPORT_DIR, MODEL_DIR, free_port, tool
 from tests.security.certs import issue, make_ca
 
