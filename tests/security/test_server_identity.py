@@ -28,7 +28,7 @@ from rag_grpc.security.audit import AuditLog
 from rag_grpc.server import RagServer
 from tests.conftest import CORPUS, ServerProcess, ServerThread, make_settings
 from tests.security.certs import issue, make_ca
-from tests.security.test_server_tenancy import member, write_policy
+from tests.security.tenants import member, write_policy
 
 APP = "spiffe://example.org/acme/app"
 DASH = "spiffe://example.org/acme/dash"

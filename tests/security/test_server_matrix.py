@@ -39,7 +39,7 @@ from rag_grpc.pb import (
     retrieval_service_pb2_grpc,
 )
 from tests.conftest import CORPUS, ServerThread, make_settings
-from tests.security.test_server_tenancy import Member, member, write_policy
+from tests.security.tenants import Member, member, write_policy
 
 READER = member("acme", "reader", "acme-reader")
 WRITER = member("acme", "writer", "acme-writer")

@@ -13,7 +13,7 @@ from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document
 from tests.conftest import CORPUS, ServerThread
 from tests.ingest.test_nats_log import Nats, nats_server, on_nats, wait_for
-from tests.security.test_server_tenancy import member, write_policy
+from tests.security.tenants import member, write_policy
 
 # Starts a NATS server.
 pytestmark = pytest.mark.slow

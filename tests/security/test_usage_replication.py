@@ -25,7 +25,7 @@ from rag_grpc.security.model import TenantUsage
 from rag_grpc.security.usage import MAX_BATCH_COUNT, UsageBatch, UsageLedger
 from tests.conftest import ServerThread
 from tests.ingest.test_nats_log import Nats, nats_server, on_nats, wait_for
-from tests.security.test_server_tenancy import member, write_policy
+from tests.security.tenants import member, write_policy
 
 __all__ = ["nats_server"]  # the fixture, used by name
 
