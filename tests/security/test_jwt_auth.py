@@ -4,7 +4,6 @@ refused with a message that says what is wrong."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -13,11 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from rag_grpc.errors import Unauthenticated
 from rag_grpc.security.identity import Identity
@@ -27,72 +23,17 @@ from rag_grpc.security.jwt_auth import (
     JwtVerifier,
     looks_like_jwt,
 )
-
-ISSUER = "https://issuer.example"
-AUDIENCE = "rag-grpc"
-
-PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
-
-
-@pytest.fixture(scope="module")
-def keys() -> dict[str, PrivateKey]:
-    """One private key per kid; RSA generation is slow, so once per module."""
-    return {
-        "rsa-1": rsa.generate_private_key(public_exponent=65537, key_size=2048),
-        "rsa-2": rsa.generate_private_key(public_exponent=65537, key_size=2048),
-        "ec-1": ec.generate_private_key(ec.SECP256R1()),
-        "ed-1": ed25519.Ed25519PrivateKey.generate(),
-    }
-
-
-def public_jwk(private_key: PrivateKey, kid: str | None, **extra: Any) -> dict[str, Any]:
-    """The JWK of a private key's public half, as an issuer publishes it."""
-    public = private_key.public_key()
-    if isinstance(public, rsa.RSAPublicKey):
-        jwk = RSAAlgorithm.to_jwk(public, as_dict=True)
-    elif isinstance(public, ec.EllipticCurvePublicKey):
-        jwk = ECAlgorithm.to_jwk(public, as_dict=True)
-    else:
-        jwk = OKPAlgorithm.to_jwk(public, as_dict=True)
-    if kid is not None:
-        jwk["kid"] = kid
-    return {**jwk, **extra}
-
-
-def write_jwks(path: Path, jwks: list[dict[str, Any]]) -> Path:
-    path.write_text(json.dumps({"keys": jwks}))
-    return path
-
-
-def claims(**changes: Any) -> dict[str, Any]:
-    """Claims a valid token carries, with changes (None removes a claim)."""
-    now = int(time.time())
-    base: dict[str, Any] = {
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": "spiffe://example.org/acme/app",
-        "tenant": "acme",
-        "iat": now,
-        "exp": now + 300,
-    }
-    base.update(changes)
-    return {name: value for name, value in base.items() if value is not None}
-
-
-def sign(private_key: PrivateKey, alg: str, kid: str | None, payload: dict[str, Any]) -> str:
-    headers = {"kid": kid} if kid is not None else {}
-    return jwt.encode(payload, private_key, algorithm=alg, headers=headers)
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def hand_made(header: dict[str, Any], payload: dict[str, Any], signature: bytes = b"") -> str:
-    """A token PyJWT would refuse to make (unsigned, or HMAC over a public key)."""
-    return (
-        f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}.{b64(signature)}"
-    )
+from tests.security.jwts import (
+    AUDIENCE,
+    ISSUER,
+    PrivateKey,
+    b64,
+    claims,
+    hand_made,
+    public_jwk,
+    sign,
+    write_jwks,
+)
 
 
 @pytest.fixture
@@ -338,68 +279,6 @@ def test_reload_picks_up_a_rotated_key_and_survives_a_broken_file(
     assert isinstance(error, JwtConfigError)
     assert "is not JSON" in str(error)
     assert verifier.verify(new).tenant == "acme"  # the previous keys stay in force
-
-
-def test_encryption_keys_in_the_set_are_skipped(
-    tmp_path: Path, keys: dict[str, PrivateKey]
-) -> None:
-    jwks = [
-        public_jwk(keys["rsa-2"], "enc-1", use="enc", alg="RSA-OAEP"),
-        public_jwk(keys["rsa-1"], "rsa-1", use="sig", alg="RS256"),
-    ]
-    settings = JwtSettings(write_jwks(tmp_path / "jwks.json", jwks), ISSUER, AUDIENCE)
-    verifier = JwtVerifier(settings)
-    assert verifier.key_ids == ("rsa-1",)
-    assert verifier.verify(sign(keys["rsa-1"], "RS256", "rsa-1", claims())).tenant == "acme"
-
-
-def config_error(tmp_path: Path, jwks: Any, **settings: Any) -> str:
-    path = tmp_path / "jwks.json"
-    path.write_text(jwks if isinstance(jwks, str) else json.dumps({"keys": jwks}))
-    with pytest.raises(JwtConfigError) as info:
-        JwtVerifier(JwtSettings(path, ISSUER, AUDIENCE, **settings))
-    return str(info.value)
-
-
-def test_jwks_file_errors(tmp_path: Path, keys: dict[str, PrivateKey]) -> None:
-    with pytest.raises(JwtConfigError, match="does not exist"):
-        JwtVerifier(JwtSettings(tmp_path / "missing.json", ISSUER, AUDIENCE))
-    assert "is not JSON: Expecting value at line 1 column 1" in config_error(tmp_path, "nope")
-    assert 'must be a JSON object {"keys": [...]}' in config_error(tmp_path, "[]")
-    assert "holds no signing keys" in config_error(tmp_path, [])
-    assert "key #1 is not a JSON object" in config_error(tmp_path, ["x"])
-
-
-def test_jwks_key_errors(tmp_path: Path, keys: dict[str, PrivateKey]) -> None:
-    rsa_1 = public_jwk(keys["rsa-1"], "rsa-1")
-    ec_1 = public_jwk(keys["ec-1"], "ec-1")
-    p384 = public_jwk(ec.generate_private_key(ec.SECP384R1()), "p384")
-    weak = public_jwk(rsa.generate_private_key(public_exponent=65537, key_size=1024), "weak")
-    private = {**ec_1, "d": b64(b"\x01" * 32)}
-    cases = {
-        "its alg RS512 is not among the allowed algorithms": [{**rsa_1, "alg": "RS512"}],
-        "alg 'ES256' does not fit its RSA key": [{**rsa_1, "alg": "ES256"}],
-        "its EC P-384 key verifies ES384, none of which is among the allowed": [p384],
-        "is a shared secret (kty oct)": [{"kty": "oct", "k": b64(b"secret"), "kid": "h"}],
-        "holds a private key ('d')": [private],
-        "unsupported key type kty='XYZ'": [{"kty": "XYZ", "kid": "x"}],
-        "is not a usable EC P-256 key": [{**ec_1, "x": b64(b"short")}],
-        "below the minimum recommended size of 2048 bits": [weak],
-        "kid 'rsa-1' is used by two keys": [rsa_1, {**ec_1, "kid": "rsa-1"}],
-        "the EC P-256 key has no kid; with more than one key": [
-            rsa_1,
-            public_jwk(keys["ec-1"], None),
-        ],
-        "kid must be a string": [{**rsa_1, "kid": 7}],
-        "kty and crv must be strings": [{**ec_1, "crv": ["P-256"]}],
-        "alg must be a string": [{**rsa_1, "alg": ["RS256"]}],
-        "is not a usable RSA key": [{"kty": "RSA", "kid": "r", "e": "AQAB"}],
-    }
-    for expected, jwks in cases.items():
-        assert expected in config_error(tmp_path, jwks), expected
-    # Allowing the key's algorithm makes the same file usable.
-    path = write_jwks(tmp_path / "p384.json", [p384])
-    JwtVerifier(JwtSettings(path, ISSUER, AUDIENCE, algorithms=("ES384",)))
 
 
 @pytest.mark.parametrize(
