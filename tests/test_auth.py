@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rag_grpc.client import RagClient, RpcError
 from rag_grpc.generate.base import Citations
-from tests.cli.test_cli import cli
+from tests.cli.command import cli
 from tests.conftest import CORPUS, ServerThread, ask_citations
 
 

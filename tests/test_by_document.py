@@ -12,7 +12,7 @@ from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document, Hit
 from rag_grpc.filters import Equals
 from rag_grpc.index.retriever import SearchQuery
-from tests.cli.test_cli import cli
+from tests.cli.command import cli
 from tests.conftest import ServerThread, ask_citations
 
 QUERY = "lava erupting from a volcano crater"

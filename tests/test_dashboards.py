@@ -20,7 +20,10 @@ from rag_grpc.client import RpcError
 from tests.conftest import CORPUS, ROOT, ServerThread, ask_summary
 from tests.ingest.test_nats_log import Nats, on_nats
 from tests.prometheus_server import PrometheusServer
-from tests.security.test_server_tenancy import ACME_ADMIN, GLOBEX_ADMIN, client, write_policy
+from tests.security.tenants import client, member, write_policy
+
+ACME_ADMIN = member("acme", "admin", "acme-admin")
+GLOBEX_ADMIN = member("globex", "admin", "globex-admin")
 
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))

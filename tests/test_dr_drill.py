@@ -23,7 +23,7 @@ import pytest
 from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document, Hit
 from rag_grpc.filters import Equals
-from tests.cli.test_cli import cli
+from tests.cli.command import cli
 from tests.conftest import ServerProcess, ServerThread
 
 pytestmark = pytest.mark.slow

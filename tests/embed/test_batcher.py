@@ -17,7 +17,7 @@ from rag_grpc.embed.cache import EmbeddingCache, text_key
 from rag_grpc.embed.encoder import EmbedOutput, OnnxEncoder
 from rag_grpc.embed.loader import load_encoder
 from rag_grpc.errors import ResourceExhausted
-from tests.cli.test_cli import cli
+from tests.cli.command import cli
 from tests.conftest import ServerProcess, ServerThread, make_settings
 
 

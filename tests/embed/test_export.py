@@ -26,7 +26,7 @@ from rag_grpc.embed.export import (
 from rag_grpc.embed.loader import encoder_spec, load_encoder
 from rag_grpc.embed.model_files import ModelFilesError
 from tests.bert_reference import ReferenceEncoder
-from tests.cli.test_cli import cli
+from tests.cli.command import cli
 from tests.conftest import EXPORT_DIR, MODEL_DIR
 
 
