@@ -1,19 +1,25 @@
-"""The one write path under attack and under failure: log entries that cannot
-be applied, erasure on any SQLite build, retention racing a refresh, limits,
-a busy database, compaction."""
+"""The one write path under attack and under failure, through a running
+server: deletes refused before they reach the log, erasure on any SQLite
+build, retention racing a refresh and deleting through the log, a write's time
+carried through the log, limits, a busy or full database, a memory limit,
+deadlines on filter queries, caches bounded in bytes, writes kept off the
+search threads, what a crash leaves, periodic saves.
+
+About 450 lines in one file: each test is one way a write is refused or
+survives a failure, seen from a client of the server the write path runs in
+(`expect` checks the status each refusal gives). Parts with a module of their
+own are tested beside it: compaction in test_compaction.py, the log follower
+skipping entries it cannot apply in tests/ingest/test_log_follower.py."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import nats
 import numpy as np
 import pytest
 
@@ -26,15 +32,9 @@ from rag_grpc.errors import DeadlineExceeded
 from rag_grpc.filters import Equals
 from rag_grpc.index.writes import PreparedDelete
 from tests.conftest import CORPUS, ServerThread, ask_answer
-from tests.ingest.test_nats_log import Nats, on_nats, wait_for
+from tests.ingest.nats_setup import Nats, nats_node, on_nats, wait_for
 
-
-@pytest.fixture
-def nats_node(tmp_path: Path) -> Iterator[Nats]:
-    (tmp_path / "nats").mkdir()
-    node = Nats(tmp_path / "nats").start()
-    yield node
-    node.stop()
+__all__ = ["nats_node"]  # a fixture, used by name
 
 
 def expect(code: str, call: Callable[[], object], *words: str) -> str:
@@ -44,90 +44,6 @@ def expect(code: str, call: Callable[[], object], *words: str) -> str:
     for word in words:
         assert word in info.value.message, info.value.message
     return info.value.message
-
-
-def publish_raw(url: str, subject: str, payloads: list[bytes]) -> None:
-    """Publish straight onto the write log, as a buggy or hostile writer could."""
-
-    async def run() -> None:
-        nc = await nats.connect(url)
-        js = nc.jetstream()
-        for payload in payloads:
-            await js.publish(subject, payload)
-        await nc.close()
-
-    asyncio.run(run())
-
-
-def vector_b64(values: np.ndarray) -> str:
-    import base64
-
-    return base64.b64encode(np.ascontiguousarray(values, dtype="<f4").tobytes()).decode()
-
-
-def test_log_entries_that_cannot_apply_are_skipped_and_later_ones_applied(
-    start_server: Callable[..., ServerThread], nats_node: Nats, tmp_path: Path
-) -> None:
-    data = tmp_path / "data"
-    server = start_server(data, **on_nats(nats_node.url))
-    ingestion = server.server.nats
-    assert ingestion is not None
-    wait_for(ingestion.connected.is_set)
-    unit = np.zeros(384, np.float32)
-    unit[0] = 1.0
-    good_doc = {"id": "d", "text": "text", "metadata": {}, "type": ""}
-    forged = [
-        b"not json at all",
-        json.dumps({"op": "delete", "namespace": "default", "ids": [""]}).encode(),
-        json.dumps({"op": "delete", "namespace": "default", "ids": ["x"] * 100_000}).encode(),
-        # A namespace that would name a file outside the index directory.
-        json.dumps(
-            {
-                "op": "upsert",
-                "namespace": "../escape",
-                "documents": [good_doc],
-                "chunks": [["d", 0, "text", vector_b64(unit)]],
-            }
-        ).encode(),
-        json.dumps(
-            {
-                "op": "upsert",
-                "namespace": "default",
-                "documents": [good_doc],
-                "chunks": [["d", 0, "text", vector_b64(unit[:100])]],
-            }
-        ).encode(),
-        json.dumps(
-            {
-                "op": "upsert",
-                "namespace": "default",
-                "documents": [good_doc],
-                "chunks": [["d", 0, "text", vector_b64(np.full(384, np.nan, np.float32))]],
-            }
-        ).encode(),
-        json.dumps({"op": "drop-everything", "namespace": "default"}).encode(),
-    ]
-    publish_raw(nats_node.url, ingestion.writes_subject, forged)
-    with RagClient(server.target) as client:
-        # A write published after them is applied: the replica did not stall.
-        client.upsert(CORPUS[:2])
-        assert {h.document_id for h in client.search("lava", k=5)} == {
-            CORPUS[0].id,
-            CORPUS[1].id,
-        }
-        assert ingestion.apply_errors == len(forged)
-        assert "../escape" not in server.server.store.namespaces()  # type: ignore[union-attr]
-        assert not list(tmp_path.glob("escape*")) and not list(data.glob("escape*"))
-        assert client.get(["d"])[1] == ["d"]
-    server.stop()
-    # Skipped for good: a restarted replica does not meet them again.
-    again = start_server(data, **on_nats(nats_node.url))
-    assert again.server.nats is not None
-    wait_for(again.server.nats.connected.is_set)
-    with RagClient(again.target) as client:
-        client.upsert(CORPUS[2:3])
-        assert client.get([CORPUS[2].id])[0]
-    assert again.server.nats.apply_errors == 0
 
 
 def test_bad_deletes_are_refused_before_they_reach_the_log(
@@ -351,47 +267,6 @@ def test_filter_queries_stop_at_the_deadline(
     assert len(store.labels_matching("default", Equals("topic", "games"))) == 1
 
 
-def test_deletes_are_compacted_away(
-    start_server: Callable[..., ServerThread], tmp_path: Path
-) -> None:
-    data = tmp_path / "data"
-    server = start_server(data, index={"compact_min_slots": 10, "compact_deleted_fraction": 0.4})
-    retriever = server.server.retriever
-    assert retriever is not None
-    documents = [
-        Document(f"d{i}", f"Catalogue entry {i}: " + "words of filler text " * 40)
-        for i in range(60)
-    ]
-    with RagClient(server.target) as client:
-        client.upsert(documents)
-        index = retriever.indexes.get("default")
-        full = index.slots
-        assert full == len(index) >= 60
-        size_full = checkpointed_size(data / "rag.sqlite3")
-        client.delete([d.id for d in documents[:20]])
-        assert retriever.indexes.get("default").slots == full  # under the threshold: marked only
-        client.delete([d.id for d in documents[20:40]])
-        index = retriever.indexes.get("default")
-        # Crossing 40 % deleted rebuilt the index without them and vacuumed the file.
-        assert index.slots == len(index) < full
-        assert retriever.writes.compactions == 1
-        assert checkpointed_size(data / "rag.sqlite3") < 0.8 * size_full
-        hits = client.search("Catalogue entry 45", k=3)
-        assert hits and all(int(h.document_id[1:]) >= 40 for h in hits)
-        # The explicit command reclaims what is left below the threshold.
-        client.delete([documents[40].id])
-        assert retriever.indexes.get("default").slots > len(retriever.indexes.get("default"))
-        before, after = retriever.compact("default")["default"]
-        assert before > after == len(retriever.indexes.get("default"))
-
-
-def checkpointed_size(path: Path) -> int:
-    """The database file's size with everything in its WAL written back."""
-    with sqlite3.connect(path) as conn:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    return path.stat().st_size
-
-
 def test_prepared_deletes_from_any_source_are_checked(
     start_server: Callable[..., ServerThread],
 ) -> None:
@@ -489,21 +364,6 @@ def test_writes_and_admin_work_never_take_the_search_threads(
             thread.join()
         assert searched_while_writing, "the searches waited for the writes"
         assert client.get(["slow-0", "slow-59"])[1] == []
-
-
-def test_a_watch_ends_after_its_maximum_duration(start_server: Callable[..., ServerThread]) -> None:
-    server = start_server(ingestion={"watch_max_s": 1.0})
-    words = " ".join(f"w{i}" for i in range(180))
-    with RagClient(server.target) as client:
-        job = client.submit([Document(f"d{i}", f"{i} {words}") for i in range(300)])
-        watches: list[list[Any]] = []
-        while not watches or watches[-1][-1].state != "SUCCEEDED":
-            started = time.monotonic()
-            watches.append(list(client.watch_job(job, timeout=600)))
-            assert time.monotonic() - started < 60
-        # The first streams ended while the job ran on; watching again went on.
-        assert len(watches) > 1 and watches[0][-1].state in ("QUEUED", "RUNNING")
-        assert watches[-1][-1].processed == 300
 
 
 def test_retention_under_nats_deletes_through_the_log_on_every_replica(

@@ -1,7 +1,7 @@
 """A NATS job's status without a NATS server: the counted positions kept as
 merged [start, end) ranges, the compare-and-set that counts each document
 once, the state a job reaches, and how NATS failures become our errors.
-(tests/ingest/test_nats_log.py runs the same against real NATS servers.)"""
+(test_nats_log.py and test_nats_worker.py run the same against real NATS servers.)"""
 
 from __future__ import annotations
 
