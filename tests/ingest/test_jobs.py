@@ -1,15 +1,13 @@
 """The SQLite job queue and its worker (IngestionManager) built directly over
 a Retriever with the word embedder: jobs run to the end, bad documents fail
 alone, the queue's limits hold, transient errors are retried and a job left
-running by a crash resumes."""
+running by a crash resumes. (What every job backend enforces, the shape of a
+job and of its id, is tested in test_job_rules.py.)"""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
@@ -18,40 +16,10 @@ from rag_grpc.documents import Document
 from rag_grpc.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from rag_grpc.index.query import SearchQuery
 from rag_grpc.index.retriever import Retriever
-from rag_grpc.ingest.job_rules import validate_job_id
 from rag_grpc.ingest.job_status import JobState, JobStatus
 from rag_grpc.ingest.jobs import IngestionManager, JobQueue, transient
 from tests.conftest import CORPUS
-from tests.in_process import open_retriever
-
-T = TypeVar("T")
-
-
-@pytest.fixture
-def retriever(tmp_path: Path) -> Retriever:
-    return open_retriever(tmp_path / "data")
-
-
-def run_with(
-    queue: JobQueue,
-    retriever: Retriever,
-    body: Callable[[IngestionManager], Awaitable[T]],
-    *,
-    limits: LimitsConfig | None = None,
-    start: bool = True,
-) -> T:
-    """body(manager) on a fresh event loop, the worker running (if start)."""
-
-    async def main() -> T:
-        manager = IngestionManager(queue, retriever, None, limits or LimitsConfig(), retry_s=0.01)
-        if start:
-            manager.start()
-        try:
-            return await asyncio.wait_for(body(manager), timeout=20)
-        finally:
-            await manager.stop()
-
-    return asyncio.run(main())
+from tests.ingest.conftest import run_with
 
 
 async def finished(manager: IngestionManager, job_id: str) -> JobStatus:
@@ -120,31 +88,6 @@ def test_watch_sees_the_job_progress_in_order(tmp_path: Path, retriever: Retriev
     assert len(set(seen)) == len(seen)  # one event per change
 
 
-@pytest.mark.parametrize(
-    ("docs", "message"),
-    [
-        ([], "at least one"),
-        ([Document("a", "x"), Document("a", "y")], "more than once"),
-        ([Document("", "x")], "must not be empty"),
-        ([Document(str(i), "x") for i in range(4)], "at most 3"),
-    ],
-    ids=["empty", "duplicate", "bad-id", "too-many"],
-)
-def test_a_malformed_job_is_refused_before_it_is_queued(
-    tmp_path: Path, retriever: Retriever, docs: list[Document], message: str
-) -> None:
-    queue = JobQueue(tmp_path / "jobs.sqlite3")
-
-    async def body(manager: IngestionManager) -> None:
-        with pytest.raises(InvalidArgument, match=message):
-            await manager.submit("", docs)
-        with pytest.raises(InvalidArgument):
-            await manager.submit("../up", [Document("a", "x")])
-
-    run_with(queue, retriever, body, limits=LimitsConfig(max_job_documents=3), start=False)
-    assert queue.pending_count() == 0
-
-
 def test_pending_jobs_are_bounded(tmp_path: Path, retriever: Retriever) -> None:
     queue = JobQueue(tmp_path / "jobs.sqlite3")
 
@@ -157,22 +100,6 @@ def test_pending_jobs_are_bounded(tmp_path: Path, retriever: Retriever) -> None:
     # No worker: the jobs stay queued.
     run_with(queue, retriever, body, limits=LimitsConfig(max_pending_jobs=2), start=False)
     assert queue.pending_count() == 2
-
-
-def test_job_ids_are_checked_before_they_are_looked_up(
-    tmp_path: Path, retriever: Retriever
-) -> None:
-    queue = JobQueue(tmp_path / "jobs.sqlite3")
-
-    async def body(manager: IngestionManager) -> None:
-        for bad in ("", "x" * 32, "0" * 31, "A" * 32, "0" * 33, "0" * 31 + "'"):
-            with pytest.raises(InvalidArgument):
-                await manager.get(bad)
-        with pytest.raises(NotFound):
-            await manager.get("0" * 32)
-
-    run_with(queue, retriever, body, start=False)
-    validate_job_id("0123456789abcdef" * 2)
 
 
 def test_a_job_a_crash_left_running_resumes_where_it_stopped(
