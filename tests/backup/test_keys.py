@@ -20,7 +20,7 @@ from rag_grpc.backup import (
     verified_members,
 )
 from rag_grpc.client import RagClient
-from tests.cli.test_cli import cli
+from tests.cli.command import cli
 from tests.conftest import CORPUS, ServerThread
 
 

@@ -27,7 +27,7 @@ from rag_grpc.backup import (
 )
 from rag_grpc.client import RagClient
 from tests.backup.conftest import genuine_database, results
-from tests.cli.test_cli import cli
+from tests.cli.command import cli
 from tests.conftest import CORPUS, ServerProcess, ServerThread
 
 Entry = tuple[str, bytes] | tarfile.TarInfo

@@ -19,7 +19,7 @@ from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document
 from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
 from tests.backup.conftest import results
-from tests.cli.test_cli import cli
+from tests.cli.command import cli
 from tests.conftest import CORPUS, ServerThread
 
 
