@@ -64,7 +64,7 @@ def main() -> None:
             ]
         )
         if args.nats:
-            from tests.ingest.test_nats_log import Nats
+            from tests.ingest.nats_setup import Nats
 
             (work / "nats").mkdir(parents=True)
             nats = Nats(work / "nats").start()

@@ -10,7 +10,7 @@ what the tests that start it do to it (load, waits, counts on each replica);
 tests/test_chaos.py and bench/chaos.py (the soak benchmark) use them together.
 
 Built from the helpers the other tests use: `Nats` and `worker_config`
-(tests/ingest/test_nats_log.py), `ServerProcess` (tests/conftest.py), `Envoy`
+(tests/ingest/nats_setup.py), `ServerProcess` (tests/conftest.py), `Envoy`
 (tests/test_envoy.py).
 
 `ReplicaGateway` changes envoy/render.py's output in three ways, each until
@@ -48,7 +48,7 @@ from typing import Any
 from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document
 from tests.conftest import ROOT, ServerProcess
-from tests.ingest.test_nats_log import Nats, counts, worker_config
+from tests.ingest.nats_setup import Nats, counts, worker_config
 from tests.test_envoy import NO_LIMITS, Envoy
 
 JOBS_STREAM = "RAG_JOBS"  # ingestion.nats_prefix "RAG"

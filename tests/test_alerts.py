@@ -29,7 +29,7 @@ import pytest
 from rag_grpc import errors
 from rag_grpc.client import RagClient, RpcError
 from tests.conftest import CORPUS, ServerThread, free_port
-from tests.ingest.test_nats_log import Nats, nats_server, on_nats, wait_for
+from tests.ingest.nats_setup import Nats, nats_server, on_nats, wait_for
 from tests.prometheus_server import PrometheusServer, prometheus_binary, start_prometheus
 
 __all__ = ["nats_server", "start_prometheus"]  # fixtures, used by name

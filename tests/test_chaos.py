@@ -20,7 +20,7 @@ from tests.cluster import (
     submit,
     wait_until,
 )
-from tests.ingest.test_nats_log import documents
+from tests.ingest.nats_setup import documents
 
 pytestmark = pytest.mark.slow
 

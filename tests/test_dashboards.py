@@ -18,7 +18,7 @@ import pytest
 
 from rag_grpc.client import RpcError
 from tests.conftest import CORPUS, ROOT, ServerThread, ask_summary
-from tests.ingest.test_nats_log import Nats, on_nats
+from tests.ingest.nats_setup import Nats, on_nats
 from tests.prometheus_server import PrometheusServer
 from tests.security.tenants import client, member, write_policy
 
@@ -47,7 +47,7 @@ ONLY_AFTER = {
     "busy or full database; forcing SQLITE_BUSY here would mean holding the server's "
     "database locked mid-ingest",
     "rag_write_log_errors_total": "counted only when a replica cannot apply a write log entry "
-    "(tests/ingest/test_nats_log.py publishes such entries by hand)",
+    "(tests/ingest/test_log_follower.py publishes such entries by hand)",
 }
 
 

@@ -12,7 +12,7 @@ import pytest
 from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document, GivenChunk, Metadata
 from tests.conftest import ServerThread
-from tests.ingest.test_nats_log import Nats, on_nats, wait_for
+from tests.ingest.nats_setup import Nats, on_nats, wait_for
 
 
 def unit(seed: int, dim: int = 384) -> np.ndarray:

@@ -24,17 +24,11 @@ from tests.ingest.nats_setup import (
     documents,
     holds,
     nats_cluster,
-    nats_server,
     on_nats,
     run_on,
     stream_state,
     wait_for,
-    worker_config,
 )
-
-# Other tests import these from here still; their home is tests/ingest/nats_setup.py.
-__all__ = ["Nats", "counts", "documents", "nats_server", "on_nats", "wait_for", "worker_config"]
-
 
 # Starts NATS servers (and clusters of them).
 pytestmark = pytest.mark.slow
