@@ -11,7 +11,7 @@ tests/test_chaos.py and bench/chaos.py (the soak benchmark) use them together.
 
 Built from the helpers the other tests use: `Nats` and `worker_config`
 (tests/ingest/nats_setup.py), `ServerProcess` (tests/conftest.py), `Envoy`
-(tests/test_envoy.py).
+(tests/envoy_server.py).
 
 `ReplicaGateway` changes envoy/render.py's output in three ways, each until
 render.py does it itself (then the change finds it done and adds nothing):
@@ -48,8 +48,8 @@ from typing import Any
 from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document
 from tests.conftest import ROOT, ServerProcess
+from tests.envoy_server import NO_LIMITS, Envoy
 from tests.ingest.nats_setup import Nats, counts, worker_config
-from tests.test_envoy import NO_LIMITS, Envoy
 
 JOBS_STREAM = "RAG_JOBS"  # ingestion.nats_prefix "RAG"
 JOBS_CONSUMER = "rag-ingest"  # the workers' shared durable consumer

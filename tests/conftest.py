@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rag_grpc.client import RagClient
 from rag_grpc.config import Settings, load_settings
@@ -182,6 +183,14 @@ def tool(name: str) -> str:
     path = shutil.which(name, path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     assert path, f"{name} is not installed; run `make install-test`"
     return path
+
+
+def health_status(target: str, service: str = "") -> int:
+    """The grpc.health.v1 status a plaintext server at target reports for service
+    ("" is the whole server), as probes and gateways see it."""
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
 class ServerProcess:

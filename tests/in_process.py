@@ -4,7 +4,9 @@ server, over a temporary directory, with an embedder whose geometry is known.
 The real encoder is tested elsewhere (tests/embed/test_batcher.py, the server
 tests); here the vectors only have to be deterministic and make "shares words
 with" mean "is near", so that which document a query finds is obvious from
-the texts and the tests stay well under a second."""
+the texts and the tests stay well under a second. Where what the vectors
+mean does not matter at all (filters, telemetry), `HashEmbedder` gives each
+text a fixed random direction."""
 
 from __future__ import annotations
 
@@ -72,6 +74,23 @@ class WordEmbedder:
         )
         counts = np.array([len(words(t)) for t in texts], dtype=np.int64)
         return EmbedOutput(vectors.astype(np.float32), int(counts.sum()), counts)
+
+
+class HashEmbedder:
+    """Deterministic unit vectors from a text's hash, for tests that do not
+    depend on what the vectors mean (the payload index's filters, telemetry):
+    16 dimensions keep hundreds of writes fast."""
+
+    model_id = "hash-16"
+    dimension = 16
+
+    def embed(self, texts: Sequence[str]) -> EmbedOutput:
+        vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
+        for row, text in enumerate(texts):
+            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+            vector = np.random.default_rng(seed).standard_normal(self.dimension)
+            vectors[row] = vector / np.linalg.norm(vector)
+        return EmbedOutput(vectors, sum(len(t.split()) for t in texts))
 
 
 def open_retriever(

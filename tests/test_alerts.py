@@ -364,7 +364,7 @@ def metric(text: str, pattern: str) -> float:
 
 
 def test_operations_metrics_move(start_server: Callable[..., ServerThread], tmp_path: Path) -> None:
-    from tests.test_envoy import CERTS_SH
+    from tests.envoy_server import CERTS_SH
 
     subprocess.run([str(CERTS_SH), str(tmp_path / "certs")], check=True, capture_output=True)
     certs = tmp_path / "certs"

@@ -3,8 +3,9 @@ binary in front of real rag-grpc servers: mTLS, rate limits, canary,
 blue-green, admin statistics.
 
 One file: every test is about the one configuration envoy/render.py writes,
-and they share the module's certificates (certs.sh, run once) and the `Envoy`
-class that starts it (tests/cluster.py builds on it)."""
+and they share the module's certificates (certs.sh, run once) and the `envoy`
+fixture that starts it (`Envoy` in tests/envoy_server.py, which
+tests/cluster.py builds on)."""
 
 from __future__ import annotations
 
@@ -25,16 +26,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document
-from tests.conftest import ROOT, ServerThread, free_port, tool
+from tests.conftest import ROOT, ServerThread, tool
+from tests.envoy_server import CERTS_SH, NO_LIMITS, RENDER, Envoy
 
 # Starts Envoy (and rag-grpc behind it).
 pytestmark = pytest.mark.slow
-
-RENDER = ROOT / "envoy" / "render.py"
-CERTS_SH = ROOT / "envoy" / "certs.sh"
-# Rate limits set out of the way, for tests about something else.
-NO_LIMITS: tuple[str, ...] = ("--rate-limit", "100000", "--burst", "100000")
-NO_LIMITS += ("--client-rate-limit", "100000", "--client-burst", "100000")
 
 
 @pytest.fixture(scope="module")
@@ -43,83 +39,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for name in ("ours", "other"):
         subprocess.run([str(CERTS_SH), str(base / name)], check=True, capture_output=True)
     return {"ours": base / "ours", "other": base / "other"}
-
-
-class Envoy:
-    """envoy/render.py + the envoy binary on free ports."""
-
-    def __init__(self, workdir: Path, certs: Path, upstream: str, *extra: str) -> None:
-        self.workdir = workdir
-        self.certs = certs
-        self.port = free_port()
-        self.admin_port = free_port()
-        self.config = workdir / "envoy.yaml"
-        self.render("--upstream", upstream, *extra)
-        self.proc = subprocess.Popen(
-            [tool("envoy"), "-c", str(self.config), "--use-dynamic-base-id", "-l", "warning"],
-            stdout=open(workdir / "envoy.log", "ab"),  # noqa: SIM115 - lives with the process
-            stderr=subprocess.STDOUT,
-        )
-        self.wait_ready()
-
-    def render(self, *args: str) -> None:
-        subprocess.run(
-            [
-                sys.executable,
-                str(RENDER),
-                "--listen-port",
-                str(self.port),
-                "--admin-port",
-                str(self.admin_port),
-                "--certs",
-                str(self.certs),
-                "--out",
-                str(self.config),
-                *args,
-            ],
-            check=True,
-            capture_output=True,
-        )
-
-    def admin(self, path: str) -> str:
-        url = f"http://127.0.0.1:{self.admin_port}{path}"
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            return str(reply.read().decode())
-
-    def stat(self, name: str) -> int:
-        for line in self.admin(f"/stats?filter=^{name}$").splitlines():
-            key, _, value = line.partition(": ")
-            if key == name:
-                return int(value)
-        return 0
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.workdir / "envoy.log").read_text()[-3000:]
-            try:
-                if self.admin("/ready").strip() == "LIVE" and self.stat(
-                    "cluster.stable.membership_healthy"
-                ):
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError((self.workdir / "envoy.log").read_text()[-3000:])
-
-    def client(self, certs: Path, who: str = "client", timeout: float = 10) -> RagClient:
-        return RagClient(
-            f"localhost:{self.port}",
-            timeout=timeout,
-            ca=certs / "ca.pem",
-            cert=certs / f"{who}.pem",
-            key=certs / f"{who}.key",
-        )
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from rag_grpc.documents import Document
 from rag_grpc.embed.model_files import ModelFilesError
 from rag_grpc.rerank import load_reranker
 from tests.conftest import ServerThread
-from tests.rerank.test_reranker import WINDOW, WORDS, write_cross_encoder
+from tests.rerank.cross_encoder import WINDOW, WORDS, write_cross_encoder
 
 QUERY = "kalo mire nusa tive"
 

@@ -17,7 +17,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document
 from rag_grpc.generate.base import AskFinished, Citations
-from tests.conftest import CORPUS, ROOT, ServerProcess, ask_answer, ask_citations, free_port, tool
+from tests.conftest import (
+    CORPUS,
+    ROOT,
+    ServerProcess,
+    ask_answer,
+    ask_citations,
+    free_port,
+    health_status,
+    tool,
+)
 
 # `rag-grpc serve` as child processes, grpcurl.
 pytestmark = pytest.mark.slow
@@ -36,12 +45,6 @@ def grpcurl(*args: str) -> str:
     result = subprocess.run([tool("grpcurl"), *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
-
-
-def health_status(target: str, service: str = "") -> int:
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30) -> None:

@@ -41,8 +41,8 @@ from tests.conftest import (
     ask_summary,
     free_port,
 )
-from tests.index.test_payload import HashEmbedder
-from tests.test_envoy import CERTS_SH, Envoy
+from tests.envoy_server import CERTS_SH, Envoy
+from tests.in_process import HashEmbedder
 from tests.triton_server import Triton
 
 

@@ -10,7 +10,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +20,13 @@ from rag_grpc.client import RagClient, RpcError
 from rag_grpc.config import IndexConfig, LimitsConfig
 from rag_grpc.documents import Document, MetadataScalar
 from rag_grpc.embed.chunking import TokenChunker
-from rag_grpc.embed.encoder import EmbedOutput
 from rag_grpc.filters import And, AnyOf, Equals, Filter, Or, Range
 from rag_grpc.index import payload_file
 from rag_grpc.index.payload import PayloadIndex
 from rag_grpc.index.retriever import Retriever
 from rag_grpc.store.sqlite import DocumentStore
 from tests.conftest import CORPUS, MODEL_DIR, ServerThread
+from tests.in_process import HashEmbedder
 
 # -- the index on its own -----------------------------------------------------
 
@@ -88,22 +88,6 @@ def test_removing_rows_leaves_no_empty_values_behind() -> None:
 
 
 # -- randomized equivalence with the SQL reference ----------------------------
-
-
-class HashEmbedder:
-    """Deterministic unit vectors from a text's hash: the filters under test
-    do not depend on what the vectors mean, and this keeps hundreds of writes fast."""
-
-    model_id = "hash-16"
-    dimension = 16
-
-    def embed(self, texts: Sequence[str]) -> EmbedOutput:
-        vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
-        for row, text in enumerate(texts):
-            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-            vector = np.random.default_rng(seed).standard_normal(self.dimension)
-            vectors[row] = vector / np.linalg.norm(vector)
-        return EmbedOutput(vectors, sum(len(t.split()) for t in texts))
 
 
 STRINGS = ("red", "green", "blue", "3", "", "Red")

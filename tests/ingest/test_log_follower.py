@@ -14,9 +14,10 @@ from pathlib import Path
 import nats
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2
 
 from rag_grpc.client import RagClient, RpcError
-from tests.conftest import CORPUS, ServerThread
+from tests.conftest import CORPUS, ServerThread, health_status
 from tests.ingest.nats_setup import (
     Nats,
     answers,
@@ -135,11 +136,8 @@ def test_a_replica_behind_the_logs_retention_stops_and_a_peers_backup_brings_it_
         assert refused.value.code == "UNAVAILABLE"
         assert "stopped applying the write log" in refused.value.message
         assert counts(cb) == {"default": (2, 2)}
+
     # Probes and gateways see it out of service (its data is stale).
-    from grpc_health.v1 import health_pb2
-
-    from tests.test_server_process import health_status
-
     def out_of_service() -> bool:
         return all(
             health_status(b2.target, service) == health_pb2.HealthCheckResponse.NOT_SERVING

@@ -20,8 +20,8 @@ from rag_grpc.client import RagClient, RpcError
 from rag_grpc.pb import admin_pb2, admin_service_pb2_grpc
 from rag_grpc.security.audit import AuditLog
 from tests.conftest import CORPUS, ServerThread
+from tests.envoy_server import NO_LIMITS, Envoy
 from tests.security.certs import issue, make_ca
-from tests.test_envoy import NO_LIMITS, Envoy
 
 # Starts Envoy in front of rag-grpc.
 pytestmark = pytest.mark.slow
