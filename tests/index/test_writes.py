@@ -46,6 +46,7 @@ def expect(code: str, call: Callable[[], object], *words: str) -> str:
     return info.value.message
 
 
+@pytest.mark.slow  # starts a NATS server
 def test_bad_deletes_are_refused_before_they_reach_the_log(
     start_server: Callable[..., ServerThread], nats_node: Nats
 ) -> None:
@@ -134,6 +135,7 @@ def test_retention_spares_a_document_refreshed_after_the_sweep_chose_it(
         assert [d.id for d in client.get([d.id for d in CORPUS[:3]])[0]] == [CORPUS[0].id]
 
 
+@pytest.mark.slow  # starts a NATS server
 def test_upsert_carries_its_write_time_through_the_log(
     start_server: Callable[..., ServerThread], nats_node: Nats, tmp_path: Path
 ) -> None:
@@ -366,6 +368,7 @@ def test_writes_and_admin_work_never_take_the_search_threads(
         assert client.get(["slow-0", "slow-59"])[1] == []
 
 
+@pytest.mark.slow  # starts a NATS server
 def test_retention_under_nats_deletes_through_the_log_on_every_replica(
     start_server: Callable[..., ServerThread], nats_node: Nats, tmp_path: Path
 ) -> None:
