@@ -193,6 +193,14 @@ def health_status(target: str, service: str = "") -> int:
         return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
+def wait_for(predicate: Callable[[], bool], timeout: float = 60) -> None:
+    """Poll predicate every 0.1 s until it holds; fail the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
 class ServerProcess:
     """`rag-grpc serve` as a child process, for signals and restarts."""
 

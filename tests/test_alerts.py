@@ -28,8 +28,8 @@ import pytest
 
 from rag_grpc import errors
 from rag_grpc.client import RagClient, RpcError
-from tests.conftest import CORPUS, ServerThread, free_port
-from tests.ingest.nats_setup import Nats, nats_server, on_nats, wait_for
+from tests.conftest import CORPUS, ServerThread, free_port, wait_for
+from tests.ingest.nats_setup import Nats, nats_server, on_nats
 from tests.prometheus_server import PrometheusServer, prometheus_binary, start_prometheus
 
 __all__ = ["nats_server", "start_prometheus"]  # fixtures, used by name

@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from rag_grpc.pb import rag_pb2, rag_service_pb2_grpc
-from tests.conftest import CORPUS, ServerThread
+from tests.conftest import CORPUS, ServerThread, wait_for
 from tests.triton_server import Triton, llm_weights
 
 # Every test here runs Triton with the real model.
@@ -110,13 +110,6 @@ def collect(responses: Any) -> tuple[Any, list[str], list[float], Any]:
         else:
             summary = response.summary
     return citations, deltas, arrivals, summary
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
 
 
 def test_the_models_own_tokens_stream_and_its_citations_map_to_chunks(rag: Any) -> None:

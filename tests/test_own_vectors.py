@@ -11,8 +11,8 @@ import pytest
 
 from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document, GivenChunk, Metadata
-from tests.conftest import ServerThread
-from tests.ingest.nats_setup import Nats, on_nats, wait_for
+from tests.conftest import ServerThread, wait_for
+from tests.ingest.nats_setup import Nats, on_nats
 
 
 def unit(seed: int, dim: int = 384) -> np.ndarray:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from tests.conftest import (
     free_port,
     health_status,
     tool,
+    wait_for,
 )
 
 # `rag-grpc serve` as child processes, grpcurl.
@@ -45,15 +45,6 @@ def grpcurl(*args: str) -> str:
     result = subprocess.run([tool("grpcurl"), *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
 
 
 def test_grpcurl_lists_describes_and_calls(server_process: Callable[..., ServerProcess]) -> None:

@@ -34,6 +34,8 @@ from tests.conftest import (
     ServerProcess,
     ServerThread,
     ask_summary,
+    health_status,
+    wait_for,
 )
 from tests.triton_server import TOKEN_DELAY_MS, Triton
 
@@ -66,21 +68,6 @@ def rag(
         return server, client
 
     return start
-
-
-def health(target: str, service: str) -> int:
-    with grpc.insecure_channel(target) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=5
-        )
-    return int(reply.status)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
 
 
 def test_answers_stream_incrementally_and_cite_retrieved_chunks(rag: Callable[..., Any]) -> None:
@@ -237,9 +224,10 @@ def test_health_follows_model_readiness(
 ) -> None:
     server = start_server(**triton_settings(triton.url, triton={"model": "no_such_model"}))
     for service in ("rag.v1.RagService", "rag.v1.GenerationService"):
-        assert health(server.target, service) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert health_status(server.target, service) == health_pb2.HealthCheckResponse.NOT_SERVING
     assert (
-        health(server.target, "rag.v1.RetrievalService") == health_pb2.HealthCheckResponse.SERVING
+        health_status(server.target, "rag.v1.RetrievalService")
+        == health_pb2.HealthCheckResponse.SERVING
     )
     with RagClient(server.target) as client:
         client.upsert(CORPUS)
@@ -276,14 +264,14 @@ def test_triton_killed_mid_run_then_back_without_restarting_rag_grpc(
         with pytest.raises(RpcError) as info:
             list(clients[0].ask("What is a volcano?"))
         assert info.value.code == "UNAVAILABLE" and time.monotonic() - started < 3
-        wait_for(lambda: health(strict.target, rag_service) != 1)
+        wait_for(lambda: health_status(strict.target, rag_service) != 1)
         # With the fallback flag, answers keep coming (extractive) and health stays up.
         summary = ask_summary(clients[1].ask("What is a volcano?"))
         assert summary.generator == "extractive" and summary.cited
-        assert health(lenient.target, rag_service) == health_pb2.HealthCheckResponse.SERVING
+        assert health_status(lenient.target, rag_service) == health_pb2.HealthCheckResponse.SERVING
         # Triton returns on the same port: rag-grpc recovers by itself.
         back.start()
-        wait_for(lambda: health(strict.target, rag_service) == 1, timeout=20)
+        wait_for(lambda: health_status(strict.target, rag_service) == 1, timeout=20)
         time.sleep(0.6)  # past the breaker's reset time
         assert ask_summary(clients[0].ask("What is a volcano?")).generator == "triton"
     finally:
@@ -390,10 +378,10 @@ def test_triton_killed_mid_stream_fails_that_ask_clearly_and_the_server_serves_o
         assert "mid-answer" in (info.value.details() or "")
         # The server stays up: retrieval answers at once, and generation
         # returns by itself once Triton does.
-        assert health(server.target, "rag.v1.RetrievalService") == 1
+        assert health_status(server.target, "rag.v1.RetrievalService") == 1
         assert client.search("lava", k=1)[0].document_id == "volcano"
         back.start()
-        wait_for(lambda: health(server.target, "rag.v1.RagService") == 1, timeout=30)
+        wait_for(lambda: health_status(server.target, "rag.v1.RagService") == 1, timeout=30)
         assert ask_summary(client.ask("What is a volcano?")).generator == "triton"
         client.close()
     finally:

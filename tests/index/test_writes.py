@@ -31,8 +31,8 @@ from rag_grpc.documents import Document
 from rag_grpc.errors import DeadlineExceeded
 from rag_grpc.filters import Equals
 from rag_grpc.index.writes import PreparedDelete
-from tests.conftest import CORPUS, ServerThread, ask_answer
-from tests.ingest.nats_setup import Nats, nats_node, on_nats, wait_for
+from tests.conftest import CORPUS, ServerThread, ask_answer, wait_for
+from tests.ingest.nats_setup import Nats, nats_node, on_nats
 
 __all__ = ["nats_node"]  # a fixture, used by name
 

@@ -118,13 +118,6 @@ def documents(n: int, prefix: str = "doc") -> list[Document]:
     ]
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
-
-
 def counts(client: RagClient) -> dict[str, tuple[int, int]]:
     return {n.name: (n.documents, n.vectors) for n in client.stats().namespaces}
 

@@ -14,7 +14,7 @@ import pytest
 
 from rag_grpc.client import RagClient
 from rag_grpc.documents import Document
-from tests.conftest import ServerThread
+from tests.conftest import ServerThread, wait_for
 from tests.ingest.nats_setup import (
     Nats,
     documents,
@@ -22,7 +22,6 @@ from tests.ingest.nats_setup import (
     on_nats,
     run_on,
     stream_state,
-    wait_for,
 )
 
 # Starts NATS servers (and clusters of them).

@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from rag_grpc.client import RagClient, RpcError
-from tests.conftest import CORPUS, ServerThread, health_status
+from tests.conftest import CORPUS, ServerThread, health_status, wait_for
 from tests.ingest.nats_setup import (
     Nats,
     answers,
@@ -26,7 +26,6 @@ from tests.ingest.nats_setup import (
     holds,
     on_nats,
     stream_state,
-    wait_for,
 )
 
 # Starts NATS servers (and clusters of them).

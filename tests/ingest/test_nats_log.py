@@ -16,7 +16,7 @@ import pytest
 
 from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document
-from tests.conftest import CORPUS, ServerThread
+from tests.conftest import CORPUS, ServerThread, wait_for
 from tests.ingest.nats_setup import (
     Nats,
     answers,
@@ -27,7 +27,6 @@ from tests.ingest.nats_setup import (
     on_nats,
     run_on,
     stream_state,
-    wait_for,
 )
 
 # Starts NATS servers (and clusters of them).

@@ -16,7 +16,7 @@ import pytest
 
 from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document
-from tests.conftest import ServerThread
+from tests.conftest import ServerThread, wait_for
 from tests.ingest.nats_setup import (
     Nats,
     counts,
@@ -25,7 +25,6 @@ from tests.ingest.nats_setup import (
     nats_cluster,
     on_nats,
     run_on,
-    wait_for,
     worker_config,
 )
 

@@ -11,8 +11,8 @@ import pytest
 
 from rag_grpc.client import RagClient, RpcError
 from rag_grpc.documents import Document
-from tests.conftest import CORPUS, ServerThread
-from tests.ingest.nats_setup import Nats, nats_server, on_nats, wait_for
+from tests.conftest import CORPUS, ServerThread, wait_for
+from tests.ingest.nats_setup import Nats, nats_server, on_nats
 from tests.security.tenants import member, write_policy
 
 # Starts a NATS server.

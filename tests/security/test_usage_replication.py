@@ -23,8 +23,8 @@ from rag_grpc.ingest.log_entries import decode_entry, encode_usage
 from rag_grpc.ingest.nats_log import NatsIngestion
 from rag_grpc.security.model import TenantUsage
 from rag_grpc.security.usage import MAX_BATCH_COUNT, UsageBatch, UsageLedger
-from tests.conftest import ServerThread
-from tests.ingest.nats_setup import Nats, nats_server, on_nats, wait_for
+from tests.conftest import ServerThread, wait_for
+from tests.ingest.nats_setup import Nats, nats_server, on_nats
 from tests.security.tenants import member, write_policy
 
 __all__ = ["nats_server"]  # the fixture, used by name
